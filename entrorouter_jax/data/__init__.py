@@ -1,0 +1,1 @@
+"""Routing data: schema, readers, TFDS builders, tokenizer and the grain pipeline."""

@@ -1,0 +1,78 @@
+"""The training input pipeline: TFDS data source -> grain -> global jax.Array.
+
+  tfds data_source -> this process's shard -> seeded shuffle (fresh each epoch)
+  -> repeat -> tokenize (+ per-query Stage-0 tables) -> batch -> global array
+
+Each process reads only its own 1/process_count of the queries, so over one
+epoch every query is seen exactly once across processes. The iterator is a
+grain `DatasetIterator`: its state is saved in the checkpoint beside the model,
+and the same seed gives the same batches.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import grain
+import jax
+import numpy as np
+
+from entrorouter_jax.data.tokenizer import Tokenizer
+
+
+class Featurize(grain.transforms.Map):
+  """A TFDS record -> the arrays the train step needs (text dropped).
+
+  Output per example: index int32, tokens int32[L], token_mask bool[L],
+  outcomes float32[K], outcome_mask bool[K], costs float32[K], plus
+  extras[name][index] for every per-query table in `extras` (e.g. the anchor).
+  """
+
+  def __init__(self, tokenizer: Tokenizer, max_len: int, truncate: str = 'right',
+               extras: Optional[Mapping[str, np.ndarray]] = None):
+    self.tokenizer = tokenizer
+    self.max_len = max_len
+    self.truncate = truncate
+    self.extras = dict(extras or {})
+
+  def map(self, record):
+    query = record['query']
+    query = query.decode('utf-8') if isinstance(query, bytes) else query
+    tokens, token_mask = self.tokenizer.encode(query, self.max_len, self.truncate)
+    index = int(record['index'])
+    out = {
+        'index': np.int32(index),
+        'tokens': tokens,
+        'token_mask': token_mask,
+        'outcomes': np.asarray(record['outcomes'], np.float32),
+        'outcome_mask': np.asarray(record['outcome_mask'], bool),
+        'costs': np.asarray(record['costs'], np.float32),
+    }
+    for name, table in self.extras.items():
+      out[name] = table[index]
+    return out
+
+
+def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: int,
+                 process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> grain.IterDataset:
+  """The repeated, shuffled, batched per-process dataset (process-local batches)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
+                     f'process count {process_count}')
+  local_batch = global_batch_size // process_count
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if len(ds) < local_batch:
+    raise ValueError(f'this process holds {len(ds)} training queries, fewer than its '
+                     f'batch of {local_batch}; lower the batch size')
+  ds = (ds.seed(seed).shuffle().repeat().map(featurize)
+        .batch(local_batch, drop_remainder=True))
+  return ds.to_iter_dataset()
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
+  """Process-local numpy batches -> global jax.Arrays sharded along the batch axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

@@ -1,0 +1,76 @@
+"""From `config.data` to prepared TFDS builders and in-memory splits.
+
+`config.data.name` picks the builder:
+  synthetic_routing  the embedded default (seeded, no download)
+  routerbench        RouterBench; `data.manual_dir` holds the local file
+  routing_files      `data.files` (comma-separated) in `data.format`
+                     (wide | long | routerdc | routellm), prices from `data.pool`
+Prepared data is cached under `data.data_dir` (TFDS's default when empty).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import tensorflow_datasets as tfds
+
+from entrorouter_jax.data.dataset import DataError, RoutingDataset
+from entrorouter_jax.data.tfds_base import read_split
+
+DATA_NAMES = ('synthetic_routing', 'routerbench', 'routing_files')
+FORMATS = ('wide', 'long', 'routerdc', 'routellm')
+
+
+def _as_list(value) -> list[str]:
+  if not value:
+    return []
+  if isinstance(value, str):
+    return [v.strip() for v in value.split(',') if v.strip()]
+  return [str(v) for v in value]
+
+
+def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
+  """The (not yet prepared) TFDS builder that `data_cfg` names."""
+  data_dir = os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
+  kwargs = dict(data_dir=data_dir, file_format='array_record')
+  if data_cfg.name == 'synthetic_routing':
+    from entrorouter_jax.datasets.synthetic_routing import SyntheticRouting
+    s = data_cfg.synthetic
+    config = SyntheticRouting.config_for(s.seed, s.num_train, s.num_validation, s.num_test)
+    return SyntheticRouting(config=config, **kwargs)
+  if data_cfg.name == 'routerbench':
+    from entrorouter_jax.datasets.routerbench import Routerbench
+    return Routerbench(**kwargs)
+  if data_cfg.name == 'routing_files':
+    from entrorouter_jax.datasets.routing_files import RoutingFiles, RoutingFilesConfig
+    if data_cfg.format not in FORMATS:
+      raise DataError(f'data.format={data_cfg.format!r}; expected one of {list(FORMATS)}')
+    config = RoutingFilesConfig.make(_as_list(data_cfg.files), data_cfg.format,
+                                     pool=data_cfg.pool, options=dict(data_cfg.read_options))
+    return RoutingFiles(config=config, **kwargs)
+  raise DataError(f'data.name={data_cfg.name!r}; expected one of {list(DATA_NAMES)}')
+
+
+def prepare(data_cfg) -> tfds.core.DatasetBuilder:
+  """Builds the array_record files once (a no-op when they exist) and returns the builder."""
+  builder = make_builder(data_cfg)
+  manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.manual_dir else None
+  if manual_dir and not os.path.isdir(manual_dir):
+    raise DataError(f'data.manual_dir={manual_dir!r} is not a directory')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  for note in builder.info.metadata.get('notes', []):
+    logging.warning('%s: %s', builder.name, note)
+  return builder
+
+
+def load_splits(data_cfg, splits=('train', 'test')) -> tuple[tfds.core.DatasetBuilder, dict[str, RoutingDataset]]:
+  """Prepares the data and reads the named splits, restricted to `data.models` if set."""
+  builder = prepare(data_cfg)
+  models = _as_list(data_cfg.models)
+  out = {}
+  for split in splits:
+    data = read_split(builder, split)
+    out[split] = data.select_models(models) if models else data
+  return builder, out

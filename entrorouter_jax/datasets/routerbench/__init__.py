@@ -1,0 +1,2 @@
+"""The `routerbench` TFDS builder."""
+from entrorouter_jax.datasets.routerbench.routerbench import Routerbench

@@ -1,0 +1,35 @@
+"""entrorouter_jax: EntroRouter (Soft Supervision + RL with a Soft Anchor) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='entrorouter_jax',
+    version='0.1.0',
+    description='A learned LLM router trained with Soft Supervision and entropy-regulated RL.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=find_packages(include=['entrorouter_jax', 'entrorouter_jax.*']),
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'grain>=0.2.18',
+        'tensorflow-datasets>=4.9.10',
+        'array_record',
+        'importlib_resources',     # imported by TFDS without being declared
+        'ml_collections>=1.1.0',
+        'chex>=0.1.92',
+        'sentencepiece',
+        'absl-py',
+        'numpy',
+        'pandas',                  # CSV/JSONL/Parquet readers
+        'pyarrow',                 # Parquet
+        'PyYAML',                  # model-pool files
+        'scikit-learn',            # TF-IDF + SVD for the Stage-0 kNN space
+        'tqdm',
+        'tensorboardX',            # TensorBoard event files without TensorFlow
+    ],
+    extras_require={'test': ['pytest']},
+)
