@@ -129,19 +129,23 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
             ppo_clip=0.2, old_log_probs=None, actions=None, collapse_threshold=0.02):
   """L = L_PG + beta_t KL(pi_theta || A) - alpha_t H(pi_theta), from one forward pass.
 
-  estimator='reinforce': G actions per query from pi_old (the policy at the start
-  of the step: `old_log_probs` if given, else stop_gradient of this forward
-  pass, and then `rng` draws the actions unless `actions` [B, G] are given);
-  reward r = y - lambda c_hat, group-relative advantage, PPO-clipped ratio (at
-  ratio 1 its gradient is exactly REINFORCE's). Samples whose outcome is
-  missing carry no weight.
+  estimator='reinforce': G actions per query from pi_old, the policy at the
+  start of the step (`rng` draws them unless `actions` [B, G] are given);
+  reward r = y - lambda c_hat, group-relative advantage A. Without
+  `old_log_probs`, pi_old is this forward pass (held constant) and
+  L_PG = -(1/G) sum_i A_i log pi(a_i|x), plain REINFORCE. With `old_log_probs`
+  (several PPO epochs on one batch), L_PG = -(1/G) sum_i min(rho_i A_i,
+  clip(rho_i, 1 - eps, 1 + eps) A_i), rho_i = pi(a_i|x) / pi_old(a_i|x); at
+  rho = 1 its gradient is REINFORCE's. Samples whose outcome is missing carry
+  no weight.
   estimator='exact': L_PG = -sum_m pi(m|x) u(x, m) over the observed models.
   """
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   outcomes, mask = batch['outcomes'], batch['outcome_mask']
   u = utility(outcomes, batch['cost_hat'], cost_weight)
   log_anchor = anchor_log_probs(batch['p_hat'], batch['c_bar'], cost_weight, tau_anchor)
-  if old_log_probs is None:
+  ppo = old_log_probs is not None
+  if not ppo:
     old_log_probs = jax.lax.stop_gradient(log_probs)
 
   if estimator == 'exact':
@@ -157,9 +161,12 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
     rewards = take(u)
     adv = jax.lax.stop_gradient(group_advantages(rewards, valid, normalize_advantage))
     ratio = jnp.exp(take(log_probs) - take(old_log_probs))
-    clipped = jnp.clip(ratio, 1.0 - ppo_clip, 1.0 + ppo_clip)
-    per_sample = jnp.minimum(ratio * adv, clipped * adv) * valid
-    pg = -jnp.mean(jnp.sum(per_sample, axis=-1) / actions.shape[-1])
+    if ppo:
+      clipped = jnp.clip(ratio, 1.0 - ppo_clip, 1.0 + ppo_clip)
+      per_sample = jnp.minimum(ratio * adv, clipped * adv)
+    else:
+      per_sample = adv * take(log_probs)
+    pg = -jnp.mean(jnp.sum(per_sample * valid, axis=-1) / actions.shape[-1])
     reward = jnp.sum(rewards * valid) / jnp.maximum(jnp.sum(valid), 1.0)
     pg_metrics = {'clip_fraction': jnp.sum((jnp.abs(ratio - 1.0) > ppo_clip) * valid)
                                    / jnp.maximum(jnp.sum(valid), 1.0)}

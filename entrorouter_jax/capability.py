@@ -1,0 +1,283 @@
+"""Stage 0 of ../shared/METHOD.md: offline capability estimates (NumPy + scikit-learn).
+
+For every query x and model m of the pool (K models):
+  p_hat(m|x)  estimated success of m on x: mean observed outcome of m on the k
+              nearest training queries (cosine similarity in a TF-IDF -> SVD
+              space), shrunk toward m's task-level (or global) mean with a Beta
+              prior of strength alpha,
+                p_hat = (sum_{observed nbrs} y + alpha * prior) / (n_observed + alpha);
+  c_bar(m|x)  mean normalised cost c_hat = c / c_ref over the same k neighbours.
+On the training split the estimates are leave-one-out: a training query's own
+row (its label and its weight in the priors) never enters its own estimate, so
+the Stage-1/2 anchor never sees the label it is later trained against.
+
+Shapes: N training queries, Nq queries, K models, D feature dims.
+  outcomes   float[N, K] in [0, 1]; outcome_mask bool[N, K] (False = missing)
+  costs      float[N, K] >= 0, always known
+  tasks      sequence[N] of task names (None / '' / NaN = unknown), or None
+  feats      float32[N, D], rows L2-normalised (so dot product = cosine)
+Choices (METHOD.md marks them as ours): k, alpha, the prior ('task' or
+'global'), the space (TF-IDF word 1-2 grams -> dim-d SVD).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+PRIORS = ('task', 'global')
+# Cap on the similarity block (queries x training rows) held at once: about
+# 9 bytes per cell (similarities, their partitioned copy, a boolean mask).
+_BLOCK_CELLS = 1 << 25
+_MAX_CHUNK = 1024
+_RESERVED = ('strongest', 'c_ref', 'space', 'train')
+
+
+# ------------------------------------------------------------ reference ---
+def reference_cost(outcomes, outcome_mask, costs) -> tuple[int, float]:
+  """The strongest model on this (training) split and its mean cost c_ref.
+
+  outcomes float[N, K], outcome_mask bool[N, K], costs float[N, K].
+  Strongest = highest mean outcome over its observed cells (ties: lowest
+  index); models with no observed outcome cannot be the strongest.
+  c_ref = the strongest model's mean cost over all N rows (costs are always
+  known), the unit of c_hat = c / c_ref.
+  Returns (strongest: int, c_ref: float).
+  """
+  y = np.asarray(outcomes, dtype=np.float64)
+  mask = np.asarray(outcome_mask, dtype=bool)
+  c = np.asarray(costs, dtype=np.float64)
+  if y.ndim != 2 or mask.shape != y.shape or c.shape != y.shape:
+    raise ValueError(f'outcomes {y.shape}, outcome_mask {mask.shape} and costs {c.shape} '
+                     'must all be [N, K]')
+  counts = mask.sum(axis=0)
+  if not counts.any():
+    raise ValueError('no observed outcome at all: cannot tell which model is the strongest')
+  sums = np.where(mask, y, 0.0).sum(axis=0)
+  means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+  strongest = int(np.argmax(means))
+  c_ref = float(c[:, strongest].mean())
+  if not math.isfinite(c_ref) or c_ref <= 0:
+    raise ValueError(
+        f'c_ref = {c_ref} for the strongest model (index {strongest}): its mean training '
+        'cost must be finite and > 0, since costs are normalised as c_hat = c / c_ref '
+        '(lambda in "accuracy points per strongest-model cost"). A zero-cost strongest '
+        'model means the costs are missing or zero-filled for it; fix the cost table.')
+  return strongest, c_ref
+
+
+# -------------------------------------------------------------- features ---
+class TfidfSpace:
+  """Query texts -> float32[N, dim] unit vectors: TF-IDF (word 1-2 grams,
+  sublinear tf) followed by a truncated SVD (LSA) and L2 normalisation.
+
+  dim is clipped to min(dim, n_training_texts, vocabulary size); the fitted
+  width is `self.dim_`. Deterministic (fixed random_state) and picklable.
+  Texts with no known term map to the zero vector (similar to nothing).
+  """
+
+  def __init__(self, dim: int = 256, min_df: int | float = 2, max_features: int = 50_000,
+               random_state: int = 0):
+    self.dim = dim
+    self.min_df = min_df
+    self.max_features = max_features
+    self.random_state = random_state
+
+  def fit(self, texts) -> 'TfidfSpace':
+    """Fit the vocabulary, idf weights and SVD basis on training texts[N]."""
+    texts = list(texts)
+    self.tfidf_ = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=self.min_df,
+                                  max_features=self.max_features, dtype=np.float32)
+    x = self.tfidf_.fit_transform(texts)
+    n, n_terms = x.shape
+    if n_terms < 2:
+      raise ValueError(f'TF-IDF vocabulary has {n_terms} term(s) (min_df={self.min_df}, '
+                       f'{n} texts): need at least 2; lower min_df or give more texts')
+    # More components than rows or terms would be empty directions.
+    self.dim_ = int(min(self.dim, n, n_terms))
+    self.svd_ = TruncatedSVD(n_components=self.dim_, algorithm='randomized',
+                             random_state=self.random_state)
+    self.svd_.fit(x)
+    return self
+
+  def transform(self, texts) -> np.ndarray:
+    """texts[Nq] -> float32[Nq, dim_] rows of unit norm (zero rows stay zero)."""
+    if not hasattr(self, 'svd_'):
+      raise RuntimeError('TfidfSpace.transform called before fit')
+    z = self.svd_.transform(self.tfidf_.transform(list(texts))).astype(np.float32)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.maximum(norms, 1e-12)
+
+  def fit_transform(self, texts) -> np.ndarray:
+    texts = list(texts)
+    return self.fit(texts).transform(texts)
+
+
+# ------------------------------------------------------------ neighbours ---
+def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
+  """Indices int[b, k] (ascending) of the k largest entries of each row of sims[b, N].
+
+  Ties at the k-th value go to the lowest training index, so the set is fully
+  determined by the similarities (duplicate texts tie exactly).
+  """
+  n = sims.shape[1]
+  # Partitioning values is ~3x faster than argpartition; the indices then come
+  # from one threshold pass, already in index order.
+  kth = np.partition(sims, n - k, axis=1)[:, n - k, None]
+  take = sims >= kth
+  ambiguous = np.flatnonzero(take.sum(axis=1) > k)  # more than k at or above the k-th
+  if ambiguous.size:
+    s, t = sims[ambiguous], kth[ambiguous]
+    above, tied = s > t, s == t
+    need = k - above.sum(axis=1, keepdims=True)
+    take[ambiguous] = above | (tied & (np.cumsum(tied, axis=1) <= need))
+  return np.nonzero(take)[1].reshape(len(sims), k)
+
+
+def _task_ids(tasks, n: int, vocab: dict | None = None):
+  """Task names[n] -> (int[n] ids, vocab); unknown (None, '', NaN, or not in
+  a given vocab) -> -1."""
+  if tasks is None:
+    keys = [''] * n
+  else:
+    keys = ['' if t is None or (isinstance(t, float) and math.isnan(t)) else str(t)
+            for t in tasks]
+    if len(keys) != n:
+      raise ValueError(f'{len(keys)} task names for {n} rows')
+  if vocab is None:
+    vocab = {name: i for i, name in enumerate(sorted(set(keys) - {''}))}
+  return np.array([vocab.get(key, -1) for key in keys], dtype=np.int64), vocab
+
+
+def _safe_div(num, den, fallback):
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), fallback)
+
+
+def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, *,
+                  query_feats=None, query_tasks=None, k: int = 50, alpha: float = 5.0,
+                  prior: str = 'task') -> tuple[np.ndarray, np.ndarray]:
+  """kNN capability estimates p_hat, c_bar: float32[Nq, K] each.
+
+  train_feats float[N, D] (L2-normalised rows), train_outcomes float[N, K],
+  train_mask bool[N, K], train_cost_hat float[N, K], train_tasks [N] or None.
+  query_feats float[Nq, D] and query_tasks [Nq] (or None: task unknown).
+  query_feats=None: the queries are the N training rows, leave-one-out (a
+  row is never its own neighbour, and its outcome is left out of its priors).
+
+  Neighbours: the k most cosine-similar training rows (k clipped to the rows
+  available; ties to the lowest index). For each model m:
+    p_hat = (sum of observed neighbour outcomes + alpha * prior(m))
+            / (n observed neighbours + alpha),
+  so a model with no observed neighbour gets exactly its prior. prior(m) is
+  m's mean observed training outcome within the query's task ('task'; the
+  global mean where the task is unknown or has no observed outcome of m) or
+  over all training rows ('global'). A model never observed at all gets the
+  mean of all observed outcomes as its global prior.
+  c_bar = mean of train_cost_hat over the k neighbours (m's training mean if
+  there is no neighbour at all, i.e. N = 1 in leave-one-out).
+  """
+  if prior not in PRIORS:
+    raise ValueError(f'prior must be one of {PRIORS}, got {prior!r}')
+  if alpha < 0 or not math.isfinite(alpha):
+    raise ValueError(f'alpha must be finite and >= 0, got {alpha}')
+  if k < 1:
+    raise ValueError(f'k must be >= 1, got {k}')
+  x = np.ascontiguousarray(train_feats, dtype=np.float32)
+  y = np.asarray(train_outcomes, dtype=np.float64)
+  mask = np.asarray(train_mask, dtype=bool)
+  cost = np.asarray(train_cost_hat, dtype=np.float64)
+  n, num_models = y.shape
+  if x.ndim != 2 or len(x) != n or mask.shape != y.shape or cost.shape != y.shape:
+    raise ValueError(f'train_feats {x.shape}, train_outcomes {y.shape}, train_mask '
+                     f'{mask.shape}, train_cost_hat {cost.shape}: expected [N, D] and [N, K]')
+  if n == 0:
+    raise ValueError('no training rows')
+  loo = query_feats is None
+  if loo:
+    q = x
+    if query_tasks is not None:
+      raise ValueError('query_tasks given without query_feats (leave-one-out uses train_tasks)')
+  else:
+    q = np.ascontiguousarray(query_feats, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != x.shape[1]:
+      raise ValueError(f'query_feats {q.shape} do not match train_feats {x.shape}')
+  if not (np.isfinite(x).all() and np.isfinite(q).all()):
+    raise ValueError('features must be finite')
+  num_q = len(q)
+  y_obs = np.where(mask, y, 0.0)  # missing cells contribute nothing to any sum
+  m_obs = mask.astype(np.float64)
+
+  # ---- priors [Nq, K]; in leave-one-out each row's own cell is subtracted.
+  own_sum = y_obs if loo else np.zeros((1, num_models))
+  own_cnt = m_obs if loo else np.zeros((1, num_models))
+  all_sum, all_cnt = y_obs.sum(axis=0), m_obs.sum(axis=0)
+  # A model never observed falls back to the mean of every observed cell (0.5 if none).
+  pooled = _safe_div(all_sum.sum() - own_sum.sum(axis=1, keepdims=True),
+                     all_cnt.sum() - own_cnt.sum(axis=1, keepdims=True), 0.5)
+  glob = _safe_div(all_sum - own_sum, all_cnt - own_cnt, pooled)
+  glob = np.broadcast_to(glob, (num_q, num_models))
+  if prior == 'task':
+    train_ids, vocab = _task_ids(train_tasks, n)
+    q_ids = train_ids if loo else _task_ids(query_tasks, num_q, vocab)[0]
+    t_sum = np.zeros((len(vocab) + 1, num_models))  # last row: unknown task
+    t_cnt = np.zeros_like(t_sum)
+    np.add.at(t_sum, train_ids, y_obs)  # id -1 lands on the unknown row
+    np.add.at(t_cnt, train_ids, m_obs)
+    t_sum[-1] = t_cnt[-1] = 0.0  # an unknown task pools nothing: use the global mean
+    prior_hat = _safe_div(t_sum[q_ids] - own_sum, t_cnt[q_ids] - own_cnt, glob)
+  else:
+    prior_hat = glob
+
+  # ---- neighbour sums, a block of queries at a time (memory ~ chunk x N).
+  k_eff = min(k, n - 1 if loo else n)
+  nbr_sum = np.zeros((num_q, num_models))
+  nbr_cnt = np.zeros((num_q, num_models))
+  c_bar = np.broadcast_to(cost.mean(axis=0), (num_q, num_models)).copy()
+  if k_eff > 0:
+    chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
+    for start in range(0, num_q, chunk):
+      stop = min(start + chunk, num_q)
+      sims = q[start:stop] @ x.T  # [b, N] cosine similarities
+      if loo:
+        rows = np.arange(stop - start)
+        sims[rows, start + rows] = -np.inf
+      idx = _top_k(sims, k_eff)
+      nbr_sum[start:stop] = y_obs[idx].sum(axis=1)
+      nbr_cnt[start:stop] = m_obs[idx].sum(axis=1)
+      c_bar[start:stop] = cost[idx].mean(axis=1)
+
+  # alpha = 0 with no observed neighbour would be 0/0: fall back to the prior.
+  p_hat = _safe_div(nbr_sum + alpha * prior_hat, nbr_cnt + alpha, prior_hat)
+  return p_hat.astype(np.float32), c_bar.astype(np.float32)
+
+
+# --------------------------------------------------------------- wrapper ---
+def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, train_tasks,
+                         query_sets: dict, *, k: int = 50, alpha: float = 5.0,
+                         prior: str = 'task', dim: int = 256, min_df: int | float = 2) -> dict:
+  """Stage 0 end to end on raw costs.
+
+  query_sets: {name: (texts[Nq], tasks[Nq] or None)}.
+  Returns {'strongest': int, 'c_ref': float, 'space': fitted TfidfSpace,
+           'train': (p_hat, c_bar) leave-one-out, float32[N, K] each,
+           name: (p_hat, c_bar) float32[Nq, K] each, for every query set}.
+  c_bar is in units of c_ref (c_hat = train_costs / c_ref).
+  """
+  clash = set(query_sets) & set(_RESERVED)
+  if clash:
+    raise ValueError(f'query set names {sorted(clash)} are reserved: {_RESERVED}')
+  strongest, c_ref = reference_cost(train_outcomes, train_mask, train_costs)
+  c_hat = np.asarray(train_costs, dtype=np.float64) / c_ref
+  space = TfidfSpace(dim=dim, min_df=min_df).fit(train_texts)
+  train_feats = space.transform(train_texts)
+  common = dict(k=k, alpha=alpha, prior=prior)
+  out = {'strongest': strongest, 'c_ref': c_ref, 'space': space,
+         'train': knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
+                                **common)}
+  for name, (texts, tasks) in query_sets.items():
+    out[name] = knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
+                              query_feats=space.transform(texts), query_tasks=tasks, **common)
+  return out

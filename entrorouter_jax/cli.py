@@ -1,0 +1,77 @@
+"""What the command-line entry points share: flags, cluster start-up, clear errors.
+
+Errors a user can act on (bad data, bad config, a run that cannot go on) are
+printed as one `error: ...` line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(config_required: bool = True):
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file(
+      'config', None, 'A configs/*.py file; override keys with --config.KEY=VALUE.',
+      lock_config=True)
+  if config_required:
+    flags.mark_flags_as_required(['config'])
+  flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, eval). '
+                      'Default: workdirs/<config file name>.')
+  flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
+  flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+  flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s id.')
+
+
+def maybe_initialize_distributed():
+  """jax.distributed.initialize() on a cluster (TPU pod, SLURM) or when flags say so."""
+  import jax
+  explicit = FLAGS.coordinator_address is not None
+  on_cluster = any(v in os.environ for v in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+                                              'MEGASCALE_COORDINATOR_ADDRESS'))
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif on_cluster and int(os.environ.get('SLURM_NTASKS', '2')) > 1:
+    jax.distributed.initialize()
+
+
+def default_workdir() -> pathlib.Path:
+  config_path = FLAGS['config'].config_filename if hasattr(FLAGS['config'], 'config_filename') else ''
+  name = pathlib.Path(str(config_path).split(':')[0]).stem or 'run'
+  return pathlib.Path('workdirs') / name
+
+
+def user_errors():
+  from entrorouter_jax.data.dataset import DataError
+  from entrorouter_jax.train import TrainingError
+  return (DataError, TrainingError, FileNotFoundError, ValueError)
+
+
+def run_main(argv, fn, default_workdir_from_config: bool = True):
+  """Runs fn(config, workdir), printing the result summary or a one-line error."""
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO)
+  from entrorouter_jax import evaluate
+  workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir()
+  if not FLAGS.workdir:
+    print(f'--workdir not given: writing to {workdir.absolute()}', file=sys.stderr)
+  try:
+    maybe_initialize_distributed()
+    results = fn(FLAGS.config, workdir)
+  except user_errors() as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  import jax
+  if jax.process_index() == 0:
+    print(evaluate.summary(results))
+    print(f'results: {workdir / "eval" / "results.json"}')

@@ -1,0 +1,285 @@
+"""Router policy network f_theta: a small pre-LN transformer encoder in flax NNX.
+
+Maps a tokenized query (and optionally the cost weight lambda) to one logit per
+candidate LLM in the pool: `logits float32[B, K]`.
+
+Sharding: every parameter carries logical axis names (stored by
+`nnx.with_partitioning` as the Variable metadata key `out_sharding`, readable as
+`param.out_sharding`; `nnx.get_partition_spec(nnx.state(model, nnx.Param))`
+gives a PartitionSpec pytree in logical names, or in mesh axes when called
+inside `flax.linen.logical_axis_rules(rules)`). Names used: 'vocab', 'embed',
+'mlp', 'heads', 'kv' (per-head dim), 'position', 'models' (the K outputs) and
+'cond' (lambda features). 'batch' / 'length' are left for activations.
+flax 0.12 shards annotated Variables eagerly at creation, which needs a mesh;
+the model therefore only does so when an (abstract) mesh is active and
+otherwise just records the names, so it builds on a plain CPU as well.
+
+Dropout rng convention: the model keeps no RNG state (its state is parameters
+only, so checkpointing / sharding / plain `jax.jit` never silently reuse a
+stale dropout key). With `deterministic=False` and dropout > 0 pass
+`rngs=nnx.Rngs(dropout=key)` (or a bare `jax.random.key`, wrapped the same
+way); every dropout site draws its own subkey from that stream.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SIZES = {
+    'tiny': dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256),
+    'small': dict(num_layers=4, d_model=256, num_heads=4, mlp_dim=1024),
+    'base': dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072),
+    'large': dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=4096),
+}
+
+# Finite (not -inf) so that an all-pad row softmaxes to uniform, not NaN.
+_MASK_VALUE = -1e9
+# Lambda features: 2 polynomial terms + sin/cos at _NUM_FREQS frequencies.
+_NUM_FREQS = 8
+COND_DIM = 2 + 2 * _NUM_FREQS
+_LAMBDA_EPS = 1e-3  # log(lambda + eps): lambda == 0 stays finite.
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_dense_init = nnx.initializers.lecun_normal()
+_embed_init = nnx.initializers.normal(stddev=0.02)
+
+
+def model_dims(model_cfg) -> dict:
+  """SIZES[model_cfg.size], with any of its entries overridden where cfg > 0."""
+  size = model_cfg.size
+  if size not in SIZES:
+    raise ValueError(f'unknown model size {size!r}; valid sizes: {sorted(SIZES)}')
+  dims = dict(SIZES[size])
+  for key in dims:
+    value = int(model_cfg.get(key, 0) or 0)
+    if value > 0:
+      dims[key] = value
+  if dims['d_model'] % dims['num_heads']:
+    raise ValueError(f"d_model={dims['d_model']} is not divisible by "
+                     f"num_heads={dims['num_heads']}")
+  return dims
+
+
+def _param(rngs, init, shape, axes):
+  """A float32 nnx.Param whose metadata names its logical axes."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+
+
+def _linear(din, dout, axes, dtype, rngs, use_bias=True):
+  return nnx.Linear(
+      din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=nnx.with_partitioning(_dense_init, axes),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, axes[-1:]), rngs=rngs)
+
+
+def _layer_norm(dim, dtype, rngs):
+  # flax computes the statistics in float32 even for a bfloat16 dtype.
+  return nnx.LayerNorm(
+      dim, dtype=dtype, param_dtype=jnp.float32,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ('embed',)),
+      bias_init=nnx.with_partitioning(nnx.initializers.zeros, ('embed',)), rngs=rngs)
+
+
+def _rotary(x, positions):
+  """Rotary embedding (half-split form) on x[B, L, H, D] at positions int[L]."""
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions.astype(jnp.float32)[:, None] * inv_freq  # [L, D/2]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention, written out so every weight's axes are explicit."""
+
+  def __init__(self, d_model, num_heads, *, rotary, dtype, rngs):
+    head_dim = d_model // num_heads
+    if rotary and head_dim % 2:
+      raise ValueError(f'rotary positions need an even head dim, got {head_dim}')
+    self.rotary, self.dtype = rotary, dtype
+    qkv_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
+    shape, axes = (d_model, num_heads, head_dim), ('embed', 'heads', 'kv')
+    self.wq = _param(rngs, qkv_init, shape, axes)
+    self.wk = _param(rngs, qkv_init, shape, axes)
+    self.wv = _param(rngs, qkv_init, shape, axes)
+    zeros = nnx.initializers.zeros
+    self.bq = _param(rngs, zeros, shape[1:], axes[1:])
+    self.bk = _param(rngs, zeros, shape[1:], axes[1:])
+    self.bv = _param(rngs, zeros, shape[1:], axes[1:])
+    out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+    self.wo = _param(rngs, out_init, (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'))
+    self.bo = _param(rngs, zeros, (d_model,), ('embed',))
+
+  def __call__(self, x, mask):
+    """x[B, L, E] (compute dtype), mask bool[B, L] (True = real key) -> [B, L, E]."""
+    dt = self.dtype
+    proj = lambda w, b: jnp.einsum('ble,ehd->blhd', x, w[...].astype(dt)) + b[...].astype(dt)
+    q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
+    if self.rotary:
+      positions = jnp.arange(x.shape[1])
+      q, k = _rotary(q, positions), _rotary(k, positions)
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    # Scores and softmax in float32: bfloat16 softmax loses too much precision.
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    return jnp.einsum('blhd,hde->ble', out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+
+
+class Mlp(nnx.Module):
+  """GELU MLP (with biases) or SwiGLU (bias-free, as in LLaMA-style blocks)."""
+
+  def __init__(self, d_model, mlp_dim, *, kind, dtype, rngs):
+    self.kind = kind
+    swiglu = kind == 'swiglu'
+    self.up = _linear(d_model, mlp_dim, ('embed', 'mlp'), dtype, rngs, use_bias=not swiglu)
+    self.gate = (_linear(d_model, mlp_dim, ('embed', 'mlp'), dtype, rngs, use_bias=False)
+                 if swiglu else None)
+    self.down = _linear(mlp_dim, d_model, ('mlp', 'embed'), dtype, rngs, use_bias=not swiglu)
+
+  def __call__(self, x):
+    if self.kind == 'swiglu':
+      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    return self.down(jax.nn.gelu(self.up(x)))
+
+
+class Block(nnx.Module):
+  """Pre-LN encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, dims, *, rotary, mlp, dropout, dtype, rngs):
+    d = dims['d_model']
+    self.ln1 = _layer_norm(d, dtype, rngs)
+    self.attn = Attention(d, dims['num_heads'], rotary=rotary, dtype=dtype, rngs=rngs)
+    self.ln2 = _layer_norm(d, dtype, rngs)
+    self.mlp = Mlp(d, dims['mlp_dim'], kind=mlp, dtype=dtype, rngs=rngs)
+    self.drop = nnx.Dropout(dropout)
+
+  def __call__(self, x, mask, deterministic, rngs):
+    x = x + self.drop(self.attn(self.ln1(x), mask), deterministic=deterministic, rngs=rngs)
+    return x + self.drop(self.mlp(self.ln2(x)), deterministic=deterministic, rngs=rngs)
+
+
+class RouterModel(nnx.Module):
+  """Encoder -> pooled query vector (+ lambda conditioning) -> K logits."""
+
+  def __init__(self, model_cfg, *, vocab_size: int, max_len: int, num_models: int,
+               rngs: nnx.Rngs):
+    dims = model_dims(model_cfg)
+    self.dims = dims
+    dtype_name = model_cfg.get('dtype', 'float32')
+    positions = model_cfg.get('positions', 'learned')
+    mlp = model_cfg.get('mlp', 'gelu')
+    pooling = model_cfg.get('pooling', 'mean')
+    for name, value, valid in [('dtype', dtype_name, tuple(_DTYPES)),
+                               ('positions', positions, ('learned', 'rotary')),
+                               ('mlp', mlp, ('gelu', 'swiglu')),
+                               ('pooling', pooling, ('mean', 'cls'))]:
+      if value not in valid:
+        raise ValueError(f'model.{name}={value!r}; valid: {valid}')
+    self.dtype = _DTYPES[dtype_name]
+    self.positions, self.pooling, self.max_len = positions, pooling, max_len
+    self.lambda_conditioned = bool(model_cfg.get('lambda_conditioned', False))
+    d = dims['d_model']
+
+    # Eager sharding (flax default) needs a mesh; without one, only record names.
+    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    with nnx.use_eager_sharding(eager):
+      self.token_embed = _param(rngs, _embed_init, (vocab_size, d), ('vocab', 'embed'))
+      # CLS takes position 0, so the sequence the encoder sees is max_len + 1 long.
+      num_positions = max_len + (pooling == 'cls')
+      self.pos_embed = (_param(rngs, _embed_init, (num_positions, d), ('position', 'embed'))
+                        if positions == 'learned' else None)
+      self.cls = _param(rngs, _embed_init, (d,), ('embed',)) if pooling == 'cls' else None
+      self.embed_drop = nnx.Dropout(float(model_cfg.get('dropout', 0.0)))
+      self.blocks = nnx.List([
+          Block(dims, rotary=positions == 'rotary', mlp=mlp,
+                dropout=float(model_cfg.get('dropout', 0.0)), dtype=self.dtype, rngs=rngs)
+          for _ in range(dims['num_layers'])])
+      self.final_ln = _layer_norm(d, self.dtype, rngs)
+      if self.lambda_conditioned:
+        # Normalize log(lambda + eps) so [lambda_min, lambda_max] maps to [-1, 1].
+        lo = math.log(float(model_cfg.get('lambda_min', 0.0)) + _LAMBDA_EPS)
+        hi = math.log(float(model_cfg.get('lambda_max', 1.0)) + _LAMBDA_EPS)
+        if not hi > lo:
+          raise ValueError('model.lambda_max must exceed model.lambda_min')
+        self.log_lambda_range = (lo, hi)
+        # Two-layer projection: the features -> d_model offset can be nonlinear.
+        self.cond_in = _linear(COND_DIM, d, ('cond', 'mlp'), jnp.float32, rngs)
+        self.cond_out = _linear(d, d, ('mlp', 'embed'), jnp.float32, rngs)
+      self.head_ln = _layer_norm(d, jnp.float32, rngs)
+      self.head = _linear(d, num_models, ('embed', 'models'), jnp.float32, rngs)
+
+  def lambda_features(self, cost_weight):
+    """cost_weight float32[B] (>= 0) -> float32[B, COND_DIM].
+
+    t = log(lambda + 1e-3) rescaled so lambda_min -> -1 and lambda_max -> 1 (the
+    log makes costs spanning decades equally resolvable; the 1e-3 keeps lambda = 0
+    finite). Features: [t, t^2] (a smooth trend that extrapolates sanely outside
+    the range) plus sin/cos(k * pi/2 * t), k = 1..8 (resolution within the range;
+    the lowest frequency is monotone over [-1, 1]).
+    """
+    lo, hi = self.log_lambda_range
+    u = jnp.log(jnp.asarray(cost_weight, jnp.float32) + _LAMBDA_EPS)
+    t = (2.0 * (u - lo) / (hi - lo) - 1.0)[:, None]
+    freqs = (math.pi / 2) * jnp.arange(1, _NUM_FREQS + 1, dtype=jnp.float32)
+    return jnp.concatenate([t, t * t, jnp.sin(t * freqs), jnp.cos(t * freqs)], axis=-1)
+
+  def _encode(self, tokens, token_mask, deterministic, rngs):
+    """-> pooled float32[B, d_model] (after the final LayerNorm)."""
+    if tokens.ndim != 2 or tokens.shape != token_mask.shape:
+      raise ValueError(f'tokens {tokens.shape} / token_mask {token_mask.shape} must be [B, L]')
+    if tokens.shape[1] > self.max_len:
+      raise ValueError(f'sequence length {tokens.shape[1]} > max_len {self.max_len}')
+    mask = token_mask.astype(bool)
+    x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)  # [B, L, E]
+    if self.pooling == 'cls':
+      cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[2]))
+      x = jnp.concatenate([cls, x], axis=1)
+      mask = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1)
+    if self.pos_embed is not None:
+      x = x + self.pos_embed[:x.shape[1]].astype(self.dtype)
+    x = self.embed_drop(x, deterministic=deterministic, rngs=rngs)
+    for block in self.blocks:
+      x = block(x, mask, deterministic, rngs)
+    x = self.final_ln(x).astype(jnp.float32)
+    if self.pooling == 'cls':
+      return x[:, 0]
+    # Masked mean; an all-pad row pools to zeros rather than 0/0.
+    weights = mask.astype(jnp.float32)[..., None]
+    return (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+  def embed(self, tokens, token_mask):
+    """tokens int32[B, L], token_mask bool[B, L] -> float32[B, d_model].
+
+    The pooled query representation before lambda conditioning and the head
+    (deterministic), e.g. for kNN over router embeddings.
+    """
+    return self._encode(tokens, token_mask, True, None)
+
+  def __call__(self, tokens, token_mask, cost_weight=None, *, deterministic: bool = True,
+               rngs=None):
+    """tokens int32[B, L], token_mask bool[B, L], cost_weight float32[B] | None.
+
+    Returns logits float32[B, num_models]. With deterministic=False (and
+    dropout > 0) `rngs` must be an nnx.Rngs with a 'dropout' (or default)
+    stream, or a jax PRNG key.
+    """
+    if self.lambda_conditioned and cost_weight is None:
+      raise ValueError('this router is lambda-conditioned: pass cost_weight float32[B]')
+    if isinstance(rngs, jax.Array):
+      rngs = nnx.Rngs(dropout=rngs)  # one stream -> a fresh subkey per dropout site
+    elif rngs is not None and not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f'rngs must be an nnx.Rngs or a PRNG key, got {type(rngs)}')
+    if not deterministic and rngs is None and self.embed_drop.rate > 0:
+      raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout')
+    h = self._encode(tokens, token_mask, deterministic, rngs)
+    if self.lambda_conditioned:
+      cond = self.cond_out(jax.nn.gelu(self.cond_in(self.lambda_features(cost_weight))))
+      h = h + cond
+    return self.head(self.head_ln(h)).astype(jnp.float32)

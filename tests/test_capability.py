@@ -1,0 +1,250 @@
+"""Stage-0 capability estimates against a plain NumPy reference."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from entrorouter_jax.capability import (TfidfSpace, capability_estimates, knn_estimates,
+                                        reference_cost)
+
+TASKS = ['a', 'b', 'c', '', None]
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _data(seed=0, n=40, num_models=4, dim=8, num_q=15):
+  """Random table with ~30% missing outcomes; task 'b' never observes model 3."""
+  rng = np.random.default_rng(seed)
+  tasks = [TASKS[i] for i in rng.integers(0, len(TASKS), n)]
+  mask = rng.random((n, num_models)) > 0.3
+  mask[[t == 'b' for t in tasks], 3] = False
+  return dict(
+      feats=_unit(rng.normal(size=(n, dim))).astype(np.float32),
+      outcomes=rng.random((n, num_models)).round(2),
+      mask=mask,
+      cost=rng.random((n, num_models)) * 3,
+      tasks=tasks,
+      query_feats=_unit(rng.normal(size=(num_q, dim))).astype(np.float32),
+      query_tasks=[['a', 'b', 'z', '', None][i] for i in rng.integers(0, 5, num_q)])
+
+
+def _mean(values):
+  return sum(values) / len(values)
+
+
+def _reference(d, *, loo, k, alpha, prior):
+  """Double loop over queries and models with explicit neighbour and prior sets."""
+  x, y, mask, cost, tasks = d['feats'], d['outcomes'], d['mask'], d['cost'], d['tasks']
+  n, num_models = y.shape
+  queries = x if loo else d['query_feats']
+  q_tasks = tasks if loo else d['query_tasks']
+  p_hat = np.zeros((len(queries), num_models))
+  c_bar = np.zeros((len(queries), num_models))
+  for i, qf in enumerate(queries):
+    others = [j for j in range(n) if not (loo and j == i)]
+    sims = {j: float(np.dot(qf.astype(np.float64), x[j])) for j in others}
+    nbrs = sorted(others, key=lambda j: -sims[j])[:k]
+    task = q_tasks[i]
+    for m in range(num_models):
+      obs_all = [y[j, m] for j in others if mask[j, m]]
+      if obs_all:
+        glob = _mean(obs_all)
+      else:
+        glob = _mean([y[j, mm] for j in others for mm in range(num_models) if mask[j, mm]])
+      pri = glob
+      if prior == 'task' and task not in ('', None):
+        obs_task = [y[j, m] for j in others if mask[j, m] and tasks[j] == task]
+        if obs_task:
+          pri = _mean(obs_task)
+      obs = [y[j, m] for j in nbrs if mask[j, m]]
+      if obs or alpha > 0:
+        p_hat[i, m] = (sum(obs) + alpha * pri) / (len(obs) + alpha)
+      else:
+        p_hat[i, m] = pri
+      c_bar[i, m] = _mean([cost[j, m] for j in nbrs]) if nbrs else 0.0
+  return p_hat, c_bar
+
+
+def _estimate(d, *, loo, **kw):
+  extra = {} if loo else dict(query_feats=d['query_feats'], query_tasks=d['query_tasks'])
+  return knn_estimates(d['feats'], d['outcomes'], d['mask'], d['cost'], d['tasks'],
+                       **extra, **kw)
+
+
+@pytest.mark.parametrize('prior', ['task', 'global'])
+@pytest.mark.parametrize('loo', [True, False])
+@pytest.mark.parametrize('k', [1, 7, 1000])
+def test_matches_reference(prior, loo, k):
+  d = _data(seed=k)
+  p_hat, c_bar = _estimate(d, loo=loo, k=k, alpha=3.0, prior=prior)
+  ref_p, ref_c = _reference(d, loo=loo, k=k, alpha=3.0, prior=prior)
+  n_q = len(d['feats']) if loo else len(d['query_feats'])
+  assert p_hat.shape == c_bar.shape == (n_q, 4)
+  assert p_hat.dtype == c_bar.dtype == np.float32
+  np.testing.assert_allclose(p_hat, ref_p, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(c_bar, ref_c, rtol=1e-5, atol=1e-6)
+
+
+def test_chunking_does_not_matter(monkeypatch):
+  from entrorouter_jax import capability
+  d = _data(seed=3, n=60, num_q=25)
+  want = _estimate(d, loo=True, k=5, alpha=2.0, prior='task')
+  monkeypatch.setattr(capability, '_MAX_CHUNK', 7)
+  got = _estimate(d, loo=True, k=5, alpha=2.0, prior='task')
+  np.testing.assert_array_equal(want[0], got[0])
+  np.testing.assert_array_equal(want[1], got[1])
+
+
+@pytest.mark.parametrize('prior', ['task', 'global'])
+def test_leave_one_out_never_uses_own_label(prior):
+  d = _data(seed=5)
+  d['mask'][:] = True
+  before, _ = _estimate(d, loo=True, k=5, alpha=2.0, prior=prior)
+  i = 11
+  d['outcomes'][i] = (d['outcomes'][i] + 0.37) % 1.0
+  after, _ = _estimate(d, loo=True, k=5, alpha=2.0, prior=prior)
+  np.testing.assert_array_equal(before[i], after[i])
+  # ...but it does move the rows that have row i among their neighbours.
+  sims = d['feats'] @ d['feats'].T
+  np.fill_diagonal(sims, -np.inf)
+  uses_i = [j for j in range(len(sims)) if i in np.argsort(-sims[j])[:5]]
+  assert uses_i
+  for j in uses_i:
+    assert np.all(np.abs(after[j] - before[j]) > 1e-4)
+
+
+def test_alpha_limits():
+  d = _data(seed=7)
+  # alpha -> infinity: the prior alone (the reference with no neighbour weight).
+  big, _ = _estimate(d, loo=False, k=5, alpha=1e9, prior='task')
+  ref_prior, _ = _reference(d, loo=False, k=0, alpha=1.0, prior='task')
+  np.testing.assert_allclose(big, ref_prior, atol=1e-6)
+  # alpha = 0: the mean observed outcome of the neighbours (the prior if none observed).
+  zero, _ = _estimate(d, loo=False, k=5, alpha=0.0, prior='task')
+  sims = d['query_feats'] @ d['feats'].T
+  for i in range(len(sims)):
+    nbrs = np.argsort(-sims[i])[:5]
+    for m in range(4):
+      obs = d['mask'][nbrs, m]
+      want = d['outcomes'][nbrs, m][obs].mean() if obs.any() else ref_prior[i, m]
+      assert zero[i, m] == pytest.approx(want, abs=1e-6)
+
+
+def test_model_without_observed_neighbours_gets_its_prior():
+  d = _data(seed=9)
+  d['mask'][:, 2] = False
+  d['mask'][:3, 2] = True  # only three observed rows of model 2 in all
+  p_hat, _ = _estimate(d, loo=False, k=1, alpha=4.0, prior='global')
+  sims = d['query_feats'] @ d['feats'].T
+  nearest = sims.argmax(axis=1)
+  glob = d['outcomes'][:3, 2].mean()
+  far = nearest >= 3
+  assert far.any()
+  np.testing.assert_allclose(p_hat[far, 2], glob, atol=1e-6)
+
+
+def test_c_bar_is_neighbour_mean_of_costs():
+  d = _data(seed=4)
+  d['mask'][:] = False  # costs do not depend on outcomes being observed
+  _, c_bar = _estimate(d, loo=False, k=6, alpha=1.0, prior='global')
+  sims = d['query_feats'] @ d['feats'].T
+  for i in range(len(sims)):
+    np.testing.assert_allclose(c_bar[i], d['cost'][np.argsort(-sims[i])[:6]].mean(axis=0),
+                               rtol=1e-6)
+
+
+def test_ties_go_to_lowest_index():
+  n = 10
+  feats = np.tile(_unit(np.ones((1, 4))), (n, 1)).astype(np.float32)  # all identical
+  cost = np.arange(n, dtype=float)[:, None].repeat(2, axis=1)
+  args = (feats, np.zeros((n, 2)), np.ones((n, 2), bool), cost, None)
+  _, c_loo = knn_estimates(*args, k=3)
+  assert c_loo[0, 0] == pytest.approx(2.0)  # rows 1, 2, 3
+  assert c_loo[5, 0] == pytest.approx(1.0)  # rows 0, 1, 2
+  _, c_q = knn_estimates(*args, query_feats=feats[:2], k=3)
+  np.testing.assert_allclose(c_q, 1.0)
+
+
+def test_reference_cost():
+  y = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 0], [0, 1, 1]], float)
+  mask = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 0], [0, 0, 1]], bool)
+  cost = np.array([[1, 2, 3], [1, 2, 5], [1, 2, 4], [1, 2, 4]], float)
+  # Masked means 1, 2/3, 1 (a tie: lowest index); unmasked they would be 0.5, 0.75, 0.75.
+  assert reference_cost(y, mask, cost) == (0, 1.0)
+  y[0, 0] = 0.0  # model 0 drops to 1/2: model 2 wins, c_ref = its mean cost over all rows
+  assert reference_cost(y, mask, cost) == (2, 4.0)
+  cost[:, 2] = 0.0
+  with pytest.raises(ValueError, match='c_ref'):
+    reference_cost(y, mask, cost)
+
+
+TEXTS = [
+    'what is the capital city of france',
+    'write a python function that reverses a linked list',
+    'solve for x in the equation 3x plus 5 equals 20',
+    'which planet in the solar system is known as the red planet',
+    'translate the sentence good morning into spanish',
+    'how many legs does a spider have',
+    'write a python function that sorts a list of integers',
+    'what is the boiling point of water at sea level',
+]
+NEAR = [
+    'what is the capital city of france please',
+    'write a python function that reverses a linked list quickly',
+    'solve for x in the equation 3x plus 5 equals 21',
+    'which planet in our solar system is known as the red planet',
+]
+
+
+def test_tfidf_space_deterministic_and_picklable():
+  corpus = TEXTS + NEAR
+  a = TfidfSpace(dim=256, min_df=1).fit(corpus)
+  b = TfidfSpace(dim=256, min_df=1).fit(corpus)
+  za, zb = a.transform(corpus), b.transform(corpus)
+  assert za.dtype == np.float32 and za.shape == (len(corpus), a.dim_)
+  assert a.dim_ == len(corpus)  # clipped to the number of texts
+  np.testing.assert_array_equal(za, zb)
+  np.testing.assert_allclose(np.linalg.norm(za, axis=1), 1.0, atol=1e-5)
+  c = pickle.loads(pickle.dumps(a))
+  np.testing.assert_array_equal(c.transform(corpus), za)
+  # Unknown words only: the zero vector.
+  assert not np.any(a.transform(['zzzz qqqq']))
+
+
+def test_near_duplicates_are_nearest_neighbours():
+  corpus = TEXTS + NEAR
+  space = TfidfSpace(dim=8, min_df=1).fit(corpus)
+  z = space.transform(corpus)
+  sims = z @ z.T
+  np.fill_diagonal(sims, -np.inf)
+  for j in range(len(NEAR)):
+    assert sims[j].argmax() == len(TEXTS) + j
+    assert sims[len(TEXTS) + j].argmax() == j
+
+
+def test_capability_estimates_wrapper():
+  rng = np.random.default_rng(0)
+  texts = TEXTS * 3
+  n = len(texts)
+  y = (rng.random((n, 3)) > 0.4).astype(float)
+  y[:, 1] = 1.0  # model 1 is the strongest
+  mask = np.ones((n, 3), bool)
+  costs = rng.random((n, 3)) + 0.5
+  tasks = ['qa'] * n
+  out = capability_estimates(texts, y, mask, costs, tasks, {'test': (NEAR, None)},
+                             k=4, alpha=2.0, prior='task', dim=16, min_df=1)
+  assert out['strongest'] == 1
+  assert out['c_ref'] == pytest.approx(costs[:, 1].mean())
+  assert isinstance(out['space'], TfidfSpace)
+  assert out['train'][0].shape == (n, 3) and out['test'][1].shape == (len(NEAR), 3)
+  # c_bar is in units of c_ref.
+  feats = out['space'].transform(texts)
+  want_p, want_c = knn_estimates(feats, y, mask, costs / out['c_ref'], tasks, k=4, alpha=2.0)
+  np.testing.assert_allclose(out['train'][0], want_p)
+  np.testing.assert_allclose(out['train'][1], want_c)
+  with pytest.raises(ValueError, match='reserved'):
+    capability_estimates(texts, y, mask, costs, tasks, {'train': (NEAR, None)}, k=4,
+                         alpha=2.0, prior='task', dim=16, min_df=1)
