@@ -58,9 +58,10 @@ def user_errors():
 def run_main(argv, fn, default_workdir_from_config: bool = True):
   """Runs fn(config, workdir), printing the result summary or a one-line error."""
   del argv
-  logging.getLogger().setLevel(logging.INFO)
+  # Our own progress at INFO; libraries (orbax, TFDS) only at WARNING and above.
   from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger('entrorouter_jax').setLevel(logging.INFO)
   from entrorouter_jax import evaluate
   workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir()
   if not FLAGS.workdir:

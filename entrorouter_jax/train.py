@@ -36,6 +36,8 @@ from entrorouter_jax.data.dataset import DataError, RoutingDataset
 from entrorouter_jax.model import RouterModel
 from entrorouter_jax.writers import MetricsWriter
 
+log = logging.getLogger(__name__)
+
 STAGES = ('sft', 'rl')
 
 
@@ -73,7 +75,7 @@ def _stage0(config, train: RoutingDataset, test: RoutingDataset, workdir: pathli
       return cached
   if config.anchor.space != 'tfidf':
     raise TrainingError(f"anchor.space={config.anchor.space!r}; only 'tfidf' is available")
-  logging.info('Stage 0: kNN capability estimates (k=%d) on %d training queries',
+  log.info('Stage 0: kNN capability estimates (k=%d) on %d training queries',
                config.anchor.k, train.num_queries)
   est = capability.capability_estimates(
       train.queries.tolist(), train.outcomes, train.outcome_mask, train.costs,
@@ -294,14 +296,14 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir: pathlib.Path,
     restored = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(iterator)))
     state = restored['state']
-    logging.info('%s: resumed from the checkpoint at step %d', stage, latest)
+    log.info('%s: resumed from the checkpoint at step %d', stage, latest)
   else:
     if init_params is not None:
       state['nnx'][0] = jax.device_put(init_params, shardings['nnx'][0])
     if stage == 'rl':
       h0 = _initial_entropy(config, graphdef, state, mesh, problem)
       state['h0'] = jax.device_put(jnp.asarray(h0, jnp.float32), shardings['h0'])
-      logging.info('rl: initial policy entropy H_0 = %.4f nats', h0)
+      log.info('rl: initial policy entropy H_0 = %.4f nats', h0)
   start = int(state['step'])
   writer.truncate(stage, start)
 
@@ -390,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   started = time.time()
   problem = prepare_problem(config, workdir)
-  logging.info('data: %s, %d train / %d test queries, %d models; strongest %s, c_ref %.3g',
+  log.info('data: %s, %d train / %d test queries, %d models; strongest %s, c_ref %.3g',
                problem.builder.name, problem.train.num_queries, problem.test.num_queries,
                len(problem.model_names), problem.model_names[problem.strongest], problem.c_ref)
 

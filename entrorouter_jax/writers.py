@@ -13,6 +13,8 @@ import pathlib
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 
 def flatten(metrics: dict, model_names) -> dict:
   """Scalars as floats; per-model vectors [K] as 'name/model' keys."""
@@ -59,7 +61,7 @@ class MetricsWriter:
     collapsed = [k.split('/', 1)[1] for k, v in record.items()
                  if k.startswith('collapsed/') and v > 0]
     if collapsed:
-      logging.warning('%s step %d: possible trust-region collapse: the anchor prefers %s on '
+      log.warning('%s step %d: possible trust-region collapse: the anchor prefers %s on '
                       'some queries but the policy gives them almost no mass there '
                       '(below rl.collapse_threshold)', stage, step, collapsed)
     self._tensorboard(stage, step, record)

@@ -168,6 +168,20 @@ def test_ties_go_to_lowest_index():
   np.testing.assert_allclose(c_q, 1.0)
 
 
+def test_top_k_large_rows_and_ties():
+  """The candidate-filtered top-k (rows of >= 32k entries) equals a stable sort."""
+  from entrorouter_jax.capability import _top_k
+  rng = np.random.default_rng(1)
+  train = _unit(rng.normal(size=(3000, 16))).astype(np.float32)
+  train[1500:1600] = train[7]  # 101 exact duplicates: ties straddle the k-th value
+  queries = np.concatenate([train[[7, 8, 2999]], _unit(rng.normal(size=(20, 16)))])
+  queries = np.concatenate([queries, np.zeros((1, 16))]).astype(np.float32)  # all-tied row
+  sims = queries @ train.T
+  for k in (1, 20, 150):
+    want = np.sort(np.argsort(-sims, axis=1, kind='stable')[:, :k], axis=1)
+    np.testing.assert_array_equal(_top_k(sims.copy(), k), want)
+
+
 def test_reference_cost():
   y = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 0], [0, 1, 1]], float)
   mask = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 0], [0, 0, 1]], bool)

@@ -45,7 +45,8 @@ FORMATS = ('wide', 'long', 'routerdc', 'routellm')
 TABLE_SUFFIXES = ('.csv', '.jsonl', '.parquet')
 # Rough characters per token of English text; used only when a file has no counts.
 CHARS_PER_TOKEN = 4
-# Columns of a wide table that are never model outcomes, even when numeric.
+# Columns of a wide table that are never model outcomes, even when numeric
+# ('Unnamed: 0' is the index pandas writes with to_csv).
 WIDE_KNOWN_COLUMNS = ('id', 'sample_id', 'prompt', 'query', 'task', 'eval_name', 'split',
                       'routerdc_split', 'routerbench_row_index', 'oracle_model_to_route_to',
                       'Unnamed: 0')
@@ -93,8 +94,10 @@ def read_pool(path: PathLike) -> list[ModelInfo]:
                         'price_in, price_out[, context_limit]')
       entries.append((f'entry {name!r}', {'name': name, **body}))
   elif isinstance(data, list):
-    entries = [(f'entry {i}' + (f' ({body["name"]!r})' if isinstance(body, dict) and 'name' in body
-                                 else ''), body) for i, body in enumerate(data, 1)]
+    entries = []
+    for i, body in enumerate(data, 1):
+      named = isinstance(body, dict) and 'name' in body
+      entries.append((f'entry {i} ({body["name"]!r})' if named else f'entry {i}', body))
   else:
     raise DataError(f'{path}: the model pool is {type(data).__name__}; expected a list of '
                     'models, {models: [...]} or {name: {price_in, price_out}}')
@@ -116,7 +119,8 @@ def _pool_entry(path, label: str, entry) -> ModelInfo:
                     'price_in, price_out[, context_limit]')
   unknown = sorted(set(entry) - set(POOL_FIELDS), key=str)
   if unknown:
-    raise DataError(f'{path}: {label}: unknown field(s) {unknown}; expected only {list(POOL_FIELDS)}')
+    raise DataError(f'{path}: {label}: unknown field(s) {unknown}; '
+                    f'expected only {list(POOL_FIELDS)}')
   name = entry.get('name')
   if not isinstance(name, str) or not name.strip():
     raise DataError(f'{path}: {label}: field name is {name!r}; expected a non-empty model name')
@@ -124,10 +128,10 @@ def _pool_entry(path, label: str, entry) -> ModelInfo:
   def price(field):
     value = entry.get(field)
     try:
-      number = _number(value)
+      number = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
       number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+    if not math.isfinite(number) or number < 0:
       raise DataError(f'{path}: {label}: field {field} is {value!r}; '
                       'expected a price >= 0 in dollars per 1M tokens')
     return number
@@ -227,6 +231,10 @@ def _texts(cells, where: str, column: str, what: str, *, required: bool = True) 
   """Cells as strings; an empty (or blank) cell raises DataError when `required`."""
   out = []
   for i, cell in enumerate(cells):
+    if isinstance(cell, np.ndarray):
+      # Parquet gives list cells back as arrays; spell them as the Python list
+      # they were (RouterBench prompts are lists of prompt parts).
+      cell = cell.tolist()
     text = '' if _is_missing(cell) else str(cell)
     if required and not text.strip():
       raise DataError(f'{where}: row {i + 1}, column {column!r}: {what} is empty ({cell!r}); '
@@ -283,7 +291,8 @@ def _read_table(path: pathlib.Path) -> pd.DataFrame:
   """
   suffix = path.suffix.lower()
   if suffix not in TABLE_SUFFIXES:
-    raise DataError(f'{path}: unsupported file type {suffix!r}; expected one of {list(TABLE_SUFFIXES)}')
+    raise DataError(f'{path}: unsupported file type {suffix!r}; '
+                    f'expected one of {list(TABLE_SUFFIXES)}')
   if path.stat().st_size == 0:
     raise DataError(f'{path}: the file is empty; expected a header and at least one data row')
   try:
@@ -406,7 +415,10 @@ def _model_costs(where: str, model: str, queries: Sequence[str], observed: np.nd
 
 @dataclasses.dataclass
 class _Rows:
-  """Queries read from one file (n rows, k models), before ids are merged."""
+  """Queries read from one file (n rows, k models), before repeated ids are merged.
+
+  The long reader makes one from all its files, with ids already unique.
+  """
   available: list[str]      # every model the file has (before models=)
   models: list[str]         # the k models kept, in the order of the columns below
   where: list[str]          # '<file>, row <r>' per row, for messages
@@ -448,8 +460,8 @@ def _assemble(name: str, blocks: Sequence[_Rows], *, source: str, prices: Mappin
       outcomes[rows, column[m]] = b.outcomes[:, j]
       costs[rows, column[m]] = b.costs[:, j]
     start += len(b.ids)
-  cat = lambda field: [x for b in blocks for x in getattr(b, field)]
-  ids, queries, tasks, splits, where = (cat(f) for f in ('ids', 'queries', 'tasks', 'splits', 'where'))
+  ids, queries, tasks, splits, where = ([x for b in blocks for x in getattr(b, field)]
+                                        for field in ('ids', 'queries', 'tasks', 'splits', 'where'))
 
   keep, ids = _merge_repeats(ids, queries, tasks, splits, outcomes, costs, where, names, notes,
                              relabel_ids=relabel_ids)
@@ -697,15 +709,17 @@ def _read_long_file(path, prices, models, notes, *, split_column,
   for column in ('model', 'score'):
     _pick_column(columns, where, None, (column,), column, required=True)
   scol = _pick_column(columns, where, split_column, ('split',), 'split', required=False)
-  optional = lambda column, parse: parse(column) if column in columns else None
 
   queries = _texts(frame[qcol], where, qcol, 'query')
-  ids = optional('id', lambda c: _texts(frame[c], where, c, 'id')) or [_sha1(q)[:16] for q in queries]
+  ids = (_texts(frame['id'], where, 'id', 'id') if 'id' in columns
+         else [_sha1(q)[:16] for q in queries])
   names = _texts(frame['model'], where, 'model', 'model name')
   scores = _outcomes(frame['score'], where, 'score')
-  cost = optional('cost', lambda c: _amounts(frame[c], where, c, 'cost'))
-  tokens = [optional(c, lambda c: _amounts(frame[c], where, c, 'token count'))
+  cost = _amounts(frame['cost'], where, 'cost', 'cost') if 'cost' in columns else None
+  tokens = [_amounts(frame[c], where, c, 'token count') if c in columns else None
             for c in ('input_tokens', 'output_tokens')]
+  tasks = _texts(frame['task'], where, 'task', 'task', required=False) if 'task' in columns else ''
+  splits = _texts(frame[scol], where, scol, 'split') if scol else ''
 
   costs = np.zeros(len(frame))
   available = _unique(names)
@@ -721,8 +735,7 @@ def _read_long_file(path, prices, models, notes, *, split_column,
   records = pd.DataFrame({
       'where': [f'{where}, row {r}' for r in range(1, len(frame) + 1)],
       'id': ids, 'query': queries, 'model': names, 'score': scores, 'cost': costs,
-      'task': optional('task', lambda c: _texts(frame[c], where, c, 'task', required=False)) or '',
-      'split': _texts(frame[scol], where, scol, 'split') if scol else ''})
+      'task': tasks, 'split': splits})
   if models is not None:
     records = records[records['model'].isin(models)]
   return records, available

@@ -18,6 +18,8 @@ import tensorflow_datasets as tfds
 from entrorouter_jax.data.dataset import DataError, RoutingDataset
 from entrorouter_jax.data.tfds_base import read_split
 
+log = logging.getLogger(__name__)
+
 DATA_NAMES = ('synthetic_routing', 'routerbench', 'routing_files')
 FORMATS = ('wide', 'long', 'routerdc', 'routellm')
 
@@ -61,7 +63,7 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   for note in builder.info.metadata.get('notes', []):
-    logging.warning('%s: %s', builder.name, note)
+    log.warning('%s: %s', builder.name, note)
   return builder
 
 
