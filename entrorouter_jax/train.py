@@ -278,8 +278,12 @@ def _initial_entropy(config, graphdef, state, mesh, problem) -> float:
 
 
 def run_stage(config, stage: str, problem: Problem, mesh, workdir: pathlib.Path,
-              writer: MetricsWriter, init_params=None):
-  """Runs (or resumes) one stage to its `num_steps`; returns (graphdef, final state)."""
+              writer: MetricsWriter, init_params=None, init_from: Optional[pathlib.Path] = None):
+  """Runs (or resumes) one stage to its `num_steps`; returns (graphdef, final state).
+
+  A fresh stage starts from `init_params` (the previous stage's parameters) or
+  from the SFT checkpoint under `init_from`; a resumed one from its own checkpoint.
+  """
   stage_cfg = config[stage]
   _, schedule = make_optimizer(config.optim, stage_cfg)
   graphdef, state, shardings = create_state(config, stage, problem, mesh)
@@ -298,6 +302,8 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir: pathlib.Path,
     state = restored['state']
     log.info('%s: resumed from the checkpoint at step %d', stage, latest)
   else:
+    if init_from is not None:
+      init_params = _restore_params(init_from, 'sft', state)
     if init_params is not None:
       state['nnx'][0] = jax.device_put(init_params, shardings['nnx'][0])
     if stage == 'rl':
@@ -358,15 +364,21 @@ def _check_finite(metrics, stage, step, manager):
         f'{stage}.learning_rate or optim.grad_clip.')
 
 
-def _final_params(workdir: pathlib.Path, stage: str):
-  """The model parameters of a finished stage's last checkpoint (for RL's init)."""
+def _restore_params(workdir: pathlib.Path, stage: str, like: dict):
+  """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init).
+
+  `like` is a freshly created train state: its structure, shapes and shardings
+  are the restore target (both stages share the optimizer's structure).
+  """
   path = pathlib.Path(workdir)
   for candidate in (path / 'checkpoints' / stage, path):
+    if not candidate.is_dir():
+      continue
     manager = ocp.CheckpointManager(candidate.absolute(), options=ocp.CheckpointManagerOptions(
         read_only=True))
     if manager.latest_step() is not None:
       restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore()))
+          state=ocp.args.StandardRestore(like)))
       return restored['state']['nnx'][0]
   raise TrainingError(f'rl.init_checkpoint={str(workdir)!r}: no checkpoint found there '
                       f'(looked in {path / "checkpoints" / stage} and {path})')
@@ -398,10 +410,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   params = None
-  if 'rl' in stages and config.rl.init_checkpoint:
-    params = _final_params(pathlib.Path(config.rl.init_checkpoint), 'sft')
+  init_from = pathlib.Path(config.rl.init_checkpoint) if config.rl.init_checkpoint else None
   for stage in stages:
-    graphdef, state = run_stage(config, stage, problem, mesh, workdir, writer, init_params=params)
+    graphdef, state = run_stage(config, stage, problem, mesh, workdir, writer, init_params=params,
+                                init_from=init_from if stage == 'rl' else None)
     params = state['nnx'][0]
   writer.close()
 

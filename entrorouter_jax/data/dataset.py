@@ -49,6 +49,13 @@ class RoutingDataset:
   source: str = ''          # file(s) the data came from, for error messages
   notes: list[str] = dataclasses.field(default_factory=list)  # assumptions made
 
+  def __post_init__(self):
+    # Text as object arrays: fixed-width numpy strings would pad every query to
+    # the longest one (hundreds of MB on long prompts).
+    for field in ('ids', 'queries', 'tasks', 'splits'):
+      setattr(self, field, np.asarray(
+          [str(x) for x in getattr(self, field)], dtype=object).reshape(-1))
+
   @property
   def model_names(self) -> list[str]:
     return [m.name for m in self.models]
@@ -116,8 +123,8 @@ class RoutingDataset:
         raise DataError(f'{where}: {field} has shape {getattr(self, field).shape}, expected ({n}, {k})')
     if len(set(self.ids.tolist())) != n:
       raise DataError(f'{where}: query ids are not unique')
-    empty = np.flatnonzero(np.char.str_len(self.queries.astype(str)) == 0)
-    if empty.size:
+    empty = [i for i, q in enumerate(self.queries) if not q.strip()]
+    if empty:
       raise DataError(f'{where}: query {self.ids[empty[0]]!r} has empty text; expected a non-empty query')
     obs = self.outcomes[self.outcome_mask]
     bad = ~np.isfinite(obs) | (obs < 0) | (obs > 1)
