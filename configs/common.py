@@ -89,11 +89,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   rl.cost_weight = 0.1               # lambda: accuracy points per strongest-model cost
   rl.estimator = 'reinforce'         # reinforce | exact (variance-free reference)
   rl.group_size = 8                  # G actions per query
-  rl.normalize_advantage = True      # (choice) divide by group std + 1e-6 (GRPO)
+  # (choice) divide by the group std + 1e-6 as in GRPO. Off by default: the std
+  # rescales each group's reward gaps to unit size, so when every sample
+  # succeeds a tiny cost gap weighs like a failure, and lambda loses its meaning.
+  rl.normalize_advantage = False
   rl.ppo_epochs = 1                  # > 1: several PPO-clip updates per batch
   rl.ppo_clip = 0.2
-  rl.beta_start = 0.5                # Soft Anchor KL weight, decays on the schedule
-  rl.beta_end = 0.05
+  rl.beta_start = 0.1                # Soft Anchor KL weight, decays on the schedule
+  rl.beta_end = 0.01
   rl.entropy_schedule = 'linear'     # linear | cosine: H*_t from H_0 to entropy_min
   rl.entropy_min = 0.1               # H_min (nats)
   rl.entropy_lr = 0.5                # eta of the dual ascent on alpha

@@ -129,7 +129,7 @@ def test_routellm_counts_and_accuracy(routellm):
   d = routellm
   assert d.model_names == [MIXTRAL, GPT4]
   assert d.models[1] == ModelInfo(GPT4, 10.0, 30.0)
-  mmlu = np.char.startswith(d.tasks, 'mmlu_')
+  mmlu = np.array([t.startswith('mmlu_') for t in d.tasks])
   assert len(set(d.tasks[mmlu].tolist())) == 57
   # 14,042 MMLU rows; 27 prompts appear twice in their subject with the same
   # outcomes (college_physics 11, high_school_psychology 11, ...) and are kept once.

@@ -166,3 +166,23 @@ def test_bad_stage_list_is_an_error(tmp_path):
   config.stages = 'rl,sft'
   with pytest.raises(train.TrainingError, match='stages'):
     train.stage_list(config)
+
+
+@pytest.mark.parametrize('content,expected', [
+    ('id,prompt,a,a|total_cost\nq1,hello,1.5,0.1\n', r"row 1.*'a'.*1\.5.*\[0, 1\]"),
+    ('id,text,a,a|total_cost\nq1,hello,1,0.1\n', r'query column'),
+    ('id,prompt,a,a|total_cost\nq1,hello,1,-2\n', r'row 1.*-2'),
+])
+def test_cli_bad_data_file_exits_with_a_clear_error(tmp_path, content, expected):
+  bad = tmp_path / 'BAD.csv'
+  bad.write_text(content)
+  out = subprocess.run(
+      [sys.executable, '-m', 'entrorouter_jax.train', '--config=configs/rl.py',
+       '--config.data.name=routing_files', f'--config.data.files={bad}',
+       f'--workdir={tmp_path / "w"}', f'--config.data.data_dir={tmp_path / "tfds"}'],
+      cwd=REPO_ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode != 0
+  assert 'Traceback' not in out.stderr
+  error = [l for l in out.stderr.splitlines() if l.startswith('error: ')]
+  assert len(error) == 1, out.stderr
+  assert 'BAD.csv' in error[0] and re.search(expected, error[0]), error[0]
