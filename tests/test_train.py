@@ -186,3 +186,23 @@ def test_cli_bad_data_file_exits_with_a_clear_error(tmp_path, content, expected)
   error = [l for l in out.stderr.splitlines() if l.startswith('error: ')]
   assert len(error) == 1, out.stderr
   assert 'BAD.csv' in error[0] and re.search(expected, error[0]), error[0]
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model.lambda_conditioned': True, 'model.lambda_min': 0.0, 'model.lambda_max': 1.0},
+    {'rl.estimator': 'exact'},
+    {'rl.ppo_epochs': 2, 'rl.normalize_advantage': True},
+    {'model.anchor_in_logits': True, 'model.pooling': 'cls', 'model.positions': 'rotary'},
+])
+def test_training_variants_run(tmp_path, overrides):
+  config = tiny_config(tmp_path, sft_steps=10, rl_steps=10)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  results = train.train_and_evaluate(config, tmp_path / 'run')
+  assert 0.0 <= results['router']['accuracy'] <= 1.0
+  records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  assert records[-1]['stage'] == 'rl' and np.isfinite(records[-1]['loss'])
