@@ -1,7 +1,8 @@
 """What the command-line entry points share: flags, cluster start-up, clear errors.
 
 Errors a user can act on (bad data, bad config, a run that cannot go on) are
-printed as one `error: ...` line and exit with status 2, without a traceback.
+printed as one `error: ...` line and exit with status 2, without a traceback;
+set ENTROROUTER_DEBUG=1 to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def run_main(argv, fn, default_workdir_from_config: bool = True):
     maybe_initialize_distributed()
     results = fn(FLAGS.config, workdir)
   except user_errors() as e:
+    if os.environ.get('ENTROROUTER_DEBUG'):
+      raise
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   import jax

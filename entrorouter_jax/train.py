@@ -62,10 +62,15 @@ class Problem:
     return self.train.model_names
 
 
-def _stage0(config, train: RoutingDataset, test: RoutingDataset, workdir: pathlib.Path):
-  """Stage-0 capability estimates, computed once and cached in the workdir."""
+def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
+            workdir: pathlib.Path):
+  """Stage-0 capability estimates, computed once and cached in the workdir.
+
+  The cache is keyed by the prepared data set's full name (for routing_files it
+  holds a digest of the files' contents), the model subset and `config.anchor`.
+  """
   key = json.dumps({'anchor': config.anchor.to_dict(), 'models': train.model_names,
-                    'train': [train.num_queries, train.source], 'test': test.num_queries},
+                    'data': data_name, 'sizes': [train.num_queries, test.num_queries]},
                    sort_keys=True, default=str)
   cache = workdir / 'stage0.pkl'
   if cache.is_file():
@@ -104,7 +109,7 @@ def prepare_problem(config, workdir: pathlib.Path) -> Problem:
   else:
     tok = tokenizer_lib.load_or_train(workdir / 'tokenizer.model', train.queries.tolist(),
                                       config.data.vocab_size)
-  s0 = _stage0(config, train, test, workdir)
+  s0 = _stage0(config, builder.info.full_name, train, test, workdir)
   return Problem(builder=builder, train=train, test=test, tokenizer=tok,
                  strongest=s0['strongest'], c_ref=s0['c_ref'], tables=s0['tables'])
 
