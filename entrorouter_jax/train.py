@@ -33,7 +33,7 @@ from flax import nnx
 from entrorouter_jax import capability, evaluate, objectives, schedules, sharding
 from entrorouter_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from entrorouter_jax.data.dataset import DataError, RoutingDataset
-from entrorouter_jax.model import RouterModel
+from entrorouter_jax.router import build_model, make_forward, policy_logits, policy_probs
 from entrorouter_jax.writers import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
   holds a digest of the files' contents), the model subset and `config.anchor`.
   """
   key = json.dumps({'anchor': config.anchor.to_dict(), 'models': train.model_names,
+                    'anchor_in_logits': config.model.anchor_in_logits,
                     'data': data_name, 'sizes': [train.num_queries, test.num_queries]},
                    sort_keys=True, default=str)
   cache = workdir / 'stage0.pkl'
@@ -92,6 +93,11 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
       'space': est['space'],
       'tables': {s: {'p_hat': est[s][0], 'c_bar': est[s][1]} for s in ('train', 'test')},
   }
+  if config.model.anchor_in_logits:
+    # Routing new queries then needs their neighbours in the training table.
+    result.update(train_feats=est['space'].transform(train.queries.tolist()),
+                  train_outcomes=train.outcomes, train_mask=train.outcome_mask,
+                  train_cost_hat=train.costs / est['c_ref'], train_tasks=train.tasks.tolist())
   if jax.process_index() == 0:
     tmp = cache.with_suffix('.tmp')
     with tmp.open('wb') as f:
@@ -128,29 +134,30 @@ def make_optimizer(optim_cfg, stage_cfg):
   return tx, schedule
 
 
-def build_model(config, vocab_size: int, num_models: int, seed: int) -> RouterModel:
-  return RouterModel(config.model, vocab_size=vocab_size, max_len=config.data.max_len,
-                     num_models=num_models, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-
-
-def create_state(config, stage: str, problem: Problem, mesh):
-  """The train state, created already sharded: (graphdef, state, shardings).
+def abstract_train_state(config, stage: str, vocab_size: int, num_models: int, mesh):
+  """(graphdef, build, shardings) of a stage's train state, without allocating it.
 
   state = {'nnx': nnx.State of (model, optimizer), 'step': int32, 'rng': key data,
            'alpha': entropy coefficient, 'h0': entropy after Stage 1}
   """
   tx, _ = make_optimizer(config.optim, config[stage])
-  vocab, k = problem.tokenizer.vocab_size, len(problem.model_names)
 
   def build():
     with nnx.use_eager_sharding(False):
-      model = build_model(config, vocab, k, config.seed)
+      model = build_model(config, vocab_size, num_models, config.seed)
       return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   repl = sharding.replicated(mesh)
   shardings = {'nnx': sharding.state_shardings(abstract, mesh), 'step': repl, 'rng': repl,
                'alpha': repl, 'h0': repl}
+  return graphdef, build, shardings
+
+
+def create_state(config, stage: str, problem: Problem, mesh):
+  """The train state, created already sharded: (graphdef, state, shardings)."""
+  graphdef, build, shardings = abstract_train_state(
+      config, stage, problem.tokenizer.vocab_size, len(problem.model_names), mesh)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init():
@@ -162,17 +169,6 @@ def create_state(config, stage: str, problem: Problem, mesh):
   with jax.set_mesh(mesh):
     state = init()
   return graphdef, state, shardings
-
-
-def policy_logits(model, batch, cost_weight, config, *, deterministic=True, rngs=None):
-  """f_theta(x) / T, plus log A(m|x) when the anchor sits inside the policy."""
-  cond = cost_weight if config.model.lambda_conditioned else None
-  logits = model(batch['tokens'], batch['token_mask'], cond, deterministic=deterministic,
-                 rngs=rngs) / config.model.temperature
-  if config.model.anchor_in_logits:
-    logits = logits + objectives.anchor_log_probs(batch['p_hat'], batch['c_bar'], cost_weight,
-                                                  config.anchor.tau)
-  return logits
 
 
 def sample_cost_weight(config, stage_cfg, rng, batch_size):
@@ -235,35 +231,6 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
   return step_fn
 
 
-# ============================================================== inference ===
-def policy_probs(config, graphdef, model_state, mesh, data: RoutingDataset, tables: dict,
-                 tok: tokenizer_lib.Tokenizer, cost_weight: float) -> np.ndarray:
-  """pi(m|x) for every query of `data`: float32[N, K], in batches."""
-  tokens, token_mask = tok.encode_batch(data.queries.tolist(), config.data.max_len,
-                                        config.data.truncate)
-  n = len(tokens)
-  unit = sharding.batch_divisor(mesh)
-  bs = max(unit, (config.eval_batch_size // unit) * unit)
-  pad = (-n) % bs
-  arrays = {'tokens': tokens, 'token_mask': token_mask,
-            'p_hat': tables['p_hat'], 'c_bar': tables['c_bar']}
-  arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
-  batch_sh = sharding.batch_sharding(mesh)
-
-  @functools.partial(jax.jit, in_shardings=(None, batch_sh), out_shardings=batch_sh)
-  def forward(model_state, batch):
-    model = nnx.merge(graphdef, model_state)[0]
-    weights = jnp.full((batch['tokens'].shape[0],), cost_weight, jnp.float32)
-    return jax.nn.softmax(policy_logits(model, batch, weights, config), -1)
-
-  out = []
-  with jax.set_mesh(mesh):
-    for start in range(0, n + pad, bs):
-      chunk = {k: jax.device_put(v[start:start + bs], batch_sh) for k, v in arrays.items()}
-      out.append(np.asarray(jax.device_get(forward(model_state, chunk))))
-  return np.concatenate(out)[:n]
-
-
 # =============================================================== one stage ===
 def _checkpoint_manager(path: pathlib.Path, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
@@ -272,13 +239,24 @@ def _checkpoint_manager(path: pathlib.Path, config) -> ocp.CheckpointManager:
           preservation_policy=ocp.checkpoint_managers.LatestN(config.keep_checkpoints)))
 
 
+def dataset_probs(config, graphdef, nnx_state, mesh, problem: Problem, split: str,
+                  cost_weight: float, limit: Optional[int] = None) -> np.ndarray:
+  """pi(m|x) from a train state for the queries of `split` (the first `limit`): float32[N, K]."""
+  data = getattr(problem, split)
+  n = data.num_queries if limit is None else min(limit, data.num_queries)
+  model_graphdef, params = nnx.split(nnx.merge(graphdef, nnx_state)[0])
+  tokens, mask = problem.tokenizer.encode_batch(data.queries[:n].tolist(), config.data.max_len,
+                                                config.data.truncate)
+  tables = problem.tables[split]
+  return policy_probs(make_forward(config, model_graphdef, mesh), params, mesh,
+                      config.eval_batch_size, tokens, mask, tables['p_hat'][:n],
+                      tables['c_bar'][:n], cost_weight)
+
+
 def _initial_entropy(config, graphdef, state, mesh, problem) -> float:
   """H_0: mean policy entropy over (up to) 2,048 training queries."""
-  n = min(problem.train.num_queries, 2048)
-  sub = problem.train.subset(np.arange(n))
-  tables = {k: v[:n] for k, v in problem.tables['train'].items()}
-  probs = policy_probs(config, graphdef, state['nnx'], mesh, sub, tables, problem.tokenizer,
-                       config.rl.cost_weight)
+  probs = dataset_probs(config, graphdef, state['nnx'], mesh, problem, 'train',
+                        config.rl.cost_weight, limit=2048)
   return float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1)))
 
 
@@ -389,6 +367,15 @@ def _restore_params(workdir: pathlib.Path, stage: str, like: dict):
                       f'(looked in {path / "checkpoints" / stage} and {path})')
 
 
+def _write_router_info(workdir: pathlib.Path, problem: Problem, final_stage: str) -> None:
+  """router.json: what routing needs beside the checkpoint and the tokenizer."""
+  cost_hat = problem.train.costs / problem.c_ref
+  info = {'model_names': problem.model_names, 'strongest': problem.strongest,
+          'c_ref': problem.c_ref, 'model_costs': cost_hat.mean(axis=0).tolist(),
+          'final_stage': final_stage, 'data': problem.builder.info.full_name}
+  (workdir / 'router.json').write_text(json.dumps(info, indent=2) + '\n')
+
+
 # ================================================================ the run ===
 def stage_list(config) -> list[str]:
   stages = [s.strip() for s in config.stages.split(',') if s.strip()]
@@ -423,8 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   writer.close()
 
   cost_weight = config.rl.cost_weight if stages[-1] == 'rl' else config.sft.cost_weight
-  probs = policy_probs(config, graphdef, state['nnx'], mesh, problem.test,
-                       problem.tables['test'], problem.tokenizer, cost_weight)
+  if jax.process_index() == 0:
+    _write_router_info(workdir, problem, stages[-1])
+  probs = dataset_probs(config, graphdef, state['nnx'], mesh, problem, 'test', cost_weight)
   results = evaluate.router_results(problem.test, probs, strongest=problem.strongest,
                                     c_ref=problem.c_ref, cost_weight=cost_weight,
                                     dataset=problem.builder.name)

@@ -1,0 +1,138 @@
+"""Route queries with a trained router.
+
+  python -m entrorouter_jax.route --workdir=DIR "How do I reverse a list in Python?"
+  python -m entrorouter_jax.route --workdir=DIR --input=queries.jsonl --output=routes.jsonl
+
+One query prints one JSON object: the chosen model, its probability and the
+whole distribution. A file of JSON lines ({"query": ...} or {"prompt": ...},
+optional "id") is routed in batches with a progress bar, one JSON line out per
+line in.
+
+Knobs along the cost/quality curve, at routing time:
+  --cost_weight=L  lambda, for a lambda-conditioned router (model.lambda_conditioned)
+  --threshold=T    in (0, 1]: the cheapest model whose probability is at least
+                   T x the top probability (1 = the router's own choice)
+  --fallback_model=NAME --min_confidence=P: when the top probability is below P,
+                   route to NAME instead (say, the strongest model).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Optional
+
+import numpy as np
+from absl import app, flags
+
+from entrorouter_jax import router as router_lib
+
+FLAGS = flags.FLAGS
+
+
+def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
+           fallback: Optional[int] = None, min_confidence: float = 0.0):
+  """The routing rule: indices int[N] and whether the fallback fired, bool[N]."""
+  if not 0.0 < threshold <= 1.0:
+    raise router_lib.RouterError(f'--threshold={threshold}; expected a value in (0, 1]')
+  eligible = probs >= threshold * probs.max(axis=1, keepdims=True)
+  choice = np.argmin(np.where(eligible, model_costs[None, :], np.inf), axis=1)
+  fell_back = np.zeros(len(probs), bool)
+  if fallback is not None:
+    fell_back = probs.max(axis=1) < min_confidence
+    choice = np.where(fell_back, fallback, choice)
+  return choice, fell_back
+
+
+def route_records(router: router_lib.Router, queries, cost_weight=None, threshold=1.0,
+                  fallback_model: Optional[str] = None, min_confidence: float = 0.0):
+  """One result dict per query."""
+  if cost_weight is not None and not router.config.model.lambda_conditioned:
+    raise router_lib.RouterError(
+        '--cost_weight needs a lambda-conditioned router (train with '
+        '--config.model.lambda_conditioned=True); use --threshold to trade cost for quality')
+  fallback = None
+  if fallback_model is not None:
+    if fallback_model not in router.model_names:
+      raise router_lib.RouterError(f'--fallback_model={fallback_model!r} is not in the pool; '
+                                   f'expected one of {router.model_names}')
+    fallback = router.model_names.index(fallback_model)
+  probs = router.probs(queries, cost_weight)
+  choice, fell_back = choose(probs, router.model_costs, threshold, fallback, min_confidence)
+  return [{'model': router.model_names[c], 'probability': float(p[c]),
+           'fallback': bool(f),
+           'distribution': {name: float(v) for name, v in zip(router.model_names, p)}}
+          for c, p, f in zip(choice, probs, fell_back)]
+
+
+def read_queries(path: pathlib.Path):
+  """(ids, queries) from a JSON-lines file; bad lines raise with their line number."""
+  ids, queries = [], []
+  with path.open(encoding='utf-8') as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise router_lib.RouterError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
+      if not isinstance(record, dict):
+        raise router_lib.RouterError(f'{path}:{lineno}: expected a JSON object with a '
+                                     f'"query" field, got {type(record).__name__}')
+      text = record.get('query', record.get('prompt'))
+      if not isinstance(text, str) or not text.strip():
+        raise router_lib.RouterError(f'{path}:{lineno}: "query" is missing or empty; expected '
+                                     'a non-empty string in "query" (or "prompt")')
+      ids.append(record.get('id', lineno))
+      queries.append(text)
+  return ids, queries
+
+
+def route_file(router, input_path, output_path, batch_size=256, **knobs) -> int:
+  from tqdm.auto import tqdm
+  ids, queries = read_queries(pathlib.Path(input_path))
+  output_path = pathlib.Path(output_path)
+  output_path.parent.mkdir(parents=True, exist_ok=True)
+  with output_path.open('w', encoding='utf-8') as out, tqdm(total=len(queries), unit='query') as bar:
+    for start in range(0, len(queries), batch_size):
+      chunk = queries[start:start + batch_size]
+      for i, result in zip(ids[start:start + batch_size], route_records(router, chunk, **knobs)):
+        out.write(json.dumps({'id': i, **result}) + '\n')
+      bar.update(len(chunk))
+  return len(queries)
+
+
+def main(argv):
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  queries = argv[1:]
+  if bool(queries) == bool(FLAGS.input):
+    print('error: give either one query as an argument or --input=FILE.jsonl', file=sys.stderr)
+    sys.exit(2)
+  knobs = dict(cost_weight=FLAGS.cost_weight, threshold=FLAGS.threshold,
+               fallback_model=FLAGS.fallback_model, min_confidence=FLAGS.min_confidence)
+  try:
+    router = router_lib.load_router(FLAGS.workdir)
+    if FLAGS.input:
+      if not FLAGS.output:
+        raise router_lib.RouterError('--input needs --output=FILE.jsonl')
+      n = route_file(router, FLAGS.input, FLAGS.output, **knobs)
+      print(f'routed {n} queries to {FLAGS.output}', file=sys.stderr)
+    else:
+      for result in route_records(router, [' '.join(queries)], **knobs):
+        print(json.dumps(result, indent=2))
+  except (router_lib.RouterError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.', required=True)
+  flags.DEFINE_string('input', None, 'JSON-lines file of queries to route.')
+  flags.DEFINE_string('output', None, 'Where --input\'s routes go (JSON lines).')
+  flags.DEFINE_float('cost_weight', None, 'lambda, for lambda-conditioned routers.')
+  flags.DEFINE_float('threshold', 1.0, 'Cheapest model with pi >= threshold x max pi.')
+  flags.DEFINE_string('fallback_model', None, 'Model used when the router is unsure.')
+  flags.DEFINE_float('min_confidence', 0.0, 'Below this top probability, use the fallback.')
+  app.run(main)
