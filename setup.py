@@ -30,6 +30,7 @@ setup(
         'scikit-learn',            # TF-IDF + SVD for the Stage-0 kNN space
         'tqdm',
         'tensorboardX',            # TensorBoard event files without TensorFlow
+        'matplotlib',              # evaluation plots
     ],
-    extras_require={'test': ['pytest']},
+    extras_require={'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel']},
 )

@@ -114,11 +114,12 @@ class ScoreRouter:
     return lambda_grid(self.scores, self.c_pred, base)
 
   def curve(self, outcomes, outcome_mask, costs, base=LAMBDA_GRID) -> list[dict]:
-    """[{'lambda', 'accuracy', 'cost'}] over `lambdas(base)`, lambda ascending;
-    accuracy and cost measured with the given [N, K] tables."""
+    """[{'lambda', 'accuracy', 'cost', 'shares'}] over `lambdas(base)`, lambda
+    ascending; accuracy and cost measured with the given [N, K] tables;
+    shares: list[K] of the fraction of queries routed to each model."""
     grid = self.lambdas(base)
-    return metrics.curve_points([self.choice(lam) for lam in grid], outcomes, outcome_mask,
-                                costs, grid, 'lambda')
+    choices = [self.choice(lam) for lam in grid]
+    return metrics.curve_points(choices, outcomes, outcome_mask, costs, grid, 'lambda')
 
 
 def knn_router(p_hat, c_bar) -> ScoreRouter:
@@ -144,7 +145,7 @@ class FitConfig:
   holdout: float = 0.1
 
 
-LINEAR = FitConfig(hidden=0, learning_rate=1e-2, weight_decay=1e-4)
+LINEAR = FitConfig(hidden=0, learning_rate=3e-2, weight_decay=1e-4, max_epochs=200)
 MLP = FitConfig(hidden=256, learning_rate=1e-3, weight_decay=1e-2)
 
 
@@ -298,7 +299,8 @@ def evaluate_baselines(train: RoutingDataset, test: RoutingDataset, train_feats,
   Returns {name: entry}; costs in dollars, AIQs over
   `metrics.single_model_cost_range` of the test split's single models:
     'knn', 'linear', 'mlp': {'accuracy', 'cost' (at cost_weight), 'aiq',
-        'curve': [{'lambda', 'accuracy', 'cost'}, ...] (lambda ascending)};
+        'curve': [{'lambda', 'accuracy', 'cost', 'shares'}, ...] (lambda
+        ascending; shares = list[K] of routing fractions by model index)};
         linear/mlp also 'fit' (see `fit_success_model`);
     'random': `metrics.random_at_matched_cost` at router_cost ({'accuracy',
         'cost', 'matched_cost'}), 'aiq' and 'curve' = the single models'

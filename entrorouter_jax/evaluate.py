@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -62,3 +63,226 @@ def summary(results: dict) -> str:
                  f"Bayes-optimal {u['bayes_optimal']:.4f}, uniform {u['uniform']:.4f} -> "
                  f"{u['fraction_of_optimal']:.1%} of the way from uniform to Bayes-optimal")
   return '\n'.join(lines)
+
+
+# ============================================================ the CLI ===
+# python -m entrorouter_jax.evaluate --workdir=DIR [--split=test]
+
+THRESHOLDS = np.concatenate([np.geomspace(1e-3, 0.5, 20), np.linspace(0.55, 1.0, 10)])
+
+
+def router_curve(router, data: RoutingDataset, probs: np.ndarray) -> list[dict]:
+  """The router's cost/quality curve: a lambda sweep if lambda-conditioned, else thresholds.
+
+  Threshold points are labelled t on the cheap side and 2 - t on the dear side
+  (metrics.threshold_params), so the label grows from cheap to dear.
+  """
+  y, mask, costs = data.outcomes, data.outcome_mask, data.costs
+  cfg = router.config.model
+  if cfg.lambda_conditioned:
+    grid = np.unique(np.concatenate([[cfg.lambda_min], np.geomspace(
+        max(cfg.lambda_min, 1e-3), cfg.lambda_max, 15)]))
+    choices = [np.argmax(router.probs(data.queries.tolist(), lam), axis=1) for lam in grid]
+    return metrics.curve_points(choices, y, mask, costs, grid.tolist(), 'lambda')
+  choices = metrics.threshold_choices(probs, router.model_costs, THRESHOLDS)
+  return metrics.curve_points(choices, y, mask, costs, metrics.threshold_params(THRESHOLDS),
+                              'threshold')
+
+
+def _two_model_report(entry: dict, strong: int, singles: dict, names) -> None:
+  """APGR and CPT(20/50/80%) of a curve whose points carry each model's share."""
+  if not all('shares' in p for p in entry['curve']):
+    return
+  acc_weak = singles[names[1 - strong]]['accuracy']
+  acc_strong = singles[names[strong]]['accuracy']
+  shares = [p['shares'][strong] for p in entry['curve']]
+  accs = [p['accuracy'] for p in entry['curve']]
+  s, g = metrics.pgr_curve(shares, accs, acc_weak, acc_strong)
+  entry['apgr'] = metrics.apgr(shares, accs, acc_weak, acc_strong)
+  entry['cpt'] = {f'{int(x * 100)}%': metrics.cpt(s, g, x) for x in (0.2, 0.5, 0.8)}
+
+
+def evaluate_workdir(workdir, split: str = 'test') -> dict:
+  """Everything `python -m entrorouter_jax.evaluate` writes, as a dict."""
+  from entrorouter_jax import baselines, router as router_lib
+  from entrorouter_jax.capability import knn_estimates
+  from entrorouter_jax.data import sources
+  import pickle
+
+  workdir = pathlib.Path(workdir)
+  router = router_lib.load_router(workdir)
+  config = router.config
+  _, parts = sources.load_splits(config.data, ('train', split))
+  train, data = parts['train'], parts[split]
+  if train.model_names != router.model_names:
+    raise router_lib.RouterError(f'{workdir}: the data now has models {train.model_names}, '
+                                 f'the router was trained on {router.model_names}')
+  with (workdir / 'stage0.pkl').open('rb') as f:
+    stage0 = pickle.load(f)
+  space = stage0['space']
+  train_feats = space.transform(train.queries.tolist())
+  data_feats = space.transform(data.queries.tolist())
+  if split in stage0['tables']:
+    p_hat, c_bar = stage0['tables'][split]['p_hat'], stage0['tables'][split]['c_bar']
+  else:
+    p_hat, c_bar = knn_estimates(train_feats, train.outcomes, train.outcome_mask,
+                                 train.costs / router.c_ref, train.tasks.tolist(),
+                                 query_feats=data_feats, query_tasks=data.tasks.tolist(),
+                                 k=config.anchor.k, alpha=config.anchor.alpha,
+                                 prior=config.anchor.prior)
+
+  lam = router.default_cost_weight
+  probs = router.probs(data.queries.tolist())
+  results = router_results(data, probs, strongest=router.strongest, c_ref=router.c_ref,
+                           cost_weight=lam, dataset=config.data.name, split=split)
+  names = router.model_names
+  curve = router_curve(router, data, probs)
+  cost_range = metrics.single_model_cost_range(results['single_models'])
+  results['curve'] = curve
+  results['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
+                               cost_range)
+  results['router']['aiq'] = results['aiq']
+  results['baselines'] = baselines.evaluate_baselines(
+      train, data, train_feats, data_feats, p_hat, c_bar, router.c_ref, lam,
+      router_cost=results['router']['cost'], seed=config.seed)
+
+  if len(names) == 2:   # RouteLLM's two-model metrics on every curve
+    entries = [results['router']] + [v for v in results['baselines'].values() if v.get('curve')]
+    results['router']['curve'] = curve
+    for entry in entries:
+      _two_model_report(entry, router.strongest, results['single_models'], names)
+    del results['router']['curve']
+  return results
+
+
+def report_markdown(results: dict) -> str:
+  """DIR/eval/report.md: the router against every baseline in one table."""
+  r = results['router']
+  two = 'apgr' in r
+  head = '| router | accuracy | cost | retained | saved | AIQ |' + (' APGR | CPT(50%) |' if two else '')
+  rule = '|---|---:|---:|---:|---:|---:|' + ('---:|---:|' if two else '')
+  strong = results['single_models'][results['strongest']]
+
+  def row(name, e):
+    rel = metrics.relative(e, strong)
+    cells = [name, f"{e['accuracy']:.4f}", f"{e['cost']:.4g}", f"{rel['retained_accuracy']:.1%}",
+             f"{rel['cost_saved']:.1%}", f"{e['aiq']:.4f}" if e.get('aiq') is not None else '-']
+    if two:
+      cells += [f"{e['apgr']:.4f}" if 'apgr' in e else '-',
+                f"{e['cpt']['50%']:.1%}" if 'cpt' in e else '-']
+    return '| ' + ' | '.join(cells) + ' |'
+
+  lines = [f"# Router evaluation: {results['dataset']} / {results['split']}", '',
+           f"lambda = {results['cost_weight']}; strongest model: {results['strongest']} "
+           f"(accuracy {strong['accuracy']:.4f}, cost {strong['cost']:.4g}); AIQ over the single "
+           'models\' cost range.', '', head, rule, row('**EntroRouter**', r)]
+  for name, entry in results['baselines'].items():
+    lines.append(row(name, entry))
+  lines += ['', '## Routing shares', '', '| model | share |', '|---|---:|']
+  lines += [f'| {m} | {v:.1%} |' for m, v in r['share'].items()]
+  if 'expected_utility' in results:
+    u = results['expected_utility']
+    lines += ['', f"Expected utility: router {u['router']:.4f}, Bayes-optimal "
+              f"{u['bayes_optimal']:.4f}, uniform {u['uniform']:.4f} "
+              f"({u['fraction_of_optimal']:.1%} of the way from uniform to Bayes-optimal)."]
+  lines += ['', '![cost/accuracy](curve.png)', '', '![shares](shares.png)', '',
+            '![training](training.png)', '']
+  return '\n'.join(lines)
+
+
+def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
+  """curve.png, shares.png and training.png under DIR/eval/."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  out = pathlib.Path(workdir) / 'eval'
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for name, entry in results['baselines'].items():
+    if entry.get('curve') and not name.startswith('single:'):
+      hc, ha = metrics.convex_hull_curve([p['cost'] for p in entry['curve']],
+                                         [p['accuracy'] for p in entry['curve']])
+      ax.plot(hc, ha, '--', marker='.', label=f"{name} (AIQ {entry['aiq']:.3f})")
+  for name, single in results['single_models'].items():
+    ax.scatter(single['cost'], single['accuracy'], color='gray', s=15)
+    ax.annotate(name.split('/')[-1], (single['cost'], single['accuracy']), fontsize=7)
+  hc, ha = metrics.convex_hull_curve([p['cost'] for p in results['curve']],
+                                     [p['accuracy'] for p in results['curve']])
+  ax.plot(hc, ha, '-', marker='o', color='C3', lw=2, label=f"EntroRouter (AIQ {results['aiq']:.3f})")
+  ax.scatter(results['router']['cost'], results['router']['accuracy'], marker='*', s=200,
+             color='C3', zorder=5, label='EntroRouter at the trained lambda')
+  ax.scatter(results['oracle']['cost'], results['oracle']['accuracy'], marker='^', s=80,
+             color='k', label='oracle')
+  ax.set_xscale('log')
+  ax.set_xlabel('mean cost per query')
+  ax.set_ylabel('accuracy')
+  ax.set_title(f"{results['dataset']} / {results['split']}")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(out / 'curve.png')
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  share = results['router']['share']
+  ax.bar(range(len(share)), list(share.values()))
+  ax.set_xticks(range(len(share)), [m.split('/')[-1] for m in share], rotation=30, ha='right',
+                fontsize=7)
+  ax.set_ylabel('routing share')
+  fig.tight_layout()
+  paths.append(out / 'shares.png')
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+
+  records = []
+  metrics_file = pathlib.Path(workdir) / 'metrics.jsonl'
+  if metrics_file.is_file():
+    records = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+  for ax, key in zip(axes, ('reward', 'entropy', 'kl_anchor')):
+    for stage in ('sft', 'rl'):
+      pts = [(r['step'], r[key]) for r in records if r['stage'] == stage and r.get(key) is not None]
+      if pts:
+        ax.plot(*zip(*pts), label=stage)
+    ax.set_title(key)
+    ax.set_xlabel('step')
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(out / 'training.png')
+  fig.savefig(paths[-1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def main(argv):
+  from absl import flags, logging as absl_logging
+  from entrorouter_jax import router as router_lib
+  from entrorouter_jax.data.dataset import DataError
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  del argv
+  FLAGS = flags.FLAGS
+  workdir = pathlib.Path(FLAGS.workdir)
+  try:
+    results = evaluate_workdir(workdir, FLAGS.split)
+  except (router_lib.RouterError, DataError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  previous = workdir / 'eval' / 'results.json'
+  if previous.is_file():   # keep what training wrote (e.g. train_seconds), update the rest
+    results = {**json.loads(previous.read_text()), **results}
+  write_results(workdir, results)
+  (workdir / 'eval' / 'report.md').write_text(report_markdown(results))
+  plot_all(results, workdir)
+  print(summary(results))
+  print(f"AIQ: router {results['aiq']:.4f}; " + ', '.join(
+      f"{k} {v['aiq']:.4f}" for k, v in results['baselines'].items()
+      if v.get('aiq') is not None and not k.startswith('single:')))
+  print(f'report: {workdir / "eval" / "report.md"}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.', required=True)
+  flags.DEFINE_string('split', 'test', 'Split to evaluate on.')
+  app.run(main)

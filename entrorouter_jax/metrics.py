@@ -167,11 +167,12 @@ def single_model_cost_range(single_models: dict) -> tuple[float, float]:
 
 
 def curve_points(choices, outcomes, outcome_mask, costs, params, param_name: str) -> list[dict]:
-  """One {param_name: value, 'accuracy', 'cost'} per routing rule.
+  """One {param_name: value, 'accuracy', 'cost', 'shares'} per routing rule.
 
   choices: list of int[N] routing rules; params: list of the same length (the
   knob value, e.g. lambda or a threshold, of each rule); outcomes,
-  outcome_mask, costs: [N, K]. Uses `route_accuracy_cost`.
+  outcome_mask, costs: [N, K]. Uses `route_accuracy_cost`. shares: list[K],
+  the fraction of queries routed to each model (by model index).
   """
   if len(choices) != len(params):
     raise ValueError(f'{len(choices)} routing rules but {len(params)} parameter values')
@@ -179,6 +180,7 @@ def curve_points(choices, outcomes, outcome_mask, costs, params, param_name: str
   for choice, value in zip(choices, params):
     point = {param_name: float(value)}
     point.update(route_accuracy_cost(np.asarray(choice), outcomes, outcome_mask, costs))
+    point['shares'] = (np.bincount(choice, minlength=costs.shape[1]) / len(choice)).tolist()
     points.append(point)
   return points
 

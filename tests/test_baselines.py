@@ -1,0 +1,146 @@
+"""Baseline routers on a small synthetic routing world."""
+
+import numpy as np
+import pytest
+
+from entrorouter_jax import baselines, capability, metrics
+from entrorouter_jax.data import synthetic
+
+FAST = baselines.FitConfig(hidden=256, max_epochs=3)
+
+
+@pytest.fixture(scope='module')
+def world():
+  data = synthetic.generate(seed=0, num_train=3000, num_validation=10, num_test=500)
+  train, test = data.split('train'), data.split('test')
+  est = capability.capability_estimates(train.queries, train.outcomes, train.outcome_mask,
+                                        train.costs, train.tasks,
+                                        {'test': (test.queries, test.tasks)})
+  space = est['space']
+  return dict(train=train, test=test, est=est,
+              train_feats=space.transform(train.queries),
+              test_feats=space.transform(test.queries),
+              c_hat=train.costs / est['c_ref'])
+
+
+@pytest.fixture(scope='module')
+def results(world):
+  p_hat, c_bar = world['est']['test']
+  return baselines.evaluate_baselines(
+      world['train'], world['test'], world['train_feats'], world['test_feats'], p_hat, c_bar,
+      world['est']['c_ref'], 0.0, 1e-4, seed=0)
+
+
+def _cheapest(results):
+  singles = {k: v for k, v in results.items() if k.startswith('single:')}
+  return min(singles.values(), key=lambda v: v['cost'])
+
+
+def test_entries(results, world):
+  names = world['test'].model_names
+  assert set(results) == ({'knn', 'linear', 'mlp', 'random', 'oracle'}
+                          | {f'single:{n}' for n in names})
+  for entry in results.values():
+    assert 0.0 <= entry['aiq'] <= 1.0
+    assert 0.0 <= entry['accuracy'] <= 1.0
+  # Costs are in dollars (the single models' mean dollar costs).
+  singles = metrics.single_models(world['test'].outcomes, world['test'].outcome_mask,
+                                  world['test'].costs, names)
+  for n in names:
+    assert results[f'single:{n}']['cost'] == pytest.approx(singles[n]['cost'])
+  assert results['oracle']['accuracy'] >= max(results[k]['accuracy']
+                                              for k in ('knn', 'linear', 'mlp'))
+
+
+def test_baselines_beat_cheapest_model_at_lambda_zero(results):
+  cheapest = _cheapest(results)
+  for name in ('knn', 'linear', 'mlp'):
+    assert results[name]['accuracy'] > cheapest['accuracy'] + 0.1, name
+    assert results[name]['curve'][0]['lambda'] == 0.0
+    assert results[name]['curve'][0]['accuracy'] == results[name]['accuracy']
+    assert results[name]['aiq'] > results['random']['aiq'] - 0.05, name
+
+
+def test_curves_sorted_and_complete(results, world):
+  cheapest = _cheapest(results)
+  for name in ('knn', 'linear', 'mlp'):
+    curve = results[name]['curve']
+    lams = [p['lambda'] for p in curve]
+    assert lams == sorted(lams) and len(set(lams)) == len(lams)
+    assert set(baselines.LAMBDA_GRID) <= set(lams)
+    # The largest lambda sends everything to the cheapest model.
+    assert curve[-1]['cost'] == cheapest['cost']
+    assert curve[-1]['accuracy'] == cheapest['accuracy']
+    for p in curve:
+      assert len(p['shares']) == len(world['test'].model_names)
+      assert sum(p['shares']) == pytest.approx(1.0)
+    assert max(curve[-1]['shares']) == 1.0
+  hull = results['random']['curve']
+  assert [p['cost'] for p in hull] == sorted(p['cost'] for p in hull)
+  assert hull[0]['cost'] == cheapest['cost']
+
+
+def test_huge_lambda_routes_to_cheapest(world):
+  p_hat, c_bar = world['est']['test']
+  cheap = int(np.argmin(world['train'].costs.mean(axis=0)))
+  routers = [baselines.knn_router(p_hat, c_bar),
+             baselines.linear_router(world['train_feats'], world['train'].outcomes,
+                                     world['train'].outcome_mask, world['c_hat'],
+                                     world['test_feats'])]
+  for r in routers:
+    assert (r.choice(1e6) == cheap).all(), r.name
+    assert (r.choice(0.0) != cheap).any(), r.name
+
+
+def test_route_and_lambda_grid_by_hand():
+  scores = np.array([[0.9, 0.5], [0.2, 0.2]])
+  c_pred = np.array([[0.002, 0.001], [0.003, 0.003]])
+  # Row 0: utility equal at lambda = .4 / .001 = 400; row 1: exact tie -> lower index.
+  np.testing.assert_array_equal(baselines.route(scores, c_pred, 0.0), [0, 0])
+  np.testing.assert_array_equal(baselines.route(scores, c_pred, 401.0), [1, 0])
+  assert baselines.all_cheapest_lambda(scores, c_pred) == pytest.approx(400.0)
+  grid = baselines.lambda_grid(scores, c_pred)
+  assert grid[0] == 0.0 and grid[-1] == pytest.approx(800.0) and grid == sorted(grid)
+  np.testing.assert_array_equal(baselines.route(scores, c_pred, grid[-1]), [1, 0])
+  # Ties in utility go to the cheaper model.
+  np.testing.assert_array_equal(baselines.route([[0.5, 0.5]], [[0.2, 0.1]], 0.0), [1])
+  # Nothing to gain from dearer models: the base grid is enough.
+  assert baselines.lambda_grid([[0.1, 0.9]], [[1.0, 0.5]]) == sorted(baselines.LAMBDA_GRID)
+
+
+def test_deterministic(world):
+  args = (world['train_feats'], world['train'].outcomes, world['train'].outcome_mask,
+          world['c_hat'], world['test_feats'])
+  a = baselines.mlp_router(*args, seed=3, config=FAST)
+  b = baselines.mlp_router(*args, seed=3, config=FAST)
+  np.testing.assert_array_equal(a.scores, b.scores)
+  assert a.fit == b.fit
+  c = baselines.mlp_router(*args, seed=4, config=FAST)
+  assert not np.array_equal(a.scores, c.scores)
+
+
+@pytest.mark.parametrize('config', [baselines.LINEAR, FAST], ids=['linear', 'mlp'])
+def test_missing_outcomes_are_masked(world, config):
+  rng = np.random.default_rng(0)
+  y = world['train'].outcomes.copy()
+  mask = rng.random(y.shape) > 0.3
+  feats = world['train_feats']
+  # Whatever sits in an unobserved cell must not matter.
+  p1, info1 = baselines.fit_success_model(feats, np.where(mask, y, 0.0), mask, config=config)
+  p2, info2 = baselines.fit_success_model(feats, np.where(mask, y, 1.0 - y), mask,
+                                          config=config)
+  np.testing.assert_array_equal(baselines.predict_success(p1, world['test_feats']),
+                                baselines.predict_success(p2, world['test_feats']))
+  assert info1 == info2
+  # ... while the observed cells do.
+  p3, _ = baselines.fit_success_model(feats, np.where(mask, 1.0 - y, 0.0), mask, config=config)
+  assert not np.array_equal(baselines.predict_success(p1, world['test_feats']),
+                            baselines.predict_success(p3, world['test_feats']))
+
+
+def test_fractional_outcomes(world):
+  y = world['train'].outcomes * 0.5 + 0.25  # soft labels in [.25, .75]
+  params, info = baselines.fit_success_model(world['train_feats'], y,
+                                             world['train'].outcome_mask, config=FAST)
+  p = baselines.predict_success(params, world['test_feats'])
+  assert np.isfinite(info['heldout_bce']) and p.min() > 0.1 and p.max() < 0.9

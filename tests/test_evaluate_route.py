@@ -1,0 +1,112 @@
+"""The evaluate and route entry points on a tiny trained workdir, and their bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from entrorouter_jax import evaluate, route, router as router_lib, train
+from test_train import tiny_config
+
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('trained')
+  config = tiny_config(tmp, sft_steps=40, rl_steps=20)
+  train.train_and_evaluate(config, tmp / 'run')
+  return tmp / 'run'
+
+
+def run_cli(module, *args):
+  return subprocess.run([sys.executable, '-m', f'entrorouter_jax.{module}', *map(str, args)],
+                        cwd=REPO_ROOT, capture_output=True, text=True, env=ENV)
+
+
+def test_evaluate_cli_writes_results_report_and_plots(workdir):
+  out = run_cli('evaluate', f'--workdir={workdir}')
+  assert out.returncode == 0, out.stderr
+  results = json.loads((workdir / 'eval' / 'results.json').read_text())
+  assert {'curve', 'aiq', 'baselines', 'router', 'oracle', 'single_models',
+          'expected_utility', 'train_seconds'} <= set(results)
+  for key in ('retained_accuracy', 'cost_saved', 'aiq', 'share', 'entropy'):
+    assert key in results['router']
+  for name in ('knn', 'linear', 'mlp', 'random', 'oracle'):
+    assert name in results['baselines']
+    assert 0.0 <= results['baselines'][name]['aiq'] <= 1.0
+  assert {'lambda', 'accuracy', 'cost'} <= set(results['baselines']['knn']['curve'][0])
+  assert {'threshold', 'accuracy', 'cost'} <= set(results['curve'][0])
+  assert 0.0 <= results['aiq'] <= 1.0
+  report = (workdir / 'eval' / 'report.md').read_text()
+  assert '**EntroRouter**' in report and '| knn |' in report and '| mlp |' in report
+  for png in ('curve.png', 'shares.png', 'training.png'):
+    data = (workdir / 'eval' / png).read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+  assert 'AIQ: router' in out.stdout
+
+
+def test_evaluate_cli_bad_workdir(tmp_path):
+  out = run_cli('evaluate', f'--workdir={tmp_path}')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert 'config.json is missing' in out.stderr
+
+
+def test_route_cli_one_query(workdir):
+  out = run_cli('route', f'--workdir={workdir}', 'Please answer this expert question about patents.')
+  assert out.returncode == 0, out.stderr
+  result = json.loads(out.stdout)
+  names = json.loads((workdir / 'router.json').read_text())['model_names']
+  assert result['model'] in names and set(result['distribution']) == set(names)
+  assert result['probability'] == pytest.approx(result['distribution'][result['model']])
+  assert result['probability'] == pytest.approx(max(result['distribution'].values()))
+  assert sum(result['distribution'].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_route_cli_file(workdir, tmp_path):
+  queries = tmp_path / 'q.jsonl'
+  queries.write_text('\n'.join(json.dumps({'id': f'x{i}', 'query': q}) for i, q in enumerate(
+      ['Give a basic level explanation of algebra.', 'Write a haiku.', 'sql joins, expert'])))
+  out_path = tmp_path / 'routes.jsonl'
+  out = run_cli('route', f'--workdir={workdir}', f'--input={queries}', f'--output={out_path}')
+  assert out.returncode == 0, out.stderr
+  rows = [json.loads(l) for l in out_path.read_text().splitlines()]
+  assert [r['id'] for r in rows] == ['x0', 'x1', 'x2']
+  assert 'routed 3 queries' in out.stderr
+
+
+def test_route_knobs(workdir):
+  router = router_lib.load_router(workdir)
+  queries = ['Give a basic level explanation of algebra.', 'I need help with an expert problem on recursion.']
+  probs = router.probs(queries)
+  base = route.route_records(router, queries)
+  cheap = route.route_records(router, queries, threshold=1e-6)
+  cheapest = router.model_names[int(router.model_costs.argmin())]
+  assert [r['model'] for r in cheap] == [cheapest, cheapest]
+  assert [r['model'] for r in base] == [router.model_names[i] for i in probs.argmax(1)]
+  forced = route.route_records(router, queries, fallback_model='frontier', min_confidence=1.01)
+  assert all(r['model'] == 'frontier' and r['fallback'] for r in forced)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--fallback_model=gpt-9', '--min_confidence=0.5', 'hello'], "'gpt-9' is not in the pool"),
+    (['--cost_weight=0.5', 'hello'], 'lambda-conditioned'),
+    (['--threshold=0', 'hello'], 'threshold'),
+    (['   '], 'empty'),
+])
+def test_route_cli_bad_input(workdir, args, message):
+  out = run_cli('route', f'--workdir={workdir}', *args)
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert message in out.stderr
+
+
+def test_route_cli_missing_checkpoint_and_bad_file(workdir, tmp_path):
+  out = run_cli('route', f'--workdir={tmp_path}', 'hello')
+  assert out.returncode == 2 and 'missing' in out.stderr and 'Traceback' not in out.stderr
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"query": "fine"}\nnot json\n')
+  out = run_cli('route', f'--workdir={workdir}', f'--input={bad}', f'--output={tmp_path / "o"}')
+  assert out.returncode == 2 and 'bad.jsonl:2' in out.stderr
