@@ -68,10 +68,10 @@ IN_COLAB = 'google.colab' in sys.modules
 if IN_COLAB:
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
                   'git+{REPO_URL}'], check=True)
-  if not pathlib.Path('/content/entrorouter_jax').is_dir():
+  REPO_ROOT = pathlib.Path('/content/entrorouter_jax')   # for configs/
+  if not REPO_ROOT.is_dir():
     subprocess.run(['git', 'clone', '--depth', '1', '{REPO_URL}',
-                    '/content/entrorouter_jax'], check=True)
-  REPO_ROOT = pathlib.Path('/content/entrorouter_jax')
+                    str(REPO_ROOT)], check=True)
 else:
   # Outside Colab the package is assumed installed (pip install -e . in the checkout);
   # the repository root is the first folder at or above this one that holds configs/rl.py.
@@ -144,7 +144,14 @@ gets to the best possible (Bayes-optimal) router at the trained cost weight
 lambda.
 """),
     code("""
+import warnings
+
+import tensorflow_datasets as tfds
+
 from entrorouter_jax import evaluate, train
+
+tfds.disable_progress_bar()   # the data set's own progress bars; training keeps its own
+warnings.filterwarnings('ignore', message='IProgress not found')   # text bars without ipywidgets
 
 results = train.train_and_evaluate(config, workdir)
 print(evaluate.summary(results))
@@ -201,6 +208,7 @@ import pandas as pd
 from entrorouter_jax.route import route_records
 from entrorouter_jax.router import load_router
 
+pd.set_option('display.max_colwidth', None)   # show whole queries
 router = load_router(workdir)
 queries = [
     'Please answer this expert question about number theory.',
