@@ -44,8 +44,8 @@ def router_results(data: RoutingDataset, probs: np.ndarray, *, strongest: int, c
   return results
 
 
-def write_results(workdir, results: dict) -> pathlib.Path:
-  path = pathlib.Path(workdir) / 'eval' / 'results.json'
+def write_results(workdir, results: dict, name: str = 'results.json') -> pathlib.Path:
+  path = pathlib.Path(workdir) / 'eval' / name
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(results, indent=2) + '\n')
   return path
@@ -71,7 +71,7 @@ def summary(results: dict) -> str:
 THRESHOLDS = np.concatenate([np.geomspace(1e-3, 0.5, 20), np.linspace(0.55, 1.0, 10)])
 
 
-def router_curve(router, data: RoutingDataset, probs: np.ndarray) -> list[dict]:
+def router_curve(router, data: RoutingDataset, probs: np.ndarray, tables) -> list[dict]:
   """The router's cost/quality curve: a lambda sweep if lambda-conditioned, else thresholds.
 
   Threshold points are labelled t on the cheap side and 2 - t on the dear side
@@ -82,7 +82,8 @@ def router_curve(router, data: RoutingDataset, probs: np.ndarray) -> list[dict]:
   if cfg.lambda_conditioned:
     grid = np.unique(np.concatenate([[cfg.lambda_min], np.geomspace(
         max(cfg.lambda_min, 1e-3), cfg.lambda_max, 15)]))
-    choices = [np.argmax(router.probs(data.queries.tolist(), lam), axis=1) for lam in grid]
+    choices = [np.argmax(router.probs(data.queries.tolist(), lam, tables), axis=1)
+               for lam in grid]
     return metrics.curve_points(choices, y, mask, costs, grid.tolist(), 'lambda')
   choices = metrics.threshold_choices(probs, router.model_costs, THRESHOLDS)
   return metrics.curve_points(choices, y, mask, costs, metrics.threshold_params(THRESHOLDS),
@@ -132,11 +133,11 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
                                  prior=config.anchor.prior)
 
   lam = router.default_cost_weight
-  probs = router.probs(data.queries.tolist())
+  probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar))
   results = router_results(data, probs, strongest=router.strongest, c_ref=router.c_ref,
                            cost_weight=lam, dataset=config.data.name, split=split)
   names = router.model_names
-  curve = router_curve(router, data, probs)
+  curve = router_curve(router, data, probs, (p_hat, c_bar))
   cost_range = metrics.single_model_cost_range(results['single_models'])
   results['curve'] = curve
   results['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
@@ -255,6 +256,24 @@ def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
   return paths
 
 
+def save_evaluation(workdir, results: dict) -> tuple[dict, str, list[pathlib.Path]]:
+  """Writes results.json (keeping training's keys, e.g. train_seconds), report.md and the plots.
+
+  A split other than test goes to results_<split>.json and report_<split>.md.
+
+  Returns (the merged results, the report's Markdown, the PNG paths).
+  """
+  workdir = pathlib.Path(workdir)
+  previous = workdir / 'eval' / 'results.json'
+  if results.get('split') == 'test' and previous.is_file():
+    results = {**json.loads(previous.read_text()), **results}
+  suffix = '' if results.get('split') == 'test' else f"_{results['split']}"
+  write_results(workdir, results, f'results{suffix}.json')
+  report = report_markdown(results)
+  (workdir / 'eval' / f'report{suffix}.md').write_text(report)
+  return results, report, plot_all(results, workdir)
+
+
 def main(argv):
   from absl import flags, logging as absl_logging
   from entrorouter_jax import router as router_lib
@@ -268,12 +287,7 @@ def main(argv):
   except (router_lib.RouterError, DataError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  previous = workdir / 'eval' / 'results.json'
-  if previous.is_file():   # keep what training wrote (e.g. train_seconds), update the rest
-    results = {**json.loads(previous.read_text()), **results}
-  write_results(workdir, results)
-  (workdir / 'eval' / 'report.md').write_text(report_markdown(results))
-  plot_all(results, workdir)
+  results, _, _ = save_evaluation(workdir, results)
   print(summary(results))
   print(f"AIQ: router {results['aiq']:.4f}; " + ', '.join(
       f"{k} {v['aiq']:.4f}" for k, v in results['baselines'].items()

@@ -65,7 +65,8 @@ def diagnostics(log_probs, log_anchor, outcomes, outcome_mask, strongest: int,
   - strongest_only_share: mass on the strongest model over queries only it solves.
   - needed_share [K]: mean pi(m|x) over queries whose anchor prefers m;
     needed_count [K]: how many such queries; collapsed [K]: 1 where the anchor
-    says m is needed (count > 0) but the policy gives it < collapse_threshold.
+    says m is needed (on at least 2% of the batch, and 2 queries) but the policy
+    gives it < collapse_threshold there.
   """
   probs = jnp.exp(log_probs)
   k = probs.shape[-1]
@@ -89,7 +90,8 @@ def diagnostics(log_probs, log_anchor, outcomes, outcome_mask, strongest: int,
       'strongest_only_share': strongest_only,
       'needed_share': needed_share,
       'needed_count': needed_count,
-      'collapsed': ((needed_count > 0) & (needed_share < collapse_threshold)).astype(jnp.float32),
+      'collapsed': ((needed_count >= jnp.maximum(2.0, 0.02 * probs.shape[0]))
+                    & (needed_share < collapse_threshold)).astype(jnp.float32),
   }
 
 

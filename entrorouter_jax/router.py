@@ -109,8 +109,14 @@ class Router:
         s0['train_tasks'], query_feats=feats, query_tasks=None, k=self.config.anchor.k,
         alpha=self.config.anchor.alpha, prior=self.config.anchor.prior)
 
-  def probs(self, queries: Sequence[str], cost_weight: Optional[float] = None) -> np.ndarray:
-    """pi(m|x) for each query, float32[N, K], at cost weight lambda (default: the trained one)."""
+  def probs(self, queries: Sequence[str], cost_weight: Optional[float] = None,
+            tables: Optional[tuple] = None) -> np.ndarray:
+    """pi(m|x) for each query, float32[N, K], at cost weight lambda (default: the trained one).
+
+    `tables` = (p_hat, c_bar) for these queries where they are already known
+    (an evaluation split's Stage-0 tables, which use the queries' tasks);
+    otherwise, with the anchor in the logits, they are estimated here.
+    """
     queries = list(queries)
     for i, q in enumerate(queries):
       if not isinstance(q, str) or not q.strip():
@@ -118,7 +124,7 @@ class Router:
     lam = self.default_cost_weight if cost_weight is None else float(cost_weight)
     tokens, mask = self.tokenizer.encode_batch(queries, self.config.data.max_len,
                                                self.config.data.truncate)
-    p_hat, c_bar = self.anchor_tables(queries)
+    p_hat, c_bar = tables if tables is not None else self.anchor_tables(queries)
     return policy_probs(self.forward, self.params, self.mesh, self.config.eval_batch_size,
                         tokens, mask, p_hat, c_bar, lam)
 

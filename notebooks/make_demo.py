@@ -167,18 +167,10 @@ oracle and every single model. **AIQ** is the area under a router's
 cost/accuracy curve over the single models' cost range (higher is better).
 """),
     code("""
-import json
-
 from IPython.display import Image, Markdown, display
 
 results = evaluate.evaluate_workdir(workdir)
-saved = workdir / 'eval' / 'results.json'
-if saved.is_file():   # keep what training wrote (e.g. train_seconds), update the rest
-  results = {**json.loads(saved.read_text()), **results}
-evaluate.write_results(workdir, results)
-report = evaluate.report_markdown(results)
-(workdir / 'eval' / 'report.md').write_text(report)
-plots = evaluate.plot_all(results, workdir)
+results, report, plots = evaluate.save_evaluation(workdir, results)
 
 print(evaluate.summary(results))
 print(f"AIQ: EntroRouter {results['aiq']:.4f}")
