@@ -26,6 +26,11 @@ def get_config():
   # 2,225 training queries: the kNN anchor is a strong prior here, so the
   # network learns corrections to it (logits = f(x) + log A).
   config.model.anchor_in_logits = True
+  # Few steps at low learning rates: on 2,225 queries longer training fits
+  # noise (measured: 600 SFT + 800 RL steps at the defaults gave AIQ 0.811,
+  # below the kNN baseline's 0.831; these settings gave 0.843).
+  config.sft.update(num_steps=150, learning_rate=3e-4)
+  config.rl.update(num_steps=300, learning_rate=1e-4)
   config.sft.cost_weight = 0.01
   config.rl.cost_weight = 0.01
   return config

@@ -17,7 +17,6 @@ import logging
 import math
 import pathlib
 import pickle
-import sys
 import time
 from typing import Optional
 
@@ -32,7 +31,7 @@ from flax import nnx
 
 from entrorouter_jax import capability, evaluate, objectives, schedules, sharding
 from entrorouter_jax.data import pipeline, sources, tokenizer as tokenizer_lib
-from entrorouter_jax.data.dataset import DataError, RoutingDataset
+from entrorouter_jax.data.dataset import RoutingDataset
 from entrorouter_jax.router import build_model, make_forward, policy_logits, policy_probs
 from entrorouter_jax.writers import MetricsWriter
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from entrorouter_jax import evaluate, route, router as router_lib, train
+from entrorouter_jax import route, router as router_lib, train
 from test_train import tiny_config
 
 ENV = dict(os.environ, JAX_PLATFORMS='cpu')

@@ -1,2 +1,2 @@
 """The `routerbench` TFDS builder."""
-from entrorouter_jax.datasets.routerbench.routerbench import Routerbench
+from entrorouter_jax.datasets.routerbench.routerbench import Routerbench  # noqa: F401 (re-export)
