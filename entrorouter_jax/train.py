@@ -244,6 +244,13 @@ def dataset_probs(config, graphdef, nnx_state, mesh, problem: Problem, split: st
   data = getattr(problem, split)
   n = data.num_queries if limit is None else min(limit, data.num_queries)
   model_graphdef, params = nnx.split(nnx.merge(graphdef, nnx_state)[0])
+  if jax.process_count() > 1:
+    # Every process scores the whole split on its own devices (cheap next to
+    # training), from a full copy of the parameters.
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}),
+                              jax.local_devices())
   tokens, mask = problem.tokenizer.encode_batch(data.queries[:n].tolist(), config.data.max_len,
                                                 config.data.truncate)
   tables = problem.tables[split]

@@ -243,5 +243,5 @@ def test_pipeline_attaches_extras_by_index(prepared):
 
 def test_pipeline_rejects_batch_larger_than_shard(prepared):
   source, tok = prepared
-  with pytest.raises(ValueError, match='fewer than its batch'):
+  with pytest.raises(ValueError, match='fewer than the global batch'):
     _batches(source, tok, 1, batch=1000)

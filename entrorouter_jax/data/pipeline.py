@@ -1,12 +1,15 @@
 """The training input pipeline: TFDS data source -> grain -> global jax.Array.
 
-  tfds data_source -> this process's shard -> seeded shuffle (fresh each epoch)
-  -> repeat -> tokenize (+ per-query Stage-0 tables) -> batch -> global array
+  tfds data_source -> seeded shuffle (fresh each epoch) -> repeat
+  -> this process's rows of each global batch -> tokenize (+ per-query Stage-0
+  tables) -> batch -> global array
 
-Each process reads only its own 1/process_count of the queries, so over one
-epoch every query is seen exactly once across processes. The iterator is a
-grain `DatasetIterator`: its state is saved in the checkpoint beside the model,
-and the same seed gives the same batches.
+Every process shuffles the same way and reads (decodes, tokenizes) only its own
+slice of each global batch, so the global batches, and hence training, are the
+same whatever the number of processes, and over one epoch every query is seen
+exactly once across processes. The iterator is a grain `DatasetIterator`: its
+state is saved in the checkpoint beside the model, and the same seed gives the
+same batches.
 """
 
 from __future__ import annotations
@@ -63,13 +66,34 @@ def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: 
     raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
                      f'process count {process_count}')
   local_batch = global_batch_size // process_count
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  if len(ds) < local_batch:
-    raise ValueError(f'this process holds {len(ds)} training queries, fewer than its '
-                     f'batch of {local_batch}; lower the batch size')
-  ds = (ds.seed(seed).shuffle().repeat().map(featurize)
-        .batch(local_batch, drop_remainder=True))
-  return ds.to_iter_dataset()
+  ds = grain.MapDataset.source(source)
+  if len(ds) < global_batch_size:
+    raise ValueError(f'{len(ds)} training queries are fewer than the global batch of '
+                     f'{global_batch_size}; lower the batch size')
+  ds = _ProcessRows(ds.seed(seed).shuffle().repeat(), global_batch_size, local_batch,
+                    process_index)
+  return ds.map(featurize).batch(local_batch, drop_remainder=True).to_iter_dataset()
+
+
+class _ProcessRows(grain.MapDataset):
+  """Rows [p * local, (p + 1) * local) of each consecutive global batch of `parent`."""
+
+  def __init__(self, parent, global_batch: int, local_batch: int, process_index: int):
+    super().__init__(parent)
+    self._global, self._local, self._offset = global_batch, local_batch, process_index * local_batch
+
+  def __len__(self):
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    return self._parent[batch * self._global + self._offset + row]
+
+  def __str__(self):
+    return f'ProcessRows(global={self._global}, local={self._local}, offset={self._offset})'
+
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:

@@ -37,7 +37,7 @@ class Tokenizer:
   def save(self, path: str | os.PathLike) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp')
+    tmp = path.with_suffix(f'.tmp{os.getpid()}')   # processes may save the same file at once
     tmp.write_bytes(self._proto)
     os.replace(tmp, path)
 
