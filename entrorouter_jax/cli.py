@@ -32,15 +32,16 @@ def define_flags(config_required: bool = True):
 
 
 def maybe_initialize_distributed():
-  """jax.distributed.initialize() on a cluster (TPU pod, SLURM) or when flags say so."""
+  """jax.distributed.initialize() when flags name a coordinator, or on a multi-process
+  cluster JAX can read itself: a SLURM job with several tasks, a multi-host TPU slice."""
   import jax
-  explicit = FLAGS.coordinator_address is not None
-  on_cluster = any(v in os.environ for v in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-                                              'MEGASCALE_COORDINATOR_ADDRESS'))
-  if explicit:
+  if FLAGS.coordinator_address is not None:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise ValueError('--coordinator_address needs --num_processes and --process_id')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  elif on_cluster and int(os.environ.get('SLURM_NTASKS', '2')) > 1:
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get(
+      'TPU_WORKER_HOSTNAMES', ''):
     jax.distributed.initialize()
 
 

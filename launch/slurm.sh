@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# SLURM, several GPU nodes: writes an sbatch script that starts one process per
+# GPU with srun, and submits it.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: launch/slurm.sh [OPTIONS] [-- EXTRA_TRAIN_ARGS...]
+
+Writes an sbatch script (--script) with --nodes=N, --ntasks-per-node=GPUS
+(one process per GPU) and --gpus-per-task=1, whose body runs
+  srun python -m entrorouter_jax.train --config=CONFIG --workdir=WORKDIR \
+      --config.mesh.data=D --config.mesh.fsdp=F --config.mesh.tensor=T [EXTRA...]
+from the repository root, then submits it with sbatch. With --dry-run the
+script is printed instead of written, and the sbatch command is printed
+(prefixed with '+ ') instead of run.
+
+WORKDIR (and --data-dir) must be on a filesystem every node shares.
+
+Options (default in brackets):
+  --nodes N            nodes [2]
+  --gpus-per-node N    GPUs per node = tasks per node [8]
+  --partition NAME     partition ['' = the cluster's default]
+  --time LIMIT         time limit [04:00:00]
+  --job-name NAME      job name [entrorouter]
+  --config FILE        config file [configs/rl.py]
+  --workdir DIR        run directory, on a shared filesystem [workdirs/slurm]
+  --data-dir DIR       TFDS data dir (--config.data.data_dir) ['' = config's]
+  --mesh-data N        config.mesh.data, -1 fills the GPUs left over [-1]
+  --mesh-fsdp N        config.mesh.fsdp [1]
+  --mesh-tensor N      config.mesh.tensor [1]
+  --python EXE         Python interpreter on the nodes [python]
+  --script PATH        where to write the sbatch script [launch/entrorouter.sbatch]
+  --dry-run            print instead of writing and submitting
+  -h, --help           this text
+
+Example:
+  launch/slurm.sh --nodes=4 --gpus-per-node=8 --partition=gpu --mesh-fsdp=8 -- --config.model.size=large
+USAGE
+}
+
+die() { echo "error: $*" >&2; echo "Run launch/slurm.sh --help for usage." >&2; exit 2; }
+
+# Quote one word for a POSIX shell only where it needs it.
+q() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
+    printf '%s' "$1"
+  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+DRY_RUN=0
+run() {
+  local out='+' a
+  for a in "$@"; do out+=" $(q "$a")"; done
+  if (( DRY_RUN )); then
+    echo "$out"
+  else
+    echo "$out" >&2
+    "$@"
+  fi
+}
+
+NODES=2
+GPUS_PER_NODE=8
+PARTITION=''
+TIME=04:00:00
+JOB_NAME=entrorouter
+CONFIG=configs/rl.py
+WORKDIR=workdirs/slurm
+DATA_DIR=''
+MESH_DATA=-1
+MESH_FSDP=1
+MESH_TENSOR=1
+PYTHON=python
+SCRIPT=launch/entrorouter.sbatch
+EXTRA=()
+
+while (( $# )); do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    --nodes=*|--gpus-per-node=*|--partition=*|--time=*|--job-name=*|--config=*|\
+    --workdir=*|--data-dir=*|--mesh-data=*|--mesh-fsdp=*|--mesh-tensor=*|--python=*|\
+    --script=*)
+      opt="${1%%=*}"; set -- "$opt" "${1#*=}" "${@:2}"; continue ;;
+    --nodes) NODES="${2?--nodes needs a value}"; shift ;;
+    --gpus-per-node) GPUS_PER_NODE="${2?--gpus-per-node needs a value}"; shift ;;
+    --partition) PARTITION="${2?--partition needs a value}"; shift ;;
+    --time) TIME="${2?--time needs a value}"; shift ;;
+    --job-name) JOB_NAME="${2?--job-name needs a value}"; shift ;;
+    --config) CONFIG="${2?--config needs a value}"; shift ;;
+    --workdir) WORKDIR="${2?--workdir needs a value}"; shift ;;
+    --data-dir) DATA_DIR="${2?--data-dir needs a value}"; shift ;;
+    --mesh-data) MESH_DATA="${2?--mesh-data needs a value}"; shift ;;
+    --mesh-fsdp) MESH_FSDP="${2?--mesh-fsdp needs a value}"; shift ;;
+    --mesh-tensor) MESH_TENSOR="${2?--mesh-tensor needs a value}"; shift ;;
+    --python) PYTHON="${2?--python needs a value}"; shift ;;
+    --script) SCRIPT="${2?--script needs a value}"; shift ;;
+    *) usage >&2; die "unknown argument: $1" ;;
+  esac
+  shift
+done
+
+for v in "$NODES" "$GPUS_PER_NODE"; do
+  [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--nodes and --gpus-per-node must be positive integers, not '$v'"
+done
+for v in "$MESH_DATA" "$MESH_FSDP" "$MESH_TENSOR"; do
+  [[ "$v" =~ ^-?[0-9]+$ ]] || die "mesh sizes must be integers, not '$v'"
+done
+
+REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CMD=(srun "$PYTHON" -m entrorouter_jax.train --config="$CONFIG" --workdir="$WORKDIR"
+     --config.mesh.data="$MESH_DATA" --config.mesh.fsdp="$MESH_FSDP"
+     --config.mesh.tensor="$MESH_TENSOR")
+[[ -z "$DATA_DIR" ]] || CMD+=(--config.data.data_dir="$DATA_DIR")
+CMD+=("${EXTRA[@]}")
+srun_line=''
+for a in "${CMD[@]}"; do srun_line+="${srun_line:+ }$(q "$a")"; done
+
+sbatch_script() {
+  echo '#!/usr/bin/env bash'
+  echo "#SBATCH --job-name=$JOB_NAME"
+  echo "#SBATCH --nodes=$NODES"
+  echo "#SBATCH --ntasks-per-node=$GPUS_PER_NODE"
+  echo '#SBATCH --gpus-per-task=1'
+  echo "#SBATCH --time=$TIME"
+  [[ -z "$PARTITION" ]] || echo "#SBATCH --partition=$PARTITION"
+  echo "#SBATCH --chdir=$REPO_ROOT"
+  echo "#SBATCH --output=$JOB_NAME-%j.out"
+  echo 'set -euo pipefail'
+  echo '# One process per GPU (nodes x ntasks-per-node tasks). In every task'
+  echo '# entrorouter_jax.cli sees SLURM_NTASKS > 1 and calls jax.distributed.initialize()'
+  echo '# with no arguments: JAX takes the coordinator (the first node of the job), the'
+  echo '# number of processes and this process id from the SLURM environment.'
+  echo "$srun_line"
+}
+
+if (( DRY_RUN )); then
+  echo "# $SCRIPT (not written: --dry-run)"
+  sbatch_script
+else
+  mkdir -p "$(dirname "$SCRIPT")"
+  sbatch_script > "$SCRIPT"
+  echo "wrote $SCRIPT" >&2
+fi
+run sbatch "$SCRIPT"
