@@ -44,28 +44,9 @@ USAGE
 
 die() { echo "error: $*" >&2; echo "Run launch/tpu_vm.sh --help for usage." >&2; exit 2; }
 
-# Quote one word for a POSIX shell only where it needs it.
-q() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+^-]+$ ]]; then
-    printf '%s' "$1"
-  elif [[ "$1" =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-DRY_RUN=0
-run() {
-  local out='+' a
-  for a in "$@"; do out+=" $(q "$a")"; done
-  if (( DRY_RUN )); then
-    echo "$out"
-  else
-    echo "$out" >&2
-    "$@"
-  fi
-}
+# q (quote a word for the printed command) and run (print, then run unless --dry-run).
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 SUBCOMMAND=''
 NAME=entrorouter

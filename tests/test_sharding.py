@@ -5,7 +5,6 @@ Both run in subprocesses: the fake device count must be set before JAX starts.
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
