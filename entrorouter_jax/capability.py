@@ -34,7 +34,7 @@ PRIORS = ('task', 'global')
 # arrays of that size (similarities, a mask, at worst candidate indices).
 _BLOCK_CELLS = 1 << 24
 _MAX_CHUNK = 1024
-_RESERVED = ('strongest', 'c_ref', 'space', 'train')
+_RESERVED = ('strongest', 'c_ref', 'space', 'train_feats', 'train')
 
 
 # ------------------------------------------------------------ reference ---
@@ -280,6 +280,7 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
 
   query_sets: {name: (texts[Nq], tasks[Nq] or None)}.
   Returns {'strongest': int, 'c_ref': float, 'space': fitted TfidfSpace,
+           'train_feats': the training texts in that space, float32[N, dim],
            'train': (p_hat, c_bar) leave-one-out, float32[N, K] each,
            name: (p_hat, c_bar) float32[Nq, K] each, for every query set}.
   c_bar is in units of c_ref (c_hat = train_costs / c_ref).
@@ -292,7 +293,7 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
   space = TfidfSpace(dim=dim, min_df=min_df).fit(train_texts)
   train_feats = space.transform(train_texts)
   common = dict(k=k, alpha=alpha, prior=prior)
-  out = {'strongest': strongest, 'c_ref': c_ref, 'space': space,
+  out = {'strongest': strongest, 'c_ref': c_ref, 'space': space, 'train_feats': train_feats,
          'train': knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
                                 **common)}
   for name, (texts, tasks) in query_sets.items():

@@ -94,7 +94,7 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
   }
   if config.model.anchor_in_logits:
     # Routing new queries then needs their neighbours in the training table.
-    result.update(train_feats=est['space'].transform(train.queries.tolist()),
+    result.update(train_feats=est['train_feats'],
                   train_outcomes=train.outcomes, train_mask=train.outcome_mask,
                   train_cost_hat=train.costs / est['c_ref'], train_tasks=train.tasks.tolist())
   if jax.process_index() == 0:
