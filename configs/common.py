@@ -32,8 +32,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.vocab_size = 2000             # sentencepiece vocabulary trained on the train split
   data.tokenizer = ''                # a given sentencepiece .model ('' = train one)
 
-  # --- the policy network (entrorouter_jax/model.py) ---
+  # --- the policy network (entrorouter_jax/model.py, entrorouter_jax/backbones/) ---
   config.model = model = ml_collections.ConfigDict()
+  # scratch: model.py's own encoder (size, layers... below); hf_encoder (BERT
+  # family) / hf_decoder (Llama, Gemma): pretrained weights from model.checkpoint,
+  # a Hugging Face-format folder; the tokenizer then comes from that folder too.
+  model.backbone = 'scratch'
+  model.checkpoint = ''
+  model.freeze_backbone = False      # pretrained backbone: train only the head
   model.size = 'tiny'                # tiny | small | base | large
   model.num_layers = 0               # 0 = from size; > 0 overrides
   model.d_model = 0
@@ -42,7 +48,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   model.dtype = 'float32'            # compute dtype; 'bfloat16' on accelerators
   model.positions = 'learned'        # learned | rotary
   model.mlp = 'gelu'                 # gelu | swiglu
-  model.pooling = 'mean'             # mean | cls
+  model.pooling = 'mean'             # mean | cls (scratch, hf_encoder) | last (hf_decoder)
   model.dropout = 0.0
   model.temperature = 1.0            # T in pi = softmax(f(x) / T)
   # (choice, go-beyond) lambda as an input: one checkpoint serves the whole curve.
@@ -54,7 +60,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- Stage 0: capability estimates and the anchor (entrorouter_jax/capability.py) ---
   config.anchor = anchor = ml_collections.ConfigDict()
-  anchor.space = 'tfidf'             # neighbour space for the kNN estimates
+  anchor.space = 'tfidf'             # kNN space: tfidf | backbone (the pretrained embeddings)
   anchor.k = 50                      # neighbours
   anchor.alpha = 5.0                 # Beta-prior strength of the shrinkage
   anchor.prior = 'task'              # shrink toward the task mean ('task') or global mean
@@ -68,6 +74,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   optim.grad_clip = 1.0
   optim.b1 = 0.9
   optim.b2 = 0.999
+  # Pretrained backbone: its learning rate = this x the stage's (same schedule).
+  optim.backbone_lr_scale = 0.1
 
   # --- Stage 1: Soft Supervision ---
   config.sft = sft = ml_collections.ConfigDict()

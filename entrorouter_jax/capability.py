@@ -275,11 +275,14 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
 # --------------------------------------------------------------- wrapper ---
 def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, train_tasks,
                          query_sets: dict, *, k: int = 50, alpha: float = 5.0,
-                         prior: str = 'task', dim: int = 256, min_df: int | float = 2) -> dict:
+                         prior: str = 'task', dim: int = 256, min_df: int | float = 2,
+                         space=None) -> dict:
   """Stage 0 end to end on raw costs.
 
   query_sets: {name: (texts[Nq], tasks[Nq] or None)}.
-  Returns {'strongest': int, 'c_ref': float, 'space': fitted TfidfSpace,
+  space: the neighbour space, anything with fit(texts) / transform(texts) ->
+  unit rows (e.g. backbones.BackboneSpace); None = TfidfSpace(dim, min_df).
+  Returns {'strongest': int, 'c_ref': float, 'space': the fitted space,
            'train_feats': the training texts in that space, float32[N, dim],
            'train': (p_hat, c_bar) leave-one-out, float32[N, K] each,
            name: (p_hat, c_bar) float32[Nq, K] each, for every query set}.
@@ -290,7 +293,7 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
     raise ValueError(f'query set names {sorted(clash)} are reserved: {_RESERVED}')
   strongest, c_ref = reference_cost(train_outcomes, train_mask, train_costs)
   c_hat = np.asarray(train_costs, dtype=np.float64) / c_ref
-  space = TfidfSpace(dim=dim, min_df=min_df).fit(train_texts)
+  space = (space or TfidfSpace(dim=dim, min_df=min_df)).fit(train_texts)
   train_feats = space.transform(train_texts)
   common = dict(k=k, alpha=alpha, prior=prior)
   out = {'strongest': strongest, 'c_ref': c_ref, 'space': space, 'train_feats': train_feats,

@@ -29,19 +29,28 @@ def define_flags(config_required: bool = True):
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
   flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s id.')
+  flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                    'Multi-host start-up: "on" always calls jax.distributed.initialize() '
+                    '(which finds the cluster itself on Cloud TPU, SLURM, ...); "auto" only '
+                    'when the flags above or SLURM_NTASKS > 1 / TPU_WORKER_HOSTNAMES name '
+                    'several processes; "off" never.'),
 
 
 def maybe_initialize_distributed():
-  """jax.distributed.initialize() when flags name a coordinator, or on a multi-process
-  cluster JAX can read itself: a SLURM job with several tasks, a multi-host TPU slice."""
+  """jax.distributed.initialize() when flags name a coordinator, when --distributed=on
+  (launch/tpu_vm.sh passes it: a Cloud TPU VM's workers learn the slice from the
+  metadata server, not from the environment), or on a multi-process cluster the
+  environment shows: a SLURM job with several tasks, TPU_WORKER_HOSTNAMES with several hosts."""
   import jax
+  if FLAGS.distributed == 'off':
+    return
   if FLAGS.coordinator_address is not None:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       raise ValueError('--coordinator_address needs --num_processes and --process_id')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1 or ',' in os.environ.get(
-      'TPU_WORKER_HOSTNAMES', ''):
+  elif FLAGS.distributed == 'on' or int(os.environ.get('SLURM_NTASKS', '1')) > 1 or (
+      ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')):
     jax.distributed.initialize()
 
 
@@ -65,9 +74,10 @@ def run_main(argv, fn, default_workdir_from_config: bool = True):
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('entrorouter_jax').setLevel(logging.INFO)
   from entrorouter_jax import evaluate
-  workdir = pathlib.Path(FLAGS.workdir) if FLAGS.workdir else default_workdir()
+  from entrorouter_jax import paths
+  workdir = paths.as_path(FLAGS.workdir or default_workdir())
   if not FLAGS.workdir:
-    print(f'--workdir not given: writing to {workdir.absolute()}', file=sys.stderr)
+    print(f'--workdir not given: writing to {workdir}', file=sys.stderr)
   try:
     maybe_initialize_distributed()
     results = fn(FLAGS.config, workdir)

@@ -8,8 +8,8 @@ P(correct), the expected utility against the uniform and Bayes-optimal policies)
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
 import sys
 
 import numpy as np
@@ -44,10 +44,10 @@ def router_results(data: RoutingDataset, probs: np.ndarray, *, strongest: int, c
   return results
 
 
-def write_results(workdir, results: dict, name: str = 'results.json') -> pathlib.Path:
-  path = pathlib.Path(workdir) / 'eval' / name
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(results, indent=2) + '\n')
+def write_results(workdir, results: dict, name: str = 'results.json'):
+  from entrorouter_jax import paths
+  path = paths.as_path(workdir) / 'eval' / name
+  paths.write_atomic(path, json.dumps(results, indent=2) + '\n')
   return path
 
 
@@ -105,12 +105,12 @@ def _two_model_report(entry: dict, strong: int, singles: dict, names) -> None:
 
 def evaluate_workdir(workdir, split: str = 'test') -> dict:
   """Everything `python -m entrorouter_jax.evaluate` writes, as a dict."""
-  from entrorouter_jax import baselines, router as router_lib
+  from entrorouter_jax import baselines, paths, router as router_lib
   from entrorouter_jax.capability import knn_estimates
   from entrorouter_jax.data import sources
   import pickle
 
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   router = router_lib.load_router(workdir)
   config = router.config
   _, parts = sources.load_splits(config.data, ('train', split))
@@ -143,9 +143,15 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   results['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
                                cost_range)
   results['router']['aiq'] = results['aiq']
+  results['anchor_space'] = config.anchor.space
   results['baselines'] = baselines.evaluate_baselines(
       train, data, train_feats, data_feats, p_hat, c_bar, router.c_ref, lam,
       router_cost=results['router']['cost'], seed=config.seed)
+  if config.model.get('backbone', 'scratch') != 'scratch':
+    # The learned baselines in the other space too (kNN on TF-IDF and on the
+    # pretrained embeddings), so a pretrained router meets both.
+    results['baselines'].update(_baselines_in_other_space(config, router, train, data, lam,
+                                                          results['router']['cost']))
 
   if len(names) == 2:   # RouteLLM's two-model metrics on every curve
     entries = [results['router']] + [v for v in results['baselines'].values() if v.get('curve')]
@@ -154,6 +160,27 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
       _two_model_report(entry, router.strongest, results['single_models'], names)
     del results['router']['curve']
   return results
+
+
+def _baselines_in_other_space(config, router, train, data, lam, router_cost) -> dict:
+  """knn/linear/mlp in the space Stage 0 did not use, as '<name>_tfidf' / '<name>_backbone'."""
+  from entrorouter_jax import backbones, baselines, capability
+  if config.anchor.space == 'backbone':
+    other, space = 'tfidf', capability.TfidfSpace(dim=config.anchor.dim,
+                                                  min_df=config.anchor.min_df)
+  else:
+    other, space = 'backbone', backbones.BackboneSpace(config.model, config.data.max_len,
+                                                       config.data.truncate)
+  train_feats = space.fit_transform(train.queries.tolist())
+  data_feats = space.transform(data.queries.tolist())
+  p_hat, c_bar = capability.knn_estimates(
+      train_feats, train.outcomes, train.outcome_mask, train.costs / router.c_ref,
+      train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
+      k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior)
+  entries = baselines.evaluate_baselines(train, data, train_feats, data_feats, p_hat, c_bar,
+                                         router.c_ref, lam, router_cost=router_cost,
+                                         seed=config.seed)
+  return {f'{name}_{other}': entries[name] for name in ('knn', 'linear', 'mlp')}
 
 
 def report_markdown(results: dict) -> str:
@@ -191,13 +218,22 @@ def report_markdown(results: dict) -> str:
   return '\n'.join(lines)
 
 
-def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
+def plot_all(results: dict, workdir) -> list:
   """curve.png, shares.png and training.png under DIR/eval/."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  out = pathlib.Path(workdir) / 'eval'
+  from entrorouter_jax import paths as paths_lib
+  out = paths_lib.as_path(workdir) / 'eval'
+  out.mkdir(parents=True, exist_ok=True)
   paths = []
+
+  def save(fig, path):
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=120)
+    paths_lib.write_atomic(path, buf.getvalue())
+    paths.append(path)
+    plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 5))
   for name, entry in results['baselines'].items():
@@ -221,9 +257,7 @@ def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
   ax.set_title(f"{results['dataset']} / {results['split']}")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  paths.append(out / 'curve.png')
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  save(fig, out / 'curve.png')
 
   fig, ax = plt.subplots(figsize=(7, 3.5))
   share = results['router']['share']
@@ -232,12 +266,10 @@ def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
                 fontsize=7)
   ax.set_ylabel('routing share')
   fig.tight_layout()
-  paths.append(out / 'shares.png')
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  save(fig, out / 'shares.png')
 
   records = []
-  metrics_file = pathlib.Path(workdir) / 'metrics.jsonl'
+  metrics_file = paths_lib.as_path(workdir) / 'metrics.jsonl'
   if metrics_file.is_file():
     records = [json.loads(l) for l in metrics_file.read_text().splitlines() if l.strip()]
   fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
@@ -250,27 +282,26 @@ def plot_all(results: dict, workdir: pathlib.Path) -> list[pathlib.Path]:
     ax.set_xlabel('step')
     ax.legend(fontsize=7)
   fig.tight_layout()
-  paths.append(out / 'training.png')
-  fig.savefig(paths[-1], dpi=120)
-  plt.close(fig)
+  save(fig, out / 'training.png')
   return paths
 
 
-def save_evaluation(workdir, results: dict) -> tuple[dict, str, list[pathlib.Path]]:
+def save_evaluation(workdir, results: dict) -> tuple[dict, str, list]:
   """Writes results.json (keeping training's keys, e.g. train_seconds), report.md and the plots.
 
   A split other than test goes to results_<split>.json and report_<split>.md.
 
   Returns (the merged results, the report's Markdown, the PNG paths).
   """
-  workdir = pathlib.Path(workdir)
+  from entrorouter_jax import paths
+  workdir = paths.as_path(workdir)
   previous = workdir / 'eval' / 'results.json'
   if results.get('split') == 'test' and previous.is_file():
     results = {**json.loads(previous.read_text()), **results}
   suffix = '' if results.get('split') == 'test' else f"_{results['split']}"
   write_results(workdir, results, f'results{suffix}.json')
   report = report_markdown(results)
-  (workdir / 'eval' / f'report{suffix}.md').write_text(report)
+  paths.write_atomic(workdir / 'eval' / f'report{suffix}.md', report)
   return results, report, plot_all(results, workdir)
 
 
@@ -281,7 +312,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   del argv
   FLAGS = flags.FLAGS
-  workdir = pathlib.Path(FLAGS.workdir)
+  from entrorouter_jax import paths
+  workdir = paths.as_path(FLAGS.workdir)
   try:
     results = evaluate_workdir(workdir, FLAGS.split)
   except (router_lib.RouterError, DataError, FileNotFoundError) as e:

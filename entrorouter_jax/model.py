@@ -166,12 +166,18 @@ class Block(nnx.Module):
 
 
 class RouterModel(nnx.Module):
-  """Encoder -> pooled query vector (+ lambda conditioning) -> K logits."""
+  """Encoder -> pooled query vector (+ lambda conditioning) -> K logits.
+
+  The encoder is this module's own (model.backbone='scratch') or a pretrained
+  one from entrorouter_jax.backbones ('hf_encoder', 'hf_decoder'), kept under
+  `self.backbone` so that its parameters sit apart ('backbone/...') for
+  loading, freezing and their own learning rate.
+  """
 
   def __init__(self, model_cfg, *, vocab_size: int, max_len: int, num_models: int,
                rngs: nnx.Rngs):
-    dims = model_dims(model_cfg)
-    self.dims = dims
+    from entrorouter_jax import backbones
+    kind = backbones.kind_of(model_cfg)
     dtype_name = model_cfg.get('dtype', 'float32')
     positions = model_cfg.get('positions', 'learned')
     mlp = model_cfg.get('mlp', 'gelu')
@@ -179,41 +185,65 @@ class RouterModel(nnx.Module):
     for name, value, valid in [('dtype', dtype_name, tuple(_DTYPES)),
                                ('positions', positions, ('learned', 'rotary')),
                                ('mlp', mlp, ('gelu', 'swiglu')),
-                               ('pooling', pooling, ('mean', 'cls'))]:
+                               ('pooling', pooling, backbones.POOLINGS[kind])]:
       if value not in valid:
-        raise ValueError(f'model.{name}={value!r}; valid: {valid}')
+        raise ValueError(f'model.{name}={value!r}; valid: {valid}'
+                         + (f' (model.backbone={kind!r})' if name == 'pooling' else ''))
     self.dtype = _DTYPES[dtype_name]
     self.positions, self.pooling, self.max_len = positions, pooling, max_len
     self.lambda_conditioned = bool(model_cfg.get('lambda_conditioned', False))
-    d = dims['d_model']
+    self.freeze_backbone = bool(model_cfg.get('freeze_backbone', False)) and kind != 'scratch'
+    self.dropout_rate = dropout = float(model_cfg.get('dropout', 0.0))
 
     # Eager sharding (flax default) needs a mesh; without one, only record names.
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     with nnx.use_eager_sharding(eager):
-      self.token_embed = _param(rngs, _embed_init, (vocab_size, d), ('vocab', 'embed'))
-      # CLS takes position 0, so the sequence the encoder sees is max_len + 1 long.
-      num_positions = max_len + (pooling == 'cls')
-      self.pos_embed = (_param(rngs, _embed_init, (num_positions, d), ('position', 'embed'))
-                        if positions == 'learned' else None)
-      self.cls = _param(rngs, _embed_init, (d,), ('embed',)) if pooling == 'cls' else None
-      self.embed_drop = nnx.Dropout(float(model_cfg.get('dropout', 0.0)))
-      self.blocks = nnx.List([
-          Block(dims, rotary=positions == 'rotary', mlp=mlp,
-                dropout=float(model_cfg.get('dropout', 0.0)), dtype=self.dtype, rngs=rngs)
-          for _ in range(dims['num_layers'])])
-      self.final_ln = _layer_norm(d, self.dtype, rngs)
-      if self.lambda_conditioned:
-        # Normalize log(lambda + eps) so [lambda_min, lambda_max] maps to [-1, 1].
-        lo = math.log(float(model_cfg.get('lambda_min', 0.0)) + _LAMBDA_EPS)
-        hi = math.log(float(model_cfg.get('lambda_max', 1.0)) + _LAMBDA_EPS)
-        if not hi > lo:
-          raise ValueError('model.lambda_max must exceed model.lambda_min')
-        self.log_lambda_range = (lo, hi)
-        # Two-layer projection: the features -> d_model offset can be nonlinear.
-        self.cond_in = _linear(COND_DIM, d, ('cond', 'mlp'), jnp.float32, rngs)
-        self.cond_out = _linear(d, d, ('mlp', 'embed'), jnp.float32, rngs)
-      self.head_ln = _layer_norm(d, jnp.float32, rngs)
-      self.head = _linear(d, num_models, ('embed', 'models'), jnp.float32, rngs)
+      if kind == 'scratch':
+        self.backbone = None
+        self.dims = dims = model_dims(model_cfg)
+        self._build_encoder(model_cfg, dims, vocab_size, max_len, dropout, rngs)
+        d = dims['d_model']
+      else:
+        self.backbone = backbones.build(model_cfg, dtype=self.dtype, dropout=dropout, rngs=rngs)
+        limit = backbones.backbone_config(model_cfg).max_positions
+        if max_len > limit:
+          raise ValueError(f'data.max_len={max_len} exceeds the backbone\'s {limit} positions '
+                           f'({model_cfg.checkpoint})')
+        d = self.backbone.hidden_size
+        self.dims = {'d_model': d}
+      self._build_head(model_cfg, d, num_models, rngs)
+
+  def _build_encoder(self, model_cfg, dims, vocab_size, max_len, dropout, rngs):
+    """The scratch encoder: embeddings, pre-LN blocks, final LayerNorm."""
+    positions, pooling, d = self.positions, self.pooling, dims['d_model']
+    mlp = model_cfg.get('mlp', 'gelu')
+    self.token_embed = _param(rngs, _embed_init, (vocab_size, d), ('vocab', 'embed'))
+    # CLS takes position 0, so the sequence the encoder sees is max_len + 1 long.
+    num_positions = max_len + (pooling == 'cls')
+    self.pos_embed = (_param(rngs, _embed_init, (num_positions, d), ('position', 'embed'))
+                      if positions == 'learned' else None)
+    self.cls = _param(rngs, _embed_init, (d,), ('embed',)) if pooling == 'cls' else None
+    self.embed_drop = nnx.Dropout(dropout)
+    self.blocks = nnx.List([
+        Block(dims, rotary=positions == 'rotary', mlp=mlp,
+              dropout=dropout, dtype=self.dtype, rngs=rngs)
+        for _ in range(dims['num_layers'])])
+    self.final_ln = _layer_norm(d, self.dtype, rngs)
+
+  def _build_head(self, model_cfg, d, num_models, rngs):
+    """Lambda conditioning (optional) and the K-way head on the pooled vector."""
+    if self.lambda_conditioned:
+      # Normalize log(lambda + eps) so [lambda_min, lambda_max] maps to [-1, 1].
+      lo = math.log(float(model_cfg.get('lambda_min', 0.0)) + _LAMBDA_EPS)
+      hi = math.log(float(model_cfg.get('lambda_max', 1.0)) + _LAMBDA_EPS)
+      if not hi > lo:
+        raise ValueError('model.lambda_max must exceed model.lambda_min')
+      self.log_lambda_range = (lo, hi)
+      # Two-layer projection: the features -> d_model offset can be nonlinear.
+      self.cond_in = _linear(COND_DIM, d, ('cond', 'mlp'), jnp.float32, rngs)
+      self.cond_out = _linear(d, d, ('mlp', 'embed'), jnp.float32, rngs)
+    self.head_ln = _layer_norm(d, jnp.float32, rngs)
+    self.head = _linear(d, num_models, ('embed', 'models'), jnp.float32, rngs)
 
   def lambda_features(self, cost_weight):
     """cost_weight float32[B] (>= 0) -> float32[B, COND_DIM].
@@ -237,6 +267,12 @@ class RouterModel(nnx.Module):
     if tokens.shape[1] > self.max_len:
       raise ValueError(f'sequence length {tokens.shape[1]} > max_len {self.max_len}')
     mask = token_mask.astype(bool)
+    if self.backbone is not None:
+      from entrorouter_jax import backbones
+      hidden = self.backbone(tokens, mask, deterministic=deterministic, rngs=rngs)
+      pooled = backbones.pool(hidden, mask, self.pooling)
+      # Frozen: no gradient flows into the backbone (XLA then skips its backward pass).
+      return jax.lax.stop_gradient(pooled) if self.freeze_backbone else pooled
     x = jnp.take(self.token_embed[...], tokens, axis=0).astype(self.dtype)  # [B, L, E]
     if self.pooling == 'cls':
       cls = jnp.broadcast_to(self.cls[...].astype(self.dtype), (x.shape[0], 1, x.shape[2]))
@@ -276,7 +312,7 @@ class RouterModel(nnx.Module):
       rngs = nnx.Rngs(dropout=rngs)  # one stream -> a fresh subkey per dropout site
     elif rngs is not None and not isinstance(rngs, nnx.Rngs):
       raise TypeError(f'rngs must be an nnx.Rngs or a PRNG key, got {type(rngs)}')
-    if not deterministic and rngs is None and self.embed_drop.rate > 0:
+    if not deterministic and rngs is None and self.dropout_rate > 0:
       raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout')
     h = self._encode(tokens, token_mask, deterministic, rngs)
     if self.lambda_conditioned:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pathlib
 import pickle
 from typing import Optional, Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import objectives, sharding
+from entrorouter_jax import objectives, paths, sharding
 from entrorouter_jax.data import tokenizer as tokenizer_lib
 from entrorouter_jax.model import RouterModel
 
@@ -134,10 +133,10 @@ class Router:
                  else self.config.sft.cost_weight)
 
 
-def final_checkpoint(workdir: pathlib.Path, config) -> tuple[pathlib.Path, int]:
+def final_checkpoint(workdir, config) -> tuple:
   """The checkpoint directory and step of the last stage that has one."""
   for stage in reversed([s.strip() for s in config.stages.split(',') if s.strip()]):
-    path = (workdir / 'checkpoints' / stage).absolute()
+    path = paths.as_path(workdir) / 'checkpoints' / stage
     if path.is_dir():
       manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
       if manager.latest_step() is not None:
@@ -148,19 +147,22 @@ def final_checkpoint(workdir: pathlib.Path, config) -> tuple[pathlib.Path, int]:
 
 def load_router(workdir, mesh=None) -> Router:
   """Loads the router a training run left in `workdir`."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   info_path = workdir / 'router.json'
-  for path in (workdir / 'config.json', workdir / 'tokenizer.model', info_path):
+  for path in (workdir / 'config.json', info_path):
     if not path.is_file():
       raise RouterError(f'{workdir}: {path.name} is missing; expected the workdir of a '
                         'finished training run (python -m entrorouter_jax.train --workdir=...)')
   config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
   info = json.loads(info_path.read_text())
-  tok = tokenizer_lib.Tokenizer.load(workdir / 'tokenizer.model')
+  from entrorouter_jax import train   # train imports this module
+  try:
+    tok = train.load_tokenizer(config, workdir)
+  except FileNotFoundError as e:
+    raise RouterError(f'{workdir}: {e}; expected the workdir of a finished training run') from e
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
   names = info['model_names']
 
-  from entrorouter_jax import train   # train imports this module
   path, step = final_checkpoint(workdir, config)
   graphdef, build, shardings = train.abstract_train_state(config, path.name, tok.vocab_size,
                                                           len(names), mesh)

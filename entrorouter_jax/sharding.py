@@ -12,6 +12,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -83,9 +84,12 @@ def _fit(spec: P, shape, mesh) -> P:
 def state_shardings(abstract_state, mesh) -> object:
   """NamedShardings for an nnx.State (parameters and optimizer state alike)."""
   specs = nnx.get_partition_spec(abstract_state)
+  # optax.MaskedNode: the optimizer state of parameters a multi_transform leaves
+  # without state (a frozen backbone); it holds no array.
   return jax.tree.map(
-      lambda spec, leaf: NamedSharding(mesh, _fit(logical_to_mesh(spec), leaf.shape, mesh)),
-      specs, abstract_state, is_leaf=lambda x: isinstance(x, P))
+      lambda spec, leaf: leaf if isinstance(leaf, optax.MaskedNode) else NamedSharding(
+          mesh, _fit(logical_to_mesh(spec), leaf.shape, mesh)),
+      specs, abstract_state, is_leaf=lambda x: isinstance(x, (P, optax.MaskedNode)))
 
 
 def replicated(mesh) -> NamedSharding:

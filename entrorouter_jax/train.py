@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import pathlib
 import pickle
 import time
 from typing import Optional
@@ -29,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import capability, evaluate, objectives, schedules, sharding
+from entrorouter_jax import backbones, capability, evaluate, objectives, paths, schedules, sharding
 from entrorouter_jax.data import pipeline, sources, tokenizer as tokenizer_lib
 from entrorouter_jax.data.dataset import RoutingDataset
 from entrorouter_jax.router import build_model, make_forward, policy_logits, policy_probs
@@ -62,7 +61,7 @@ class Problem:
 
 
 def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
-            workdir: pathlib.Path):
+            workdir):
   """Stage-0 capability estimates, computed once and cached in the workdir.
 
   The cache is keyed by the prepared data set's full name (for routing_files it
@@ -70,7 +69,11 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
   """
   key = json.dumps({'anchor': config.anchor.to_dict(), 'models': train.model_names,
                     'anchor_in_logits': config.model.anchor_in_logits,
-                    'data': data_name, 'sizes': [train.num_queries, test.num_queries]},
+                    'data': data_name, 'sizes': [train.num_queries, test.num_queries],
+                    **({'backbone': [config.model.backbone, config.model.checkpoint,
+                                     config.model.pooling, config.data.max_len,
+                                     config.data.truncate]}
+                       if config.anchor.space == 'backbone' else {})},
                    sort_keys=True, default=str)
   cache = workdir / 'stage0.pkl'
   if cache.is_file():
@@ -78,15 +81,14 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
       cached = pickle.load(f)
     if cached.get('key') == key:
       return cached
-  if config.anchor.space != 'tfidf':
-    raise TrainingError(f"anchor.space={config.anchor.space!r}; only 'tfidf' is available")
-  log.info('Stage 0: kNN capability estimates (k=%d) on %d training queries',
-               config.anchor.k, train.num_queries)
+  space = anchor_space(config)
+  log.info('Stage 0: kNN capability estimates (k=%d, %s space) on %d training queries',
+           config.anchor.k, config.anchor.space, train.num_queries)
   est = capability.capability_estimates(
       train.queries.tolist(), train.outcomes, train.outcome_mask, train.costs,
       train.tasks.tolist(), {'test': (test.queries.tolist(), test.tasks.tolist())},
       k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
-      dim=config.anchor.dim, min_df=config.anchor.min_df)
+      dim=config.anchor.dim, min_df=config.anchor.min_df, space=space)
   result = {
       'key': key, 'strongest': int(est['strongest']), 'c_ref': float(est['c_ref']),
       'space': est['space'],
@@ -98,39 +100,81 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
                   train_outcomes=train.outcomes, train_mask=train.outcome_mask,
                   train_cost_hat=train.costs / est['c_ref'], train_tasks=train.tasks.tolist())
   if jax.process_index() == 0:
-    tmp = cache.with_suffix('.tmp')
-    with tmp.open('wb') as f:
-      pickle.dump(result, f)
-    tmp.replace(cache)
+    paths.write_atomic(cache, pickle.dumps(result))
   return result
 
 
-def prepare_problem(config, workdir: pathlib.Path) -> Problem:
+def anchor_space(config):
+  """Stage 0's neighbour space: None (capability's TF-IDF -> SVD) or the backbone's."""
+  if config.anchor.space == 'tfidf':
+    return None
+  if config.anchor.space == 'backbone':
+    if backbones.kind_of(config.model) == 'scratch':
+      raise TrainingError("anchor.space='backbone' needs a pretrained model.backbone "
+                          "('hf_encoder' or 'hf_decoder') and model.checkpoint")
+    return backbones.BackboneSpace(config.model, config.data.max_len, config.data.truncate)
+  raise TrainingError(f"anchor.space={config.anchor.space!r}; expected 'tfidf' or 'backbone'")
+
+
+def load_tokenizer(config, workdir, train_texts=None):
+  """The backbone's own tokenizer; else data.tokenizer; else the one trained on the
+  training queries and cached as DIR/tokenizer.model (trained here if missing)."""
+  if backbones.kind_of(config.model) != 'scratch':
+    if config.data.tokenizer:
+      raise TrainingError(f'data.tokenizer={config.data.tokenizer!r} with a pretrained '
+                          'backbone: the tokenizer comes from model.checkpoint; unset one')
+    return backbones.load_tokenizer(config.model)
+  if config.data.tokenizer:
+    return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+  path = paths.as_path(workdir) / 'tokenizer.model'
+  if train_texts is None:
+    return tokenizer_lib.Tokenizer.load(path)
+  return tokenizer_lib.load_or_train(path, train_texts, config.data.vocab_size)
+
+
+def prepare_problem(config, workdir) -> Problem:
   """Prepares the data (TFDS), the tokenizer and the Stage-0 tables."""
   builder, splits = sources.load_splits(config.data, ('train', 'test'))
   train, test = splits['train'], splits['test']
-  if config.data.tokenizer:
-    tok = tokenizer_lib.Tokenizer.load(config.data.tokenizer)
-  else:
-    tok = tokenizer_lib.load_or_train(workdir / 'tokenizer.model', train.queries.tolist(),
-                                      config.data.vocab_size)
+  tok = load_tokenizer(config, workdir, train.queries.tolist())
   s0 = _stage0(config, builder.info.full_name, train, test, workdir)
   return Problem(builder=builder, train=train, test=test, tokenizer=tok,
                  strongest=s0['strongest'], c_ref=s0['c_ref'], tables=s0['tables'])
 
 
 # =========================================================== model & state ===
-def make_optimizer(optim_cfg, stage_cfg):
-  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=stage_cfg.learning_rate,
+def _schedule(stage_cfg, peak: float):
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak,
       warmup_steps=min(stage_cfg.warmup_steps, max(stage_cfg.num_steps - 1, 0)),
-      decay_steps=max(stage_cfg.num_steps, 1), end_value=0.1 * stage_cfg.learning_rate)
-  tx = optax.chain(
-      optax.clip_by_global_norm(optim_cfg.grad_clip),
-      optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                  weight_decay=optim_cfg.weight_decay))
-  return tx, schedule
+      decay_steps=max(stage_cfg.num_steps, 1), end_value=0.1 * peak)
+
+
+def _param_group(params):
+  """'backbone' for the pretrained backbone's parameters, 'head' for the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'backbone' if getattr(path[0], 'key', None) == 'backbone' else 'head',
+      params)
+
+
+def make_optimizer(config, stage: str):
+  """AdamW with linear warmup and cosine decay, after global-norm clipping.
+
+  With a pretrained backbone its parameters get their own learning rate,
+  optim.backbone_lr_scale x the stage's (same schedule), or none at all with
+  model.freeze_backbone. Returns (tx, the head's schedule).
+  """
+  optim_cfg, stage_cfg = config.optim, config[stage]
+  schedule = _schedule(stage_cfg, stage_cfg.learning_rate)
+  adamw = lambda lr: optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                                 weight_decay=optim_cfg.weight_decay)
+  if backbones.kind_of(config.model) == 'scratch':
+    update = adamw(schedule)
+  else:
+    backbone = (optax.set_to_zero() if config.model.freeze_backbone else
+                adamw(_schedule(stage_cfg, stage_cfg.learning_rate * optim_cfg.backbone_lr_scale)))
+    update = optax.multi_transform({'backbone': backbone, 'head': adamw(schedule)}, _param_group)
+  return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), update), schedule
 
 
 def abstract_train_state(config, stage: str, vocab_size: int, num_models: int, mesh):
@@ -139,7 +183,7 @@ def abstract_train_state(config, stage: str, vocab_size: int, num_models: int, m
   state = {'nnx': nnx.State of (model, optimizer), 'step': int32, 'rng': key data,
            'alpha': entropy coefficient, 'h0': entropy after Stage 1}
   """
-  tx, _ = make_optimizer(config.optim, config[stage])
+  tx, _ = make_optimizer(config, stage)
 
   def build():
     with nnx.use_eager_sharding(False):
@@ -231,9 +275,9 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
 
 
 # =============================================================== one stage ===
-def _checkpoint_manager(path: pathlib.Path, config) -> ocp.CheckpointManager:
+def _checkpoint_manager(path, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      path.absolute(), options=ocp.CheckpointManagerOptions(
+      paths.as_path(path), options=ocp.CheckpointManagerOptions(
           save_interval_steps=1,
           preservation_policy=ocp.checkpoint_managers.LatestN(config.keep_checkpoints)))
 
@@ -266,15 +310,15 @@ def _initial_entropy(config, graphdef, state, mesh, problem) -> float:
   return float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1)))
 
 
-def run_stage(config, stage: str, problem: Problem, mesh, workdir: pathlib.Path,
-              writer: MetricsWriter, init_params=None, init_from: Optional[pathlib.Path] = None):
+def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: MetricsWriter,
+              init_params=None, init_from=None):
   """Runs (or resumes) one stage to its `num_steps`; returns (graphdef, final state).
 
   A fresh stage starts from `init_params` (the previous stage's parameters) or
   from the SFT checkpoint under `init_from`; a resumed one from its own checkpoint.
   """
   stage_cfg = config[stage]
-  _, schedule = make_optimizer(config.optim, stage_cfg)
+  _, schedule = make_optimizer(config, stage)
   graphdef, state, shardings = create_state(config, stage, problem, mesh)
   featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
                                  extras=problem.tables['train'])
@@ -295,6 +339,8 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir: pathlib.Path,
       init_params = _restore_params(init_from, 'sft', state)
     if init_params is not None:
       state['nnx'][0] = jax.device_put(init_params, shardings['nnx'][0])
+    elif backbones.kind_of(config.model) != 'scratch':
+      state['nnx'][0]['backbone'] = _pretrained_backbone(config, state, shardings)
     if stage == 'rl':
       h0 = _initial_entropy(config, graphdef, state, mesh, problem)
       state['h0'] = jax.device_put(jnp.asarray(h0, jnp.float32), shardings['h0'])
@@ -353,17 +399,25 @@ def _check_finite(metrics, stage, step, manager):
         f'{stage}.learning_rate or optim.grad_clip.')
 
 
-def _restore_params(workdir: pathlib.Path, stage: str, like: dict):
+def _pretrained_backbone(config, state, shardings):
+  """The backbone's weights from model.checkpoint, placed on the backbone's shardings."""
+  log.info('loading the pretrained %s from %s', config.model.backbone, config.model.checkpoint)
+  target = state['nnx'][0]['backbone']
+  nnx.replace_by_pure_dict(target, backbones.load_pretrained(config.model))
+  return jax.device_put(target, shardings['nnx'][0]['backbone'])
+
+
+def _restore_params(workdir, stage: str, like: dict):
   """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init).
 
   `like` is a freshly created train state: its structure, shapes and shardings
   are the restore target (both stages share the optimizer's structure).
   """
-  path = pathlib.Path(workdir)
+  path = paths.as_path(workdir)
   for candidate in (path / 'checkpoints' / stage, path):
     if not candidate.is_dir():
       continue
-    manager = ocp.CheckpointManager(candidate.absolute(), options=ocp.CheckpointManagerOptions(
+    manager = ocp.CheckpointManager(candidate, options=ocp.CheckpointManagerOptions(
         read_only=True))
     if manager.latest_step() is not None:
       restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
@@ -373,13 +427,13 @@ def _restore_params(workdir: pathlib.Path, stage: str, like: dict):
                       f'(looked in {path / "checkpoints" / stage} and {path})')
 
 
-def _write_router_info(workdir: pathlib.Path, problem: Problem, final_stage: str) -> None:
+def _write_router_info(workdir, problem: Problem, final_stage: str) -> None:
   """router.json: what routing needs beside the checkpoint and the tokenizer."""
   cost_hat = problem.train.costs / problem.c_ref
   info = {'model_names': problem.model_names, 'strongest': problem.strongest,
           'c_ref': problem.c_ref, 'model_costs': cost_hat.mean(axis=0).tolist(),
           'final_stage': final_stage, 'data': problem.builder.info.full_name}
-  (workdir / 'router.json').write_text(json.dumps(info, indent=2) + '\n')
+  paths.write_atomic(workdir / 'router.json', json.dumps(info, indent=2) + '\n')
 
 
 # ================================================================ the run ===
@@ -394,11 +448,11 @@ def stage_list(config) -> list[str]:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   """Runs the configured stages on `workdir` (resuming where it stopped), then evaluates."""
-  workdir = pathlib.Path(workdir)
+  workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   stages = stage_list(config)
   if jax.process_index() == 0:
-    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    paths.write_atomic(workdir / 'config.json', config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   started = time.time()
   problem = prepare_problem(config, workdir)
@@ -408,7 +462,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   params = None
-  init_from = pathlib.Path(config.rl.init_checkpoint) if config.rl.init_checkpoint else None
+  init_from = paths.as_path(config.rl.init_checkpoint) if config.rl.init_checkpoint else None
   for stage in stages:
     graphdef, state = run_stage(config, stage, problem, mesh, workdir, writer, init_params=params,
                                 init_from=init_from if stage == 'rl' else None)

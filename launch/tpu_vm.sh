@@ -123,7 +123,7 @@ case "$SUBCOMMAND" in
     remote+=" git -C $REMOTE_DIR fetch $(q "$REPO") $(q "$BRANCH")"
     remote+=" && git -C $REMOTE_DIR checkout -B $(q "$BRANCH") FETCH_HEAD;"
     remote+=" else git clone --branch $(q "$BRANCH") $(q "$REPO") $REMOTE_DIR; fi;"
-    remote+=" python3 -m pip install -U -e ./$REMOTE_DIR 'jax[tpu]'"
+    remote+=" python3 -m pip install -U -e './${REMOTE_DIR}[gcs]' 'jax[tpu]'"
     remote+=" -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
     ssh_all "$remote"
     ;;
@@ -133,7 +133,10 @@ case "$SUBCOMMAND" in
     fi
     [[ -n "$WORKDIR" ]] || WORKDIR="gs://$BUCKET/entrorouter/$NAME"
     [[ -n "$DATA_DIR" ]] || DATA_DIR="gs://$BUCKET/tensorflow_datasets"
+    # --distributed=on: every worker joins jax.distributed (the slice comes from the
+    # TPU metadata server, which the environment alone does not show).
     cmd="python3 -m entrorouter_jax.train --config=$(q "$CONFIG") --workdir=$(q "$WORKDIR")"
+    cmd+=" --distributed=on"
     cmd+=" --config.data.data_dir=$(q "$DATA_DIR")"
     for a in "${EXTRA[@]}"; do cmd+=" $(q "$a")"; done
     # nohup + redirected stdin/stdout/stderr: ssh returns at once, training goes on.

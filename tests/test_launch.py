@@ -66,7 +66,7 @@ def test_tpu_install(trap):
   [cmd] = commands(proc)
   assert 'gcloud compute tpus tpu-vm ssh er' in cmd and '--worker=all' in cmd
   assert 'git clone --branch dev https://github.com/org/entrorouter_jax.git' in cmd
-  assert 'pip install' in cmd and 'jax[tpu]' in cmd
+  assert 'pip install' in cmd and 'jax[tpu]' in cmd and '[gcs]' in cmd
 
 
 def test_tpu_train(trap):
@@ -77,7 +77,7 @@ def test_tpu_train(trap):
   [cmd] = commands(proc)
   assert 'gcloud compute tpus tpu-vm ssh er' in cmd and '--worker=all' in cmd
   assert 'python3 -m entrorouter_jax.train --config=configs/rl.py' in cmd
-  assert '--workdir=gs://my-bucket/entrorouter/er' in cmd
+  assert '--workdir=gs://my-bucket/entrorouter/er' in cmd and '--distributed=on' in cmd
   assert '--config.data.data_dir=gs://my-bucket/tensorflow_datasets' in cmd
   assert '--config.mesh.fsdp=4 --config.model.size=base' in cmd
   assert 'nohup' in cmd and '> train.log 2>&1' in cmd and cmd.rstrip("'").endswith('&')

@@ -55,13 +55,24 @@ def make_builder(data_cfg) -> tfds.core.DatasetBuilder:
 
 
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
-  """Builds the array_record files once (a no-op when they exist) and returns the builder."""
-  builder = make_builder(data_cfg)
+  """Builds the array_record files once (a no-op when they exist) and returns the builder.
+
+  In a multi-process run process 0 prepares first while the others wait, so
+  workers sharing one data_dir never write the same files at once; the others
+  then find the data ready (or, with a data_dir of their own, prepare it too).
+  """
+  import jax
   manual_dir = os.path.expanduser(data_cfg.manual_dir) if data_cfg.manual_dir else None
   if manual_dir and not os.path.isdir(manual_dir):
     raise DataError(f'data.manual_dir={manual_dir!r} is not a directory')
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if jax.process_index() == 0:
+      make_builder(data_cfg).download_and_prepare(download_config=download_config)
+    multihost_utils.sync_global_devices('entrorouter_jax: data prepared by process 0')
+  builder = make_builder(data_cfg)
+  builder.download_and_prepare(download_config=download_config)
   for note in builder.info.metadata.get('notes', []):
     log.warning('%s: %s', builder.name, note)
   return builder

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import pathlib
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from etils import epath
 
 PAD_ID = 0
 
@@ -28,18 +28,15 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> 'Tokenizer':
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
       raise FileNotFoundError(f'tokenizer model {path} does not exist; expected a '
                               'SentencePiece .model file')
     return cls(path.read_bytes())
 
   def save(self, path: str | os.PathLike) -> None:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f'.tmp{os.getpid()}')   # processes may save the same file at once
-    tmp.write_bytes(self._proto)
-    os.replace(tmp, path)
+    from entrorouter_jax import paths
+    paths.write_atomic(path, self._proto)
 
   def __getstate__(self):
     return {'proto': self._proto}
@@ -102,7 +99,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def load_or_train(path: str | os.PathLike, texts: Iterable[str], vocab_size: int) -> Tokenizer:
   """Loads `path` if it exists, else trains on `texts` and caches it at `path`."""
-  path = pathlib.Path(path)
+  path = epath.Path(path)
   if path.is_file():
     return Tokenizer.load(path)
   tok = train_tokenizer(texts, vocab_size)

