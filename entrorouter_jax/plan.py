@@ -99,18 +99,34 @@ def activation_bytes(config, batch_per_device: int, num_models: int, tensor: int
   Dropout masks (dropout > 0) and XLA's fusion/rematerialisation are ignored;
   the estimate is meant to be within about 2x of a compiled step.
   """
-  dims = model_dims(config.model)
+  dims = encoder_dims(config.model)
   s = _DTYPE_BYTES[config.model.dtype]
   E, H, M, N = dims['d_model'], dims['num_heads'], dims['mlp_dim'], dims['num_layers']
-  L = config.data.max_len + (config.model.pooling == 'cls')
+  scratch = config.model.get('backbone', 'scratch') == 'scratch'
+  L = config.data.max_len + (scratch and config.model.pooling == 'cls')
   h_local = H // tensor if H % tensor == 0 else H
   m_local = M // tensor if M % tensor == 0 else M
-  c = 3 if config.model.mlp == 'swiglu' else 2
+  c = 3 if dims['mlp'] == 'swiglu' else 2
   b = batch_per_device
   per_layer = b * L * ((8 * E + c * m_local) * s + h_local * L * (4 + s))
   embed = b * L * E * (s + 2 * 4)
   logits = 4 * b * num_models * 4 * (1 + int(config.rl.group_size))
   return N * per_layer + embed + logits
+
+
+def encoder_dims(model_cfg) -> dict:
+  """num_layers, d_model, num_heads, mlp_dim, mlp ('gelu' | 'swiglu') and a label of the
+  encoder: the scratch one's from its size, a pretrained backbone's from its config.json."""
+  from entrorouter_jax import backbones
+  kind = backbones.kind_of(model_cfg)
+  if kind == 'scratch':
+    return dict(model_dims(model_cfg), mlp=model_cfg.mlp, label=f'model {model_cfg.size}')
+  cfg = backbones.backbone_config(model_cfg)
+  return dict(num_layers=cfg.num_layers, d_model=cfg.hidden_size, num_heads=cfg.num_heads,
+              mlp_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+              mlp='swiglu' if kind == 'hf_decoder' else 'gelu',   # gated MLPs: 3 tensors
+              label=f'{kind} {model_cfg.checkpoint}'
+              + (' (frozen)' if model_cfg.freeze_backbone else ''))
 
 
 def _mesh_for(config, num_devices: int):
@@ -127,12 +143,13 @@ def plan(config, num_devices: int | None = None, vocab_size: int | None = None,
          num_models: int | None = None) -> dict:
   """The per-device memory plan of each configured stage, in bytes (see module doc)."""
   num_devices = len(jax.devices()) if num_devices is None else int(num_devices)
-  vocab_size = int(config.data.vocab_size if vocab_size is None else vocab_size)
+  dims = encoder_dims(config.model)
+  vocab_size = int(dims.get('vocab_size', config.data.vocab_size) if vocab_size is None
+                   else vocab_size)
   num_models = DEFAULT_NUM_MODELS if num_models is None else int(num_models)
   mesh, built = _mesh_for(config, num_devices)
   sizes = _mesh_sizes(mesh)
   divisor = sizes['data'] * sizes['fsdp']
-  dims = model_dims(config.model)
   out = {
       'model': dict(size=config.model.size, dtype=config.model.dtype, **dims),
       'seq_len': int(config.data.max_len), 'vocab_size': vocab_size, 'num_models': num_models,
@@ -151,6 +168,8 @@ def plan(config, num_devices: int | None = None, vocab_size: int | None = None,
     global_batch = int(config[stage].batch_size)
     per_device_batch = -(-global_batch // divisor)
     grads = param_dev   # fp32, sharded like the parameters
+    if config.model.get('freeze_backbone') and 'backbone' in abstract[0]:
+      grads -= _tree_bytes(abstract[0]['backbone'], shardings['nnx'][0]['backbone'], sizes)[0]
     acts = activation_bytes(config, per_device_batch, num_models, sizes['tensor'])
     out['stages'][stage] = {
         'global_batch': global_batch, 'batch_per_device': per_device_batch,
@@ -176,7 +195,7 @@ def format_plan(p: dict) -> str:
   m = p['model']
   mesh = ' x '.join(f'{k}={v}' for k, v in p['mesh'].items())
   lines = [
-      f"model {m['size']}: {m['num_layers']} layers, d_model {m['d_model']}, "
+      f"{m['label']}: {m['num_layers']} layers, d_model {m['d_model']}, "
       f"{m['num_heads']} heads, mlp {m['mlp_dim']}, compute {m['dtype']}; "
       f"seq {p['seq_len']}, vocab {p['vocab_size']}, {p['num_models']} models",
       f"mesh {mesh} on {p['num_devices']} devices"

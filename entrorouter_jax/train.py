@@ -340,7 +340,7 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
     if init_params is not None:
       state['nnx'][0] = jax.device_put(init_params, shardings['nnx'][0])
     elif backbones.kind_of(config.model) != 'scratch':
-      state['nnx'][0]['backbone'] = _pretrained_backbone(config, state, shardings)
+      state['nnx'][0]['backbone'] = load_pretrained_backbone(config, state, shardings)
     if stage == 'rl':
       h0 = _initial_entropy(config, graphdef, state, mesh, problem)
       state['h0'] = jax.device_put(jnp.asarray(h0, jnp.float32), shardings['h0'])
@@ -399,7 +399,7 @@ def _check_finite(metrics, stage, step, manager):
         f'{stage}.learning_rate or optim.grad_clip.')
 
 
-def _pretrained_backbone(config, state, shardings):
+def load_pretrained_backbone(config, state, shardings):
   """The backbone's weights from model.checkpoint, placed on the backbone's shardings."""
   log.info('loading the pretrained %s from %s', config.model.backbone, config.model.checkpoint)
   target = state['nnx'][0]['backbone']

@@ -5,6 +5,10 @@ meshes, from the same initial state and the same batches, and prints one JSON
 line: the largest relative loss difference and the largest parameter
 difference per mesh; then saves a state sharded over 8 devices and restores it
 on 4 devices and on 1, printing whether the values survived exactly.
+
+With `--backbone=DIR` (a BERT-format checkpoint; tests/test_backbones.py) it
+instead checks a router on that pretrained encoder: SFT steps on
+data=2 x fsdp=2 x tensor=2 against one device.
 """
 
 import json
@@ -34,8 +38,10 @@ def mesh_of(shape, n):
 
 
 def run(config, problem, stage, mesh, batches):
-  _, schedule = train.make_optimizer(config.optim, config[stage])
+  _, schedule = train.make_optimizer(config, stage)
   graphdef, state, sh = train.create_state(config, stage, problem, mesh)
+  if config.model.backbone != 'scratch':
+    state['nnx'][0]['backbone'] = train.load_pretrained_backbone(config, state, sh)
   step = jax.jit(train.make_train_step(config, stage, graphdef, problem, schedule),
                  in_shardings=(sh, sharding.batch_sharding(mesh)),
                  out_shardings=(sh, sharding.replicated(mesh)), donate_argnums=0)
@@ -47,15 +53,32 @@ def run(config, problem, stage, mesh, batches):
   return losses, [np.asarray(x) for x in jax.tree.leaves(state['nnx'])], state, sh
 
 
-def main(workdir):
-  workdir = pathlib.Path(workdir)
-  config = tiny_config(workdir)
-  config.model.update(d_model=32, num_heads=4, mlp_dim=64)
+def setup(config, workdir):
   problem = train.prepare_problem(config, workdir)
   feat = pipeline.Featurize(problem.tokenizer, config.data.max_len, extras=problem.tables['train'])
   it = iter(pipeline.make_dataset(problem.builder.as_data_source(split='train'), feat,
                                   global_batch_size=32, seed=0))
-  batches = [next(it) for _ in range(STEPS)]
+  return problem, [next(it) for _ in range(STEPS)]
+
+
+def backbone_main(workdir, checkpoint):
+  config = tiny_config(workdir)
+  config.model.update(backbone='hf_encoder', checkpoint=checkpoint)
+  problem, batches = setup(config, workdir)
+  ref_losses, ref_params, _, _ = run(config, problem, 'sft', mesh_of((1, 1, 1), 1), batches)
+  losses, params, state, _ = run(config, problem, 'sft', mesh_of((2, 2, 2), 8), batches)
+  kernel = state['nnx'][0]['backbone']['layers'][0]['attn']['wq'][...]
+  print('RESULT ' + json.dumps({
+      'loss_rel': max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+      'param_abs': max(float(np.max(np.abs(a - b))) for a, b in zip(params, ref_params)),
+      'wq_spec': [None if a is None else str(a) for a in kernel.sharding.spec]}))
+
+
+def main(workdir):
+  workdir = pathlib.Path(workdir)
+  config = tiny_config(workdir)
+  config.model.update(d_model=32, num_heads=4, mlp_dim=64)
+  problem, batches = setup(config, workdir)
   out = {}
   for stage in ('sft', 'rl'):
     ref_losses, ref_params, _, _ = run(config, problem, stage, mesh_of((1, 1, 1), 1), batches)
@@ -89,4 +112,7 @@ def main(workdir):
 
 
 if __name__ == '__main__':
-  main(sys.argv[1])
+  if len(sys.argv) > 2 and sys.argv[2].startswith('--backbone='):
+    backbone_main(pathlib.Path(sys.argv[1]), sys.argv[2].split('=', 1)[1])
+  else:
+    main(sys.argv[1])

@@ -75,7 +75,7 @@ def test_state_bytes_are_exact_and_estimate_matches_compiled_step():
   assert sft['num_params'] == sum(x.size for x in jax.tree.leaves(state['nnx'][0]))
 
   # (2) the whole estimate vs XLA's memory analysis of the compiled SFT step.
-  _, schedule = train.make_optimizer(config.optim, config.sft)
+  _, schedule = train.make_optimizer(config, "sft")
   step = jax.jit(train.make_train_step(config, 'sft', graphdef, problem, schedule),
                  donate_argnums=0)
   batch = fake_batch(config.sft.batch_size, config.data.max_len)
