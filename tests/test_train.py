@@ -106,7 +106,8 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   proc.wait()
   out = subprocess.run(_train_cmd(resumed, tmp_path), cwd=REPO_ROOT, env=env, check=True,
                        capture_output=True, text=True)
-  assert 'resumed' in out.stderr
+  # The rerun's RL progress bar starts at the checkpointed step (20 of 40).
+  assert re.search(r'rl:\s+50%\|[^|\n]*\| 20/40 ', out.stderr), out.stderr[-4000:]
 
   step_a, leaves_a = _final_params(straight)
   step_b, leaves_b = _final_params(resumed)
