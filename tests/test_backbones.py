@@ -149,6 +149,20 @@ def test_backbone_learning_rate_is_scaled(tmp_path, tiny_bert):
   assert np.allclose(np.abs(updates['head']['kernel'][...]), 1e-2, rtol=1e-4)
 
 
+def test_bfloat16_encoder_weights_load_exactly(tmp_path):
+  torch.manual_seed(1)
+  cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=32,
+                                max_position_embeddings=16)
+  model = transformers.BertModel(cfg, add_pooling_layer=False).to(torch.bfloat16)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  pure = hf_encoder.load_state(tmp_path, hf_encoder.EncoderConfig.from_dir(tmp_path))
+  np.testing.assert_array_equal(pure['word_embed'],
+                                model.embeddings.word_embeddings.weight.detach().float().numpy())
+  np.testing.assert_array_equal(pure['layers'][0]['w_in'],
+                                model.encoder.layer[0].intermediate.dense.weight.detach().float().numpy().T)
+
+
 def test_backbone_space_is_the_normalised_pooled_embedding(tiny_bert):
   cfg = ml_collections.ConfigDict(dict(backbone='hf_encoder', checkpoint=str(tiny_bert),
                                        pooling='mean'))

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import pathlib
-import struct
 from typing import Any, Iterable, Sequence
 
 import jax
@@ -39,6 +38,7 @@ import safetensors
 import sentencepiece as spm
 from flax import nnx
 
+from entrorouter_jax.backbones.weights import read_tensor, weight_files
 from entrorouter_jax.model import _MASK_VALUE, _param
 
 _SUPPORTED_TYPES = ('llama', 'mistral', 'gemma')
@@ -340,69 +340,16 @@ class DecoderBackbone(nnx.Module):
 
 
 def pool(hidden, mask, how: str) -> jax.Array:
-  """hidden[B, L, H], mask bool[B, L] -> float32[B, H].
-
-  'last': the hidden state at each row's last real token (index sum(mask) - 1,
-  0 for an all-pad row; padding must be on the right). 'mean': masked mean
-  (zeros for an all-pad row).
-  """
-  hidden = jnp.asarray(hidden, jnp.float32)
-  mask = jnp.asarray(mask).astype(bool)
-  if how == 'last':
-    index = jnp.maximum(mask.sum(axis=1) - 1, 0)
-    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
-  if how == 'mean':
-    weights = mask.astype(jnp.float32)[..., None]
-    return (hidden * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-  raise ValueError(f"pool how={how!r}; expected 'last' or 'mean'")
+  """hidden[B, L, H], mask bool[B, L] -> float32[B, H] by 'last' (the last real
+  token; padding on the right) or 'mean' (see entrorouter_jax.backbones.pool)."""
+  if how not in ('last', 'mean'):
+    raise ValueError(f"pool how={how!r}; expected 'last' or 'mean'")
+  from entrorouter_jax import backbones
+  return backbones.pool(hidden, mask, how)
 
 
 # ---------------------------------------------------------------------------
 # Weights
-
-
-def _read_header(path: pathlib.Path) -> tuple[dict, int]:
-  """A safetensors file's JSON header and the byte offset where its data starts."""
-  with open(path, 'rb') as f:
-    (size,) = struct.unpack('<Q', f.read(8))
-    return json.loads(f.read(size)), 8 + size
-
-
-def _read_tensor(handle, path: pathlib.Path, name: str, headers: dict) -> np.ndarray:
-  """One tensor as float32 (bf16 / f16 / f64 converted); `handle` is a safe_open."""
-  dtype = handle.get_slice(name).get_dtype()
-  if dtype == 'BF16':
-    # NumPy has no bfloat16, so safetensors' numpy loader cannot return it: read
-    # the raw little-endian uint16s and widen them (bf16 = the top half of f32).
-    if path not in headers:
-      headers[path] = _read_header(path)
-    header, data_start = headers[path]
-    entry = header[name]
-    begin, end = entry['data_offsets']
-    raw = np.fromfile(path, dtype='<u2', count=(end - begin) // 2, offset=data_start + begin)
-    return (raw.astype(np.uint32) << 16).view(np.float32).reshape(entry['shape'])
-  if dtype not in ('F32', 'F16', 'F64'):
-    raise ValueError(f'{path}: tensor {name!r} has dtype {dtype}; expected F32, F16 or BF16 '
-                     '(quantized checkpoints are not supported)')
-  return np.asarray(handle.get_tensor(name), np.float32)
-
-
-def _weight_files(model_dir: pathlib.Path) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
-  """(tensor name -> the safetensors file holding it, the file that lists the names)."""
-  single = model_dir / 'model.safetensors'
-  index = model_dir / 'model.safetensors.index.json'
-  if single.is_file():
-    with safetensors.safe_open(str(single), framework='np') as f:
-      return {name: single for name in f.keys()}, single
-  if index.is_file():
-    weight_map = json.loads(index.read_text()).get('weight_map')
-    if not isinstance(weight_map, dict):
-      raise ValueError(f'{index} has no "weight_map" dict')
-    for file in sorted(set(weight_map.values())):
-      if not (model_dir / file).is_file():
-        raise FileNotFoundError(f'{model_dir / file} (listed in {index}) does not exist')
-    return {name: model_dir / file for name, file in weight_map.items()}, index
-  raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {model_dir}')
 
 
 def _layout(cfg: DecoderConfig):
@@ -440,7 +387,7 @@ def load_state(model_dir: str | os.PathLike, cfg: DecoderConfig) -> dict:
   bare (…Model) names; ignores lm_head.* and anything outside the backbone.
   """
   model_dir = pathlib.Path(model_dir)
-  files, listing = _weight_files(model_dir)
+  files, listing = weight_files(model_dir)
   # The backbone's prefix: whatever precedes its (unique) embed_tokens.weight.
   embeds = sorted(n for n in files if n == 'embed_tokens.weight' or
                   n.endswith('.embed_tokens.weight'))
@@ -480,7 +427,7 @@ def load_state(model_dir: str | os.PathLike, cfg: DecoderConfig) -> dict:
         node = pure
         for key in ours[:-1]:
           node = node.setdefault(key, {})
-        node[ours[-1]] = convert(_read_tensor(handle, path, name, headers))
+        node[ours[-1]] = convert(read_tensor(handle, path, name, headers))
   return pure
 
 

@@ -40,6 +40,7 @@ import safetensors
 import tokenizers
 from flax import nnx
 
+from entrorouter_jax.backbones.weights import read_tensor, weight_files
 from entrorouter_jax.model import _MASK_VALUE, _param
 
 # model_type values whose checkpoints use BERT's tensor names and layout.
@@ -234,36 +235,12 @@ class BertEncoder(nnx.Module):
 
 def mean_pool(hidden, mask) -> jax.Array:
   """Masked mean over positions -> float32[B, H]; all-pad rows pool to zeros."""
-  weights = jnp.asarray(mask).astype(jnp.float32)[..., None]
-  total = (jnp.asarray(hidden).astype(jnp.float32) * weights).sum(1)
-  return total / jnp.maximum(weights.sum(1), 1.0)
+  from entrorouter_jax.backbones import pool
+  return pool(hidden, mask, 'mean')
 
 
 # ---------------------------------------------------------------------------
 # Weights
-
-
-class _TensorFiles:
-  """Name -> file over model.safetensors or a sharded model.safetensors.index.json."""
-
-  def __init__(self, model_dir):
-    model_dir = pathlib.Path(model_dir)
-    single, index = model_dir / 'model.safetensors', model_dir / 'model.safetensors.index.json'
-    if single.is_file():
-      self.files = {single: None}
-    elif index.is_file():
-      weight_map = json.loads(index.read_text())['weight_map']
-      self.files = {model_dir / f: None for f in sorted(set(weight_map.values()))}
-    else:
-      raise FileNotFoundError(f'no {single.name} (or {index.name}) in {model_dir}; the encoder '
-                              'loads safetensors weights only (convert pytorch_model.bin first)')
-    self.where = {}
-    for path in self.files:
-      self.files[path] = handle = safetensors.safe_open(str(path), framework='np')
-      self.where.update({name: (path, handle) for name in handle.keys()})
-
-  def describe(self) -> str:
-    return ', '.join(str(p) for p in self.files)
 
 
 def _weight_map(cfg: EncoderConfig):
@@ -312,28 +289,32 @@ def load_state(model_dir, cfg: EncoderConfig) -> dict:
   Raises ValueError naming the file and tensor on a missing tensor or a shape
   mismatch.
   """
-  files = _TensorFiles(model_dir)
-  prefix = 'bert.' if 'bert.embeddings.word_embeddings.weight' in files.where else ''
+  files, listing = weight_files(model_dir)
+  prefix = 'bert.' if 'bert.embeddings.word_embeddings.weight' in files else ''
   pure: dict = {}
+  handles: dict = {}
+  headers: dict = {}
   for path, name, shape, convert in _weight_map(cfg):
     candidates = [prefix + name]
     if name.endswith('LayerNorm.weight'):
       candidates.append(prefix + name[:-len('weight')] + 'gamma')
     elif name.endswith('LayerNorm.bias'):
       candidates.append(prefix + name[:-len('bias')] + 'beta')
-    found = next((c for c in candidates if c in files.where), None)
+    found = next((c for c in candidates if c in files), None)
     if found is None:
-      raise ValueError(f'tensor {prefix + name!r} (shape {shape}) is missing from '
-                       f'{files.describe()}')
-    file, handle = files.where[found]
-    array = handle.get_tensor(found)
-    if tuple(array.shape) != shape:
-      raise ValueError(f'tensor {found!r} in {file} has shape {tuple(array.shape)}, expected '
+      raise ValueError(f'tensor {prefix + name!r} (shape {shape}) is missing from {listing}')
+    file = files[found]
+    if file not in handles:
+      handles[file] = safetensors.safe_open(str(file), framework='np')
+    handle = handles[file]
+    found_shape = tuple(handle.get_slice(found).get_shape())
+    if found_shape != shape:
+      raise ValueError(f'tensor {found!r} in {file} has shape {found_shape}, expected '
                        f'{shape} (from {pathlib.Path(model_dir) / "config.json"})')
     node = pure
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(convert(np.asarray(array, np.float32)))
+    node[path[-1]] = np.ascontiguousarray(convert(read_tensor(handle, file, found, headers)))
   return pure
 
 
