@@ -121,7 +121,10 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   with (workdir / 'stage0.pkl').open('rb') as f:
     stage0 = pickle.load(f)
   space = stage0['space']
-  train_feats = space.transform(train.queries.tolist())
+  # Anchor-in-logits runs keep the training features (the same space, same order).
+  train_feats = stage0.get('train_feats')
+  if train_feats is None or len(train_feats) != train.num_queries:
+    train_feats = space.transform(train.queries.tolist())
   data_feats = space.transform(data.queries.tolist())
   if split in stage0['tables']:
     p_hat, c_bar = stage0['tables'][split]['p_hat'], stage0['tables'][split]['c_bar']

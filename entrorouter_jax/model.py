@@ -200,7 +200,7 @@ class RouterModel(nnx.Module):
     with nnx.use_eager_sharding(eager):
       if kind == 'scratch':
         self.backbone = None
-        self.dims = dims = model_dims(model_cfg)
+        dims = model_dims(model_cfg)
         self._build_encoder(model_cfg, dims, vocab_size, max_len, dropout, rngs)
         d = dims['d_model']
       else:
@@ -210,7 +210,6 @@ class RouterModel(nnx.Module):
           raise ValueError(f'data.max_len={max_len} exceeds the backbone\'s {limit} positions '
                            f'({model_cfg.checkpoint})')
         d = self.backbone.hidden_size
-        self.dims = {'d_model': d}
       self._build_head(model_cfg, d, num_models, rngs)
 
   def _build_encoder(self, model_cfg, dims, vocab_size, max_len, dropout, rngs):

@@ -29,16 +29,16 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-import sentencepiece as spm
 from flax import nnx
 
-from entrorouter_jax.backbones.weights import read_tensor, weight_files
+from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
+from entrorouter_jax.data import tokenizer as tokenizer_lib
 from entrorouter_jax.model import _MASK_VALUE, _param
 
 _SUPPORTED_TYPES = ('llama', 'mistral', 'gemma')
@@ -424,10 +424,7 @@ def load_state(model_dir: str | os.PathLike, cfg: DecoderConfig) -> dict:
         if found != shape:
           raise ValueError(f'{path}: tensor {name!r} has shape {found}; expected {shape} '
                            'from config.json')
-        node = pure
-        for key in ours[:-1]:
-          node = node.setdefault(key, {})
-        node[ours[-1]] = convert(read_tensor(handle, path, name, headers))
+        put(pure, ours, convert(read_tensor(handle, path, name, headers)))
   return pure
 
 
@@ -450,7 +447,7 @@ def load_decoder(model_dir: str | os.PathLike, *, dtype=jnp.float32,
 # Tokenizer
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(tokenizer_lib.Tokenizer):
   """The model's own SentencePiece tokenizer, with data/tokenizer.Tokenizer's interface.
 
   Prepends BOS (as Llama / Gemma expect); truncation keeps BOS and cuts the
@@ -459,10 +456,10 @@ class SentencePieceTokenizer:
   """
 
   def __init__(self, model_proto: bytes):
-    self._proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    super().__init__(model_proto)
     self.bos_id = self._sp.bos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else 0
+    self.prefix = [self.bos_id] if self.bos_id >= 0 else []
 
   @classmethod
   def load(cls, model_dir: str | os.PathLike) -> 'SentencePieceTokenizer':
@@ -474,49 +471,3 @@ class SentencePieceTokenizer:
       raise FileNotFoundError(f'{path} does not exist; expected the SentencePiece '
                               'tokenizer.model of a Llama / Gemma model directory')
     return cls(path.read_bytes())
-
-  def save(self, path: str | os.PathLike) -> None:
-    """Writes the tokenizer.model bytes (atomically; gs:// workdirs too)."""
-    from entrorouter_jax import paths  # as data/tokenizer.Tokenizer.save
-    paths.write_atomic(path, self._proto)
-
-  def __getstate__(self):
-    return {'proto': self._proto}
-
-  def __setstate__(self, state):
-    self.__init__(state['proto'])
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
-
-  def tokenize(self, text: str) -> list[int]:
-    """The content's ids (no BOS)."""
-    return self._sp.encode(text)
-
-  def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids`, without padding (control tokens such as BOS decode to '')."""
-    return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
-
-  def encode(self, text: str, max_len: int, truncate: str = 'right'):
-    """Returns (ids int32[max_len], mask bool[max_len]); mask is True on real tokens."""
-    if truncate not in ('right', 'left'):
-      raise ValueError(f"truncate={truncate!r}; expected 'right' or 'left'")
-    bos = [self.bos_id] if self.bos_id >= 0 else []
-    if max_len < len(bos) + 1:
-      raise ValueError(f'max_len={max_len} leaves no room for content after BOS')
-    ids = self._sp.encode(text)
-    room = max_len - len(bos)
-    if len(ids) > room:
-      ids = ids[:room] if truncate == 'right' else ids[len(ids) - room:]
-    ids = bos + ids
-    out = np.full(max_len, self.pad_id, np.int32)
-    out[:len(ids)] = ids
-    mask = np.zeros(max_len, bool)
-    mask[:len(ids)] = True
-    return out, mask
-
-  def encode_batch(self, texts: Sequence[str], max_len: int, truncate: str = 'right'):
-    """Returns (ids int32[B, max_len], mask bool[B, max_len])."""
-    pairs = [self.encode(t, max_len, truncate) for t in texts]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])

@@ -40,7 +40,8 @@ import safetensors
 import tokenizers
 from flax import nnx
 
-from entrorouter_jax.backbones.weights import read_tensor, weight_files
+from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
+from entrorouter_jax.data.tokenizer import pad
 from entrorouter_jax.model import _MASK_VALUE, _param
 
 # model_type values whose checkpoints use BERT's tensor names and layout.
@@ -311,10 +312,7 @@ def load_state(model_dir, cfg: EncoderConfig) -> dict:
     if found_shape != shape:
       raise ValueError(f'tensor {found!r} in {file} has shape {found_shape}, expected '
                        f'{shape} (from {pathlib.Path(model_dir) / "config.json"})')
-    node = pure
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(convert(read_tensor(handle, file, found, headers)))
+    put(pure, path, np.ascontiguousarray(convert(read_tensor(handle, file, found, headers))))
   return pure
 
 
@@ -403,12 +401,7 @@ class HFTokenizer:
   def _finish(self, enc, max_len: int, budget: int, truncate: str):
     if len(enc.ids) > budget:
       enc.truncate(budget, direction=truncate)
-    ids = self._tok.post_process(enc, add_special_tokens=True).ids
-    out = np.full(max_len, self.pad_id, np.int32)
-    out[:len(ids)] = ids
-    mask = np.zeros(max_len, bool)
-    mask[:len(ids)] = True
-    return out, mask
+    return pad(self._tok.post_process(enc, add_special_tokens=True).ids, max_len, self.pad_id)
 
   def encode(self, text: str, max_len: int, truncate: str = 'right'):
     """Returns (ids int32[max_len], mask bool[max_len]); mask is True on real tokens."""

@@ -3,6 +3,7 @@
   files, listing = weight_files(model_dir)   # tensor name -> file; model.safetensors
                                              # or a sharded model.safetensors.index.json
   array = read_tensor(handle, path, name, headers)   # handle = safetensors.safe_open(...)
+  put(pure, ('layers', 0, 'w_in'), array)           # into a module's pure-dict layout
 
 Shared by the encoder and decoder loaders; nothing here imports torch.
 """
@@ -15,6 +16,13 @@ import struct
 
 import numpy as np
 import safetensors
+
+
+def put(pure: dict, path, value) -> None:
+  """pure[path[0]][path[1]]...[path[-1]] = value, creating the dicts on the way."""
+  for key in path[:-1]:
+    pure = pure.setdefault(key, {})
+  pure[path[-1]] = value
 
 
 def read_header(path: pathlib.Path) -> tuple[dict, int]:

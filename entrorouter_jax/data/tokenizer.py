@@ -19,8 +19,24 @@ from etils import epath
 PAD_ID = 0
 
 
+def pad(ids: Sequence[int], max_len: int, pad_id: int = PAD_ID):
+  """(ids int32[max_len] padded on the right with pad_id, mask bool[max_len])."""
+  out = np.full(max_len, pad_id, np.int32)
+  out[:len(ids)] = ids
+  mask = np.zeros(max_len, bool)
+  mask[:len(ids)] = True
+  return out, mask
+
+
 class Tokenizer:
-  """A picklable SentencePiece processor (grain workers may copy it)."""
+  """A picklable SentencePiece processor (grain workers may copy it).
+
+  `prefix` ids (none here; BOS for a decoder backbone's tokenizer, a subclass)
+  start every encoded query and survive truncation.
+  """
+
+  pad_id = PAD_ID
+  prefix: list[int] = []
 
   def __init__(self, model_proto: bytes):
     self._proto = model_proto
@@ -52,23 +68,19 @@ class Tokenizer:
     return self._sp.encode(text)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if int(i) != PAD_ID])
+    return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
 
   def encode(self, text: str, max_len: int, truncate: str = 'right'):
     """Returns (ids int32[max_len], mask bool[max_len]); mask is True on real tokens."""
+    if truncate not in ('right', 'left'):
+      raise ValueError(f"truncate={truncate!r}; expected 'right' or 'left'")
+    room = max_len - len(self.prefix)
+    if self.prefix and room < 1:
+      raise ValueError(f'max_len={max_len} leaves no room for content after BOS')
     ids = self._sp.encode(text)
-    if len(ids) > max_len:
-      if truncate == 'right':
-        ids = ids[:max_len]
-      elif truncate == 'left':
-        ids = ids[-max_len:]
-      else:
-        raise ValueError(f"truncate={truncate!r}; expected 'right' or 'left'")
-    out = np.full(max_len, PAD_ID, np.int32)
-    out[:len(ids)] = ids
-    mask = np.zeros(max_len, bool)
-    mask[:len(ids)] = True
-    return out, mask
+    if len(ids) > room:
+      ids = ids[:room] if truncate == 'right' else ids[len(ids) - room:]
+    return pad(self.prefix + ids, max_len, self.pad_id)
 
   def encode_batch(self, texts: Sequence[str], max_len: int, truncate: str = 'right'):
     """Returns (ids int32[B, max_len], mask bool[B, max_len])."""
