@@ -44,6 +44,17 @@ def relative(router: dict, strongest: dict) -> dict:
   }
 
 
+def best_retained(curve, strongest: dict, min_saved: float):
+  """The point of `curve` ([{'accuracy', 'cost'}, ...]) keeping the most accuracy among
+  those saving at least `min_saved` of the strongest model's cost (ties: the cheaper):
+  {'retained_accuracy', 'cost_saved'}, or None when no point saves that much."""
+  points = [relative(p, strongest) for p in curve]
+  points = [p for p in points if p['cost_saved'] >= min_saved]
+  if not points:
+    return None
+  return max(points, key=lambda p: (p['retained_accuracy'], p['cost_saved']))
+
+
 def shares(choice, names) -> dict:
   counts = np.bincount(choice, minlength=len(names)) / max(len(choice), 1)
   return {name: float(c) for name, c in zip(names, counts)}

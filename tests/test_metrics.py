@@ -197,3 +197,16 @@ def test_random_at_matched_cost():
   assert low == {'accuracy': 0.5, 'cost': 1.0, 'matched_cost': 0.5}
   high = metrics.random_at_matched_cost(singles, 10.0)
   assert high == {'accuracy': 0.9, 'cost': 4.0, 'matched_cost': 10.0}
+
+
+def test_best_retained_at_a_cost_saving_bar():
+  strong = {'accuracy': 0.8, 'cost': 10.0}
+  curve = [{'accuracy': 0.8, 'cost': 10.0},    # saves 0%
+           {'accuracy': 0.78, 'cost': 6.0},    # saves 40%: below the bar
+           {'accuracy': 0.76, 'cost': 5.0},    # saves 50%: 95% retained
+           {'accuracy': 0.76, 'cost': 4.0},    # saves 60%: same accuracy, cheaper -> chosen
+           {'accuracy': 0.60, 'cost': 1.0}]
+  best = metrics.best_retained(curve, strong, 0.4825)
+  assert best['retained_accuracy'] == pytest.approx(0.95)
+  assert best['cost_saved'] == pytest.approx(0.6)
+  assert metrics.best_retained(curve[:2], strong, 0.4825) is None
