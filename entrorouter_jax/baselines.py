@@ -17,14 +17,18 @@ needed, a tail of larger values up to twice the lambda past which every query
 goes to its cheapest predicted model, so every curve runs from lambda = 0 to
 "all to the cheapest".
 
-  knn     score = p_hat, c_pred = c_bar (capability.knn_estimates on the
-          evaluated split; no leave-one-out there).
-  linear  score = sigmoid of a linear map of the features, one output per
-          model: multi-label logistic regression on the training split.
-  mlp     the same with one hidden layer of 256 GELU units.
-For linear and mlp, c_pred(x, m) = m's mean c_hat over the training split
-(no cost regression: per-query cost differences are small next to the
-between-model ones, and the kNN baseline already covers per-query costs).
+  knn       score = p_hat, c_pred = c_bar (capability.knn_estimates on the
+            evaluated split; no leave-one-out there).
+  linear    score = sigmoid of a linear map of the features, one output per
+            model: multi-label logistic regression on the training split.
+  mlp       the same with one hidden layer of 256 GELU units.
+  ensemble  score = the mean of knn's and mlp's scores, c_pred = c_bar (the
+            neighbours' per-query cost, which routes better than the mean cost).
+  task_best (a reference, like the oracle: it reads each query's task label)
+            score = each model's mean training outcome on the query's task,
+            c_pred = its mean training c_hat there.
+For linear and mlp, c_pred(x, m) = m's mean c_hat over the training split, as
+in RouterBench and RouteLLM.
 
 Training of linear / mlp (JAX + optax, deterministic given the seed): binary
 cross-entropy on the observed cells only (masked; outcomes may be fractional
@@ -95,6 +99,24 @@ def lambda_grid(scores, c_pred, base=LAMBDA_GRID) -> list[float]:
   return grid
 
 
+def spread_lambdas(scores, c_pred, outcomes, outcome_mask, cost_hat, num: int = 9) -> list[float]:
+  """Lambdas at which routing by argmax scores - lambda c_pred costs evenly spaced
+  amounts: for each of `num` costs evenly spaced from the cheapest to the dearest
+  single model's mean cost_hat on these queries, the lambda of `lambda_grid`
+  whose routing cost is closest; sorted, without repeats.
+
+  scores, c_pred, outcomes, cost_hat float[N, K]; outcome_mask bool[N, K]. Used
+  on the training split's kNN estimates (leave-one-out) to pick the lambdas the
+  utility head trains on: AIQ weighs the cost range evenly, so should they.
+  """
+  grid = lambda_grid(scores, c_pred)
+  costs = np.array([metrics.route_accuracy_cost(route(scores, c_pred, lam), outcomes,
+                                                outcome_mask, cost_hat)['cost'] for lam in grid])
+  single = np.asarray(cost_hat, np.float64).mean(axis=0)
+  targets = np.linspace(single.min(), single.max(), num)
+  return sorted({float(grid[int(np.argmin(np.abs(costs - t)))]) for t in targets})
+
+
 @dataclasses.dataclass
 class ScoreRouter:
   """A baseline: scores and c_pred float[N, K] on the evaluated queries.
@@ -113,12 +135,16 @@ class ScoreRouter:
   def lambdas(self, base=LAMBDA_GRID) -> list[float]:
     return lambda_grid(self.scores, self.c_pred, base)
 
+  def choices(self, base=LAMBDA_GRID) -> tuple[list[float], list[np.ndarray]]:
+    """(lambdas ascending, the routing choice int[N] at each): the curve's points."""
+    grid = self.lambdas(base)
+    return grid, [self.choice(lam) for lam in grid]
+
   def curve(self, outcomes, outcome_mask, costs, base=LAMBDA_GRID) -> list[dict]:
     """[{'lambda', 'accuracy', 'cost', 'shares'}] over `lambdas(base)`, lambda
     ascending; accuracy and cost measured with the given [N, K] tables;
     shares: list[K] of the fraction of queries routed to each model."""
-    grid = self.lambdas(base)
-    choices = [self.choice(lam) for lam in grid]
+    grid, choices = self.choices(base)
     return metrics.curve_points(choices, outcomes, outcome_mask, costs, grid, 'lambda')
 
 
@@ -282,10 +308,76 @@ def mlp_router(train_feats, train_outcomes, train_mask, train_cost_hat, test_fea
                          train_cost_hat, test_feats, seed)
 
 
+def ensemble_router(knn: ScoreRouter, mlp: ScoreRouter) -> ScoreRouter:
+  """score = mean of the kNN and MLP success estimates, c_pred = the kNN's c_bar."""
+  return ScoreRouter('ensemble', (knn.scores + mlp.scores) / 2.0, knn.c_pred)
+
+
+def task_best_router(train: RoutingDataset, test: RoutingDataset, c_ref: float):
+  """The reference that reads task labels: on each test query, every model's mean
+  training outcome and mean c_hat on that query's task (the global means for a
+  task absent from training). None when the training split has no task labels."""
+  train_tasks = np.asarray(train.tasks.tolist(), dtype=object)
+  if not any(t for t in train_tasks):
+    return None
+  y = np.where(train.outcome_mask, train.outcomes, 0.0)
+  m = train.outcome_mask.astype(np.float64)
+  c = np.asarray(train.costs, np.float64) / float(c_ref)
+  glob_s = y.sum(0) / np.maximum(m.sum(0), 1)
+  glob_c = c.mean(0)
+  scores = np.broadcast_to(glob_s, test.outcomes.shape).copy()
+  c_pred = np.broadcast_to(glob_c, test.outcomes.shape).copy()
+  test_tasks = np.asarray(test.tasks.tolist(), dtype=object)
+  for task in set(train_tasks.tolist()) - {''}:
+    rows, q = train_tasks == task, test_tasks == task
+    if q.any():
+      counts = m[rows].sum(0)
+      scores[q] = np.where(counts > 0, y[rows].sum(0) / np.maximum(counts, 1), glob_s)
+      c_pred[q] = c[rows].mean(0)
+  return ScoreRouter('task_best', scores, c_pred)
+
+
+def oracle_router(data: RoutingDataset, c_ref: float) -> ScoreRouter:
+  """The reference that reads the outcomes: score = the observed outcome (-1
+  where unobserved, so never preferred), c_pred = the true c_hat. At lambda = 0
+  it routes each query to the cheapest model with the highest outcome (METHOD.md's
+  oracle); larger lambdas trace its cost/quality curve down to all-cheapest."""
+  scores = np.where(data.outcome_mask, np.asarray(data.outcomes, np.float64), -1.0)
+  return ScoreRouter('oracle', scores, np.asarray(data.costs, np.float64) / float(c_ref))
+
+
+def score_routers(train: RoutingDataset, train_feats, test_feats, test_p_hat, test_c_bar,
+                  c_ref: float, *, seed: int = 0, suffix: str = '') -> list[ScoreRouter]:
+  """knn, linear, mlp and ensemble on one feature space (names + `suffix`)."""
+  train_cost_hat = np.asarray(train.costs, dtype=np.float64) / float(c_ref)
+  knn = knn_router(test_p_hat, test_c_bar)
+  fit = (train_feats, train.outcomes, train.outcome_mask, train_cost_hat, test_feats)
+  lin = linear_router(*fit, seed=seed)
+  mlp = mlp_router(*fit, seed=seed)
+  routers = [knn, lin, mlp, ensemble_router(knn, mlp)]
+  for r in routers:
+    r.name += suffix
+  return routers
+
+
+def score_entry(router: ScoreRouter, data: RoutingDataset, cost_weight: float,
+                cost_range) -> dict:
+  """{'accuracy', 'cost' (at cost_weight), 'aiq', 'curve'} (+ 'fit') of a router on `data`."""
+  y, mask, costs = data.outcomes, data.outcome_mask, data.costs
+  entry = metrics.route_accuracy_cost(router.choice(cost_weight), y, mask, costs)
+  curve = router.curve(y, mask, costs)
+  entry['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
+                             cost_range)
+  entry['curve'] = curve
+  if router.fit:
+    entry['fit'] = dict(router.fit)
+  return entry
+
+
 # -------------------------------------------------------------- the table ---
 def evaluate_baselines(train: RoutingDataset, test: RoutingDataset, train_feats, test_feats,
                        test_p_hat, test_c_bar, c_ref: float, cost_weight: float,
-                       router_cost: float, *, seed: int = 0) -> dict:
+                       router_cost: float, *, seed: int = 0, extra=()) -> dict:
   """Every baseline on the `test` split.
 
   train_feats float[N, D], test_feats float[Nq, D]: the Stage-0 features
@@ -298,14 +390,16 @@ def evaluate_baselines(train: RoutingDataset, test: RoutingDataset, train_feats,
 
   Returns {name: entry}; costs in dollars, AIQs over
   `metrics.single_model_cost_range` of the test split's single models:
-    'knn', 'linear', 'mlp': {'accuracy', 'cost' (at cost_weight), 'aiq',
-        'curve': [{'lambda', 'accuracy', 'cost', 'shares'}, ...] (lambda
-        ascending; shares = list[K] of routing fractions by model index)};
-        linear/mlp also 'fit' (see `fit_success_model`);
+    'knn', 'linear', 'mlp', 'ensemble' (and 'task_best' where the data has
+        tasks, and every ScoreRouter in `extra`): {'accuracy', 'cost' (at
+        cost_weight), 'aiq', 'curve': [{'lambda', 'accuracy', 'cost', 'shares'},
+        ...] (lambda ascending; shares = list[K] of routing fractions by model
+        index)}; linear/mlp also 'fit' (see `fit_success_model`);
     'random': `metrics.random_at_matched_cost` at router_cost ({'accuracy',
         'cost', 'matched_cost'}), 'aiq' and 'curve' = the single models'
         convex hull points [{'model', 'accuracy', 'cost'}];
-    'oracle': {'accuracy', 'cost', 'aiq'} (aiq of its single point);
+    'oracle': {'accuracy', 'cost' (its lambda = 0 point: the cheapest model
+        with the highest outcome), 'aiq', 'curve'} (`oracle_router`);
     'single:<name>': {'accuracy', 'cost', 'aiq'} for every model.
   """
   if train.model_names != test.model_names:
@@ -314,25 +408,12 @@ def evaluate_baselines(train: RoutingDataset, test: RoutingDataset, train_feats,
   y, mask, costs = test.outcomes, test.outcome_mask, test.costs
   singles = metrics.single_models(y, mask, costs, names)
   cost_range = metrics.single_model_cost_range(singles)
-  train_cost_hat = np.asarray(train.costs, dtype=np.float64) / float(c_ref)
-
-  routers = [
-      knn_router(test_p_hat, test_c_bar),
-      linear_router(train_feats, train.outcomes, train.outcome_mask, train_cost_hat, test_feats,
-                    seed=seed),
-      mlp_router(train_feats, train.outcomes, train.outcome_mask, train_cost_hat, test_feats,
-                 seed=seed),
-  ]
-  out = {}
-  for r in routers:
-    entry = metrics.route_accuracy_cost(r.choice(cost_weight), y, mask, costs)
-    curve = r.curve(y, mask, costs)
-    entry['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
-                               cost_range)
-    entry['curve'] = curve
-    if r.fit:
-      entry['fit'] = dict(r.fit)
-    out[r.name] = entry
+  routers = score_routers(train, train_feats, test_feats, test_p_hat, test_c_bar, c_ref,
+                          seed=seed) + list(extra)
+  task_best = task_best_router(train, test, c_ref)
+  if task_best is not None:
+    routers.append(task_best)
+  out = {r.name: score_entry(r, test, cost_weight, cost_range) for r in routers}
 
   single_c = [singles[n]['cost'] for n in names]
   single_a = [singles[n]['accuracy'] for n in names]
@@ -347,9 +428,7 @@ def evaluate_baselines(train: RoutingDataset, test: RoutingDataset, train_feats,
   random['curve'] = hull
   out['random'] = random
 
-  oracle = metrics.route_accuracy_cost(metrics.oracle_choice(y, mask, costs), y, mask, costs)
-  oracle['aiq'] = metrics.aiq([oracle['cost']], [oracle['accuracy']], cost_range)
-  out['oracle'] = oracle
+  out['oracle'] = score_entry(oracle_router(test, c_ref), test, 0.0, cost_range)
   for n in names:
     entry = dict(singles[n])
     entry['aiq'] = metrics.aiq([entry['cost']], [entry['accuracy']], cost_range)

@@ -34,7 +34,7 @@ PRIORS = ('task', 'global')
 # arrays of that size (similarities, a mask, at worst candidate indices).
 _BLOCK_CELLS = 1 << 24
 _MAX_CHUNK = 1024
-_RESERVED = ('strongest', 'c_ref', 'space', 'train_feats', 'train')
+_RESERVED = ('strongest', 'c_ref', 'space', 'train_feats', 'train', 'query_feats')
 
 
 # ------------------------------------------------------------ reference ---
@@ -285,6 +285,7 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
   Returns {'strongest': int, 'c_ref': float, 'space': the fitted space,
            'train_feats': the training texts in that space, float32[N, dim],
            'train': (p_hat, c_bar) leave-one-out, float32[N, K] each,
+           'query_feats': {name: that query set in the space, float32[Nq, dim]},
            name: (p_hat, c_bar) float32[Nq, K] each, for every query set}.
   c_bar is in units of c_ref (c_hat = train_costs / c_ref).
   """
@@ -299,7 +300,9 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
   out = {'strongest': strongest, 'c_ref': c_ref, 'space': space, 'train_feats': train_feats,
          'train': knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
                                 **common)}
+  out['query_feats'] = {}
   for name, (texts, tasks) in query_sets.items():
+    feats = out['query_feats'][name] = space.transform(texts)
     out[name] = knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
-                              query_feats=space.transform(texts), query_tasks=tasks, **common)
+                              query_feats=feats, query_tasks=tasks, **common)
   return out

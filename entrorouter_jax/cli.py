@@ -62,17 +62,42 @@ def default_workdir() -> pathlib.Path:
 
 def user_errors():
   from entrorouter_jax.data.dataset import DataError
-  from entrorouter_jax.train import TrainingError
+  from entrorouter_jax.state import TrainingError
   return (DataError, TrainingError, FileNotFoundError, ValueError)
+
+
+class _QuietReadOnlyCheckpoints(logging.Filter):
+  """Drops orbax's warnings that a read-only CheckpointManager (how routers and
+  evaluations open a finished run) is read-only: three lines per load, no news."""
+
+  NOISE = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(n in message for n in self.NOISE)
+
+
+def show_progress_logs():
+  """Our INFO lines (Stage 0, resumes, stage selection) on stderr; libraries
+  (orbax, TFDS) only at WARNING and above."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _QuietReadOnlyCheckpoints) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietReadOnlyCheckpoints())
+  logger = logging.getLogger('entrorouter_jax')
+  logger.setLevel(logging.INFO)
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    logger.addHandler(handler)
+    logger.propagate = False
 
 
 def run_main(argv, fn, default_workdir_from_config: bool = True):
   """Runs fn(config, workdir), printing the result summary or a one-line error."""
   del argv
-  # Our own progress at INFO; libraries (orbax, TFDS) only at WARNING and above.
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('entrorouter_jax').setLevel(logging.INFO)
+  show_progress_logs()
   from entrorouter_jax import evaluate
   from entrorouter_jax import paths
   workdir = paths.as_path(FLAGS.workdir or default_workdir())

@@ -71,18 +71,25 @@ def summary(results: dict) -> str:
 THRESHOLDS = np.concatenate([np.geomspace(1e-3, 0.5, 20), np.linspace(0.55, 1.0, 10)])
 
 
-def router_curve(router, data: RoutingDataset, probs: np.ndarray, tables) -> list[dict]:
-  """The router's cost/quality curve: a lambda sweep if lambda-conditioned, else thresholds.
+def router_curve(router, data: RoutingDataset, probs: np.ndarray, tables, feats=None) -> list[dict]:
+  """The router's cost/quality curve: a lambda sweep for the utility head (argmax
+  s - lambda c_bar, the same lambdas as the baselines) or a lambda-conditioned
+  router, else a threshold sweep on pi.
 
   Threshold points are labelled t on the cheap side and 2 - t on the dear side
   (metrics.threshold_params), so the label grows from cheap to dear.
   """
+  from entrorouter_jax import baselines
+  from entrorouter_jax.policy import is_utility
   y, mask, costs = data.outcomes, data.outcome_mask, data.costs
   cfg = router.config.model
+  if is_utility(router.config):
+    success, c_bar = router.scores(data.queries.tolist(), tables, feats)
+    return baselines.ScoreRouter('router', success, c_bar).curve(y, mask, costs)
   if cfg.lambda_conditioned:
     grid = np.unique(np.concatenate([[cfg.lambda_min], np.geomspace(
         max(cfg.lambda_min, 1e-3), cfg.lambda_max, 15)]))
-    choices = [np.argmax(router.probs(data.queries.tolist(), lam, tables), axis=1)
+    choices = [np.argmax(router.probs(data.queries.tolist(), lam, tables, feats), axis=1)
                for lam in grid]
     return metrics.curve_points(choices, y, mask, costs, grid.tolist(), 'lambda')
   choices = metrics.threshold_choices(probs, router.model_costs, THRESHOLDS)
@@ -121,11 +128,14 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   with (workdir / 'stage0.pkl').open('rb') as f:
     stage0 = pickle.load(f)
   space = stage0['space']
-  # Anchor-in-logits runs keep the training features (the same space, same order).
+  # Stage 0 keeps both splits' embeddings (the same space, the same order).
+  stored = stage0.get('features', {})
   train_feats = stage0.get('train_feats')
   if train_feats is None or len(train_feats) != train.num_queries:
     train_feats = space.transform(train.queries.tolist())
-  data_feats = space.transform(data.queries.tolist())
+  data_feats = stored.get(split)
+  if data_feats is None or len(data_feats) != data.num_queries:
+    data_feats = space.transform(data.queries.tolist())
   if split in stage0['tables']:
     p_hat, c_bar = stage0['tables'][split]['p_hat'], stage0['tables'][split]['c_bar']
   else:
@@ -136,11 +146,11 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
                                  prior=config.anchor.prior)
 
   lam = router.default_cost_weight
-  probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar))
+  probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar), feats=data_feats)
   results = router_results(data, probs, strongest=router.strongest, c_ref=router.c_ref,
                            cost_weight=lam, dataset=config.data.name, split=split)
   names = router.model_names
-  curve = router_curve(router, data, probs, (p_hat, c_bar))
+  curve = router_curve(router, data, probs, (p_hat, c_bar), data_feats)
   cost_range = metrics.single_model_cost_range(results['single_models'])
   results['curve'] = curve
   results['aiq'] = metrics.aiq([p['cost'] for p in curve], [p['accuracy'] for p in curve],
@@ -149,12 +159,8 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   results['anchor_space'] = config.anchor.space
   results['baselines'] = baselines.evaluate_baselines(
       train, data, train_feats, data_feats, p_hat, c_bar, router.c_ref, lam,
-      router_cost=results['router']['cost'], seed=config.seed)
-  if config.model.get('backbone', 'scratch') != 'scratch':
-    # The learned baselines in the other space too (kNN on TF-IDF and on the
-    # pretrained embeddings), so a pretrained router meets both.
-    results['baselines'].update(_baselines_in_other_space(config, router, train, data, lam,
-                                                          results['router']['cost']))
+      router_cost=results['router']['cost'], seed=config.seed,
+      extra=other_space_routers(config, router.c_ref, train, data, seed=config.seed))
 
   if len(names) == 2:   # RouteLLM's two-model metrics on every curve
     entries = [results['router']] + [v for v in results['baselines'].values() if v.get('curve')]
@@ -165,25 +171,21 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   return results
 
 
-def _baselines_in_other_space(config, router, train, data, lam, router_cost) -> dict:
-  """knn/linear/mlp in the space Stage 0 did not use, as '<name>_tfidf' / '<name>_backbone'."""
-  from entrorouter_jax import backbones, baselines, capability
-  if config.anchor.space == 'backbone':
-    other, space = 'tfidf', capability.TfidfSpace(dim=config.anchor.dim,
-                                                  min_df=config.anchor.min_df)
-  else:
-    other, space = 'backbone', backbones.BackboneSpace(config.model, config.data.max_len,
-                                                       config.data.truncate)
-  train_feats = space.fit_transform(train.queries.tolist())
-  data_feats = space.transform(data.queries.tolist())
-  p_hat, c_bar = capability.knn_estimates(
-      train_feats, train.outcomes, train.outcome_mask, train.costs / router.c_ref,
-      train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
-      k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior)
-  entries = baselines.evaluate_baselines(train, data, train_feats, data_feats, p_hat, c_bar,
-                                         router.c_ref, lam, router_cost=router_cost,
-                                         seed=config.seed)
-  return {f'{name}_{other}': entries[name] for name in ('knn', 'linear', 'mlp')}
+def other_space_routers(config, c_ref, train, data, *, seed=0) -> list:
+  """knn/linear/mlp/ensemble in every space of `features.other_spaces`, named
+  '<baseline>_<space>' (e.g. 'mlp_tfidf'), as ScoreRouters on `data`."""
+  from entrorouter_jax import baselines, capability, features
+  routers = []
+  for name, space in features.other_spaces(config):
+    train_feats = space.fit_transform(train.queries.tolist())
+    data_feats = space.transform(data.queries.tolist())
+    p_hat, c_bar = capability.knn_estimates(
+        train_feats, train.outcomes, train.outcome_mask, train.costs / c_ref,
+        train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
+        k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior)
+    routers += baselines.score_routers(train, train_feats, data_feats, p_hat, c_bar, c_ref,
+                                       seed=seed, suffix=f'_{name}')
+  return routers
 
 
 # METHOD.md's headline operating point: the best curve point saving at least this

@@ -337,3 +337,46 @@ def random_at_matched_cost(single_models: dict, cost: float) -> dict:
   return {'accuracy': _hull_value(hull_c, hull_a, cost, hull_a[0]),
           'cost': float(np.clip(cost, hull_c[0], hull_c[-1])),
           'matched_cost': cost}
+
+
+# ------------------------------------------------------------- bootstrap ---
+def bootstrap_counts(n: int, replicates: int, seed: int = 0) -> np.ndarray:
+  """float32[replicates, n]: how often each of n test queries is drawn in each
+  bootstrap replicate (n draws with replacement). The same matrix for every
+  router compared makes the intervals paired."""
+  rng = np.random.default_rng(seed)
+  counts = np.zeros((replicates, n), np.float32)
+  for b in range(replicates):
+    counts[b] = np.bincount(rng.integers(0, n, n), minlength=n)
+  return counts
+
+
+def chosen_tables(choices, outcomes, outcome_mask, costs) -> tuple[np.ndarray, np.ndarray]:
+  """Per curve point and query, the outcome (0 where missing) and the cost of the
+  chosen model: float64[P, N] each, for P routing rules int[N]."""
+  y = np.where(outcome_mask, outcomes, 0.0)
+  take = lambda table: np.stack([_take(table, np.asarray(c)) for c in choices])
+  return take(y), take(np.asarray(costs, np.float64))
+
+
+def bootstrap_aiq(curve_y, curve_c, single_y, single_c, counts) -> np.ndarray:
+  """AIQ of one router in each bootstrap replicate: float64[B].
+
+  curve_y, curve_c float[P, N]: the router's curve points' per-query outcome and
+  cost (`chosen_tables`); single_y, single_c float[K, N]: the same for each
+  single model (they set each replicate's cost range); counts float[B, N]
+  (`bootstrap_counts`). Each replicate's points are count-weighted means,
+  scored by `aiq` over that replicate's single-model cost range.
+  """
+  n = counts.shape[1]
+  acc, cost = counts @ curve_y.T / n, counts @ curve_c.T / n          # [B, P]
+  s_cost = counts @ single_c.T / n                                     # [B, K]
+  return np.array([aiq(cost[b], acc[b], (s_cost[b].min(), s_cost[b].max()))
+                   for b in range(len(counts))])
+
+
+def interval(values, level: float = 0.95) -> list[float]:
+  """The central percentile interval of bootstrap values: [lo, hi]."""
+  tail = 100 * (1 - level) / 2
+  lo, hi = np.percentile(np.asarray(values, np.float64), [tail, 100 - tail])
+  return [float(lo), float(hi)]

@@ -1,15 +1,19 @@
-"""Router policy network f_theta: a small pre-LN transformer encoder in flax NNX.
+"""Router policy network f_theta in flax NNX.
 
-Maps a tokenized query (and optionally the cost weight lambda) to one logit per
-candidate LLM in the pool: `logits float32[B, K]`.
+Maps a query to one output per candidate LLM in the pool, `float32[B, K]`:
+either from its frozen embedding (model.backbone='embeddings': M member MLPs,
+`float32[M, B, K]` before they are averaged), or from its tokens through a
+small pre-LN transformer encoder (or a pretrained backbone) and a K-way head,
+optionally conditioned on the cost weight lambda. How the outputs become the
+policy (softmax head or utility head) is entrorouter_jax/policy.py's business.
 
 Sharding: every parameter carries logical axis names (stored by
 `nnx.with_partitioning` as the Variable metadata key `out_sharding`, readable as
 `param.out_sharding`; `nnx.get_partition_spec(nnx.state(model, nnx.Param))`
 gives a PartitionSpec pytree in logical names, or in mesh axes when called
 inside `flax.linen.logical_axis_rules(rules)`). Names used: 'vocab', 'embed',
-'mlp', 'heads', 'kv' (per-head dim), 'position', 'models' (the K outputs) and
-'cond' (lambda features). 'batch' / 'length' are left for activations.
+'mlp', 'heads', 'kv' (per-head dim), 'position', 'models' (the K outputs),
+'cond' (lambda features) and 'members' (the embeddings backbone's members). 'batch' / 'length' are left for activations.
 flax 0.12 shards annotated Variables eagerly at creation, which needs a mesh;
 the model therefore only does so when an (abstract) mesh is active and
 otherwise just records the names, so it builds on a plain CPU as well.
@@ -27,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from entrorouter_jax.layers import MASK_VALUE, param
+
 SIZES = {
     'tiny': dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256),
     'small': dict(num_layers=4, d_model=256, num_heads=4, mlp_dim=1024),
@@ -35,7 +41,6 @@ SIZES = {
 }
 
 # Finite (not -inf) so that an all-pad row softmaxes to uniform, not NaN.
-_MASK_VALUE = -1e9
 # Lambda features: 2 polynomial terms + sin/cos at _NUM_FREQS frequencies.
 _NUM_FREQS = 8
 COND_DIM = 2 + 2 * _NUM_FREQS
@@ -44,6 +49,25 @@ _LAMBDA_EPS = 1e-3  # log(lambda + eps): lambda == 0 stays finite.
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _dense_init = nnx.initializers.lecun_normal()
 _embed_init = nnx.initializers.normal(stddev=0.02)
+
+
+HEADS = ('utility', 'softmax')
+DEFAULT_MEMBERS = 5
+
+
+def num_members(model_cfg) -> int:
+  """model.members, with 0 meaning 5 for the embeddings backbone and 1 otherwise."""
+  from entrorouter_jax import backbones
+  kind = backbones.kind_of(model_cfg)
+  members = int(model_cfg.get('members', 0) or 0)
+  if members < 0:
+    raise ValueError(f'model.members={members}; expected >= 0 (0 = automatic)')
+  if members == 0:
+    return DEFAULT_MEMBERS if kind == 'embeddings' else 1
+  if members > 1 and kind != 'embeddings':
+    raise ValueError(f'model.members={members} needs model.backbone=embeddings (members are '
+                     f'independent MLPs on frozen embeddings); model.backbone={kind!r} trains one')
+  return members
 
 
 def model_dims(model_cfg) -> dict:
@@ -60,12 +84,6 @@ def model_dims(model_cfg) -> dict:
     raise ValueError(f"d_model={dims['d_model']} is not divisible by "
                      f"num_heads={dims['num_heads']}")
   return dims
-
-
-def _param(rngs, init, shape, axes):
-  """A float32 nnx.Param whose metadata names its logical axes."""
-  assert len(axes) == len(shape), (shape, axes)
-  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
 
 
 def _linear(din, dout, axes, dtype, rngs, use_bias=True):
@@ -104,16 +122,16 @@ class Attention(nnx.Module):
     self.rotary, self.dtype = rotary, dtype
     qkv_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
     shape, axes = (d_model, num_heads, head_dim), ('embed', 'heads', 'kv')
-    self.wq = _param(rngs, qkv_init, shape, axes)
-    self.wk = _param(rngs, qkv_init, shape, axes)
-    self.wv = _param(rngs, qkv_init, shape, axes)
+    self.wq = param(rngs, qkv_init, shape, axes)
+    self.wk = param(rngs, qkv_init, shape, axes)
+    self.wv = param(rngs, qkv_init, shape, axes)
     zeros = nnx.initializers.zeros
-    self.bq = _param(rngs, zeros, shape[1:], axes[1:])
-    self.bk = _param(rngs, zeros, shape[1:], axes[1:])
-    self.bv = _param(rngs, zeros, shape[1:], axes[1:])
+    self.bq = param(rngs, zeros, shape[1:], axes[1:])
+    self.bk = param(rngs, zeros, shape[1:], axes[1:])
+    self.bv = param(rngs, zeros, shape[1:], axes[1:])
     out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-    self.wo = _param(rngs, out_init, (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'))
-    self.bo = _param(rngs, zeros, (d_model,), ('embed',))
+    self.wo = param(rngs, out_init, (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'))
+    self.bo = param(rngs, zeros, (d_model,), ('embed',))
 
   def __call__(self, x, mask):
     """x[B, L, E] (compute dtype), mask bool[B, L] (True = real key) -> [B, L, E]."""
@@ -126,7 +144,7 @@ class Attention(nnx.Module):
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     # Scores and softmax in float32: bfloat16 softmax loses too much precision.
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return jnp.einsum('blhd,hde->ble', out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
@@ -165,6 +183,33 @@ class Block(nnx.Module):
     return x + self.drop(self.mlp(self.ln2(x)), deterministic=deterministic, rngs=rngs)
 
 
+class MemberMlp(nnx.Module):
+  """M independent one-hidden-layer GELU MLPs on one input: [B, D] -> [M, B, K].
+
+  Initialised like the MLP baseline: first layer LeCun normal, second layer
+  scaled down to std 0.1 / sqrt(hidden), output bias 0 (training sets it to
+  each model's base-rate logit).
+  """
+
+  def __init__(self, din: int, hidden: int, dout: int, members: int, *, dropout: float,
+               rngs: nnx.Rngs):
+    first = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=1, out_axis=2,
+                                              batch_axis=(0,))
+    second = nnx.initializers.variance_scaling(0.01, 'fan_in', 'normal', in_axis=1, out_axis=2,
+                                               batch_axis=(0,))
+    zeros = nnx.initializers.zeros
+    self.w1 = param(rngs, first, (members, din, hidden), ('members', 'embed', 'mlp'))
+    self.b1 = param(rngs, zeros, (members, hidden), ('members', 'mlp'))
+    self.w2 = param(rngs, second, (members, hidden, dout), ('members', 'mlp', 'models'))
+    self.b2 = param(rngs, zeros, (members, dout), ('members', 'models'))
+    self.drop = nnx.Dropout(dropout)
+
+  def __call__(self, x, deterministic, rngs):
+    h = jax.nn.gelu(jnp.einsum('bd,mdh->mbh', x, self.w1[...]) + self.b1[...][:, None])
+    h = self.drop(h, deterministic=deterministic, rngs=rngs)
+    return jnp.einsum('mbh,mhk->mbk', h, self.w2[...]) + self.b2[...][:, None]
+
+
 class RouterModel(nnx.Module):
   """Encoder -> pooled query vector (+ lambda conditioning) -> K logits.
 
@@ -175,9 +220,14 @@ class RouterModel(nnx.Module):
   """
 
   def __init__(self, model_cfg, *, vocab_size: int, max_len: int, num_models: int,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, feature_dim: int | None = None):
     from entrorouter_jax import backbones
     kind = backbones.kind_of(model_cfg)
+    self.kind = kind
+    head = model_cfg.get('head', 'softmax')
+    if head not in HEADS:
+      raise ValueError(f'model.head={head!r}; expected one of {HEADS}')
+    self.num_members = num_members(model_cfg)
     dtype_name = model_cfg.get('dtype', 'float32')
     positions = model_cfg.get('positions', 'learned')
     mlp = model_cfg.get('mlp', 'gelu')
@@ -192,12 +242,35 @@ class RouterModel(nnx.Module):
     self.dtype = _DTYPES[dtype_name]
     self.positions, self.pooling, self.max_len = positions, pooling, max_len
     self.lambda_conditioned = bool(model_cfg.get('lambda_conditioned', False))
-    self.freeze_backbone = bool(model_cfg.get('freeze_backbone', False)) and kind != 'scratch'
+    self.freeze_backbone = (bool(model_cfg.get('freeze_backbone', False))
+                            and kind in backbones.PRETRAINED)
     self.dropout_rate = dropout = float(model_cfg.get('dropout', 0.0))
+    self.input_noise = float(model_cfg.get('input_noise', 0.0))
 
     # Eager sharding (flax default) needs a mesh; without one, only record names.
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     with nnx.use_eager_sharding(eager):
+      if head == 'utility':
+        # log T of pi = softmax((s - lambda c_bar) / T), learned (the entropy
+        # controller acts on it in RL).
+        t0 = float(model_cfg.get('temperature', 0.1))
+        if not t0 > 0:
+          raise ValueError(f'model.temperature={t0}; expected > 0')
+        self.log_temperature = nnx.Param(
+            nnx.with_partitioning(nnx.initializers.constant(math.log(t0)), ())(
+                rngs.params(), (), jnp.float32))
+      if kind == 'embeddings':
+        if feature_dim is None:
+          raise ValueError('model.backbone=embeddings needs the feature dimension of '
+                           'anchor.space (feature_dim)')
+        if self.lambda_conditioned:
+          raise ValueError('model.lambda_conditioned needs a token backbone; with '
+                           'model.backbone=embeddings use model.head=utility, which takes '
+                           'lambda exactly')
+        self.backbone = None
+        self.members = MemberMlp(int(feature_dim), int(model_cfg.get('hidden', 256)),
+                                 num_models, self.num_members, dropout=dropout, rngs=rngs)
+        return
       if kind == 'scratch':
         self.backbone = None
         dims = model_dims(model_cfg)
@@ -216,12 +289,12 @@ class RouterModel(nnx.Module):
     """The scratch encoder: embeddings, pre-LN blocks, final LayerNorm."""
     positions, pooling, d = self.positions, self.pooling, dims['d_model']
     mlp = model_cfg.get('mlp', 'gelu')
-    self.token_embed = _param(rngs, _embed_init, (vocab_size, d), ('vocab', 'embed'))
+    self.token_embed = param(rngs, _embed_init, (vocab_size, d), ('vocab', 'embed'))
     # CLS takes position 0, so the sequence the encoder sees is max_len + 1 long.
     num_positions = max_len + (pooling == 'cls')
-    self.pos_embed = (_param(rngs, _embed_init, (num_positions, d), ('position', 'embed'))
+    self.pos_embed = (param(rngs, _embed_init, (num_positions, d), ('position', 'embed'))
                       if positions == 'learned' else None)
-    self.cls = _param(rngs, _embed_init, (d,), ('embed',)) if pooling == 'cls' else None
+    self.cls = param(rngs, _embed_init, (d,), ('embed',)) if pooling == 'cls' else None
     self.embed_drop = nnx.Dropout(dropout)
     self.blocks = nnx.List([
         Block(dims, rotary=positions == 'rotary', mlp=mlp,
@@ -297,24 +370,43 @@ class RouterModel(nnx.Module):
     """
     return self._encode(tokens, token_mask, True, None)
 
-  def __call__(self, tokens, token_mask, cost_weight=None, *, deterministic: bool = True,
-               rngs=None):
-    """tokens int32[B, L], token_mask bool[B, L], cost_weight float32[B] | None.
+  def __call__(self, tokens, token_mask, cost_weight=None, *, features=None,
+               deterministic: bool = True, rngs=None, members: bool = False):
+    """tokens int32[B, L], token_mask bool[B, L], cost_weight float32[B] | None;
+    features float32[B, D] for the embeddings backbone (tokens are then unused).
 
-    Returns logits float32[B, num_models]. With deterministic=False (and
-    dropout > 0) `rngs` must be an nnx.Rngs with a 'dropout' (or default)
-    stream, or a jax PRNG key.
+    Returns the outputs f(x) float32[B, num_models], averaged over the members,
+    or float32[M, B, num_models] per member with `members=True` (M = 1 for token
+    backbones). With deterministic=False (and dropout or input noise > 0) `rngs`
+    must be an nnx.Rngs with a 'dropout' (or default) stream, or a jax PRNG key.
     """
-    if self.lambda_conditioned and cost_weight is None:
-      raise ValueError('this router is lambda-conditioned: pass cost_weight float32[B]')
+    out = self._outputs(tokens, token_mask, cost_weight, features, deterministic, rngs)
+    return out if members else out.mean(axis=0)
+
+  def temperature(self):
+    """T of the utility head (a float32 scalar)."""
+    return jnp.exp(self.log_temperature[...])
+
+  def _outputs(self, tokens, token_mask, cost_weight, features, deterministic, rngs):
+    """-> float32[M, B, K]."""
     if isinstance(rngs, jax.Array):
       rngs = nnx.Rngs(dropout=rngs)  # one stream -> a fresh subkey per dropout site
     elif rngs is not None and not isinstance(rngs, nnx.Rngs):
       raise TypeError(f'rngs must be an nnx.Rngs or a PRNG key, got {type(rngs)}')
-    if not deterministic and rngs is None and self.dropout_rate > 0:
-      raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout')
+    if not deterministic and rngs is None and (self.dropout_rate > 0 or self.input_noise > 0):
+      raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout '
+                       '(and input noise)')
+    if self.kind == 'embeddings':
+      if features is None or features.ndim != 2:
+        raise ValueError('model.backbone=embeddings needs features float32[B, D]')
+      x = features.astype(jnp.float32)
+      if not deterministic and self.input_noise > 0:
+        x = x + self.input_noise * jax.random.normal(rngs.dropout(), x.shape, x.dtype)
+      return self.members(x, deterministic, rngs).astype(jnp.float32)
+    if self.lambda_conditioned and cost_weight is None:
+      raise ValueError('this router is lambda-conditioned: pass cost_weight float32[B]')
     h = self._encode(tokens, token_mask, deterministic, rngs)
     if self.lambda_conditioned:
       cond = self.cond_out(jax.nn.gelu(self.cond_in(self.lambda_features(cost_weight))))
       h = h + cond
-    return self.head(self.head_ln(h)).astype(jnp.float32)
+    return self.head(self.head_ln(h)).astype(jnp.float32)[None]

@@ -9,13 +9,17 @@ Shapes: B queries, K models, G sampled actions per query.
 
 Every loss returns (scalar loss, metrics dict); metrics hold every term and the
 Trust-Region-Collapse diagnostics, all means over the batch except the
-per-model vectors (shape [K]).
+per-model vectors (shape [K]). `weights` float32[B] (optional) weighs each
+row's loss (the members of the embeddings backbone stack their rows into one
+batch, each weighted 1 where the member trains on that query, 0 where the
+query is in its held-out fold); the loss is then sum(w * l) / sum(w).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 NEG_INF = -1e9
 
@@ -29,6 +33,24 @@ def entropy(log_probs):
 def kl_divergence(log_p, log_q):
   """KL(p || q) = sum_m p (log p - log q), per row: float32[B]."""
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def weighted_mean(values, weights=None):
+  """mean(values) or sum(w * values) / sum(w) over the rows (float32[B] -> scalar)."""
+  if weights is None:
+    return jnp.mean(values)
+  return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1e-9)
+
+
+def success_loss(success_logits, outcomes, outcome_mask, weights=None):
+  """Dense supervision: binary cross-entropy of sigmoid(f(x, m)) against every
+  observed outcome y(x, m) (graded outcomes in [0, 1] are soft labels),
+  averaged over the observed cells (rows weighted by `weights`)."""
+  cell = optax.sigmoid_binary_cross_entropy(success_logits, outcomes)
+  w = outcome_mask.astype(jnp.float32)
+  if weights is not None:
+    w = w * weights[:, None]
+  return jnp.sum(jnp.where(outcome_mask, cell, 0.0) * w) / jnp.maximum(jnp.sum(w), 1e-9)
 
 
 def utility(outcomes, cost_hat, cost_weight):
@@ -97,13 +119,13 @@ def diagnostics(log_probs, log_anchor, outcomes, outcome_mask, strongest: int,
 
 # ------------------------------------------------------- Stage 1 loss ---
 def sft_loss(logits, batch, cost_weight, *, tau_anchor, tau, mix, strongest,
-             collapse_threshold=0.02):
+             collapse_threshold=0.02, weights=None):
   """L_SS = -sum_m q(m|x) log pi_theta(m|x), averaged over the batch."""
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   log_anchor = anchor_log_probs(batch['p_hat'], batch['c_bar'], cost_weight, tau_anchor)
   q = soft_targets(batch['outcomes'], batch['outcome_mask'], batch['cost_hat'],
                    cost_weight, jnp.exp(log_anchor), tau, mix)
-  loss = jnp.mean(-jnp.sum(q * log_probs, axis=-1))
+  loss = weighted_mean(-jnp.sum(q * log_probs, axis=-1), weights)
   metrics = diagnostics(log_probs, log_anchor, batch['outcomes'], batch['outcome_mask'],
                         strongest, collapse_threshold)
   metrics.update(loss=loss, target_entropy=jnp.mean(entropy(jnp.log(jnp.maximum(q, 1e-30)))))
@@ -128,7 +150,8 @@ def group_advantages(rewards, valid, normalize: bool):
 
 def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, strongest,
             estimator='reinforce', group_size=8, normalize_advantage=True,
-            ppo_clip=0.2, old_log_probs=None, actions=None, collapse_threshold=0.02):
+            ppo_clip=0.2, old_log_probs=None, actions=None, collapse_threshold=0.02,
+            weights=None):
   """L = L_PG + beta_t KL(pi_theta || A) - alpha_t H(pi_theta), from one forward pass.
 
   estimator='reinforce': G actions per query from pi_old, the policy at the
@@ -151,8 +174,9 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
     old_log_probs = jax.lax.stop_gradient(log_probs)
 
   if estimator == 'exact':
-    pg = -jnp.mean(jnp.sum(jnp.exp(log_probs) * jnp.where(mask, u, 0.0), axis=-1))
-    reward = jnp.mean(jnp.sum(jnp.exp(old_log_probs) * jnp.where(mask, u, 0.0), axis=-1))
+    pg = -weighted_mean(jnp.sum(jnp.exp(log_probs) * jnp.where(mask, u, 0.0), axis=-1), weights)
+    reward = weighted_mean(jnp.sum(jnp.exp(old_log_probs) * jnp.where(mask, u, 0.0), axis=-1),
+                           weights)
     pg_metrics = {'clip_fraction': jnp.zeros(())}
   elif estimator == 'reinforce':
     if actions is None:
@@ -160,6 +184,8 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
                                        shape=(group_size,) + old_log_probs.shape[:1]).T
     take = lambda table: jnp.take_along_axis(table, actions, axis=-1)       # [B, G]
     valid = take(mask).astype(jnp.float32)
+    if weights is not None:
+      valid = valid * (weights[:, None] > 0)
     rewards = take(u)
     adv = jax.lax.stop_gradient(group_advantages(rewards, valid, normalize_advantage))
     ratio = jnp.exp(take(log_probs) - take(old_log_probs))
@@ -168,18 +194,19 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
       per_sample = jnp.minimum(ratio * adv, clipped * adv)
     else:
       per_sample = adv * take(log_probs)
-    pg = -jnp.mean(jnp.sum(per_sample * valid, axis=-1) / actions.shape[-1])
+    pg = -weighted_mean(jnp.sum(per_sample * valid, axis=-1) / actions.shape[-1], weights)
     reward = jnp.sum(rewards * valid) / jnp.maximum(jnp.sum(valid), 1.0)
     pg_metrics = {'clip_fraction': jnp.sum((jnp.abs(ratio - 1.0) > ppo_clip) * valid)
                                    / jnp.maximum(jnp.sum(valid), 1.0)}
   else:
     raise ValueError(f"rl.estimator={estimator!r}; expected 'reinforce' or 'exact'")
 
-  kl_anchor = jnp.mean(kl_divergence(log_probs, log_anchor))
-  mean_entropy = jnp.mean(entropy(log_probs))
+  kl_anchor = weighted_mean(kl_divergence(log_probs, log_anchor), weights)
+  mean_entropy = weighted_mean(entropy(log_probs), weights)
   loss = pg + beta * kl_anchor - alpha * mean_entropy
   metrics = diagnostics(log_probs, log_anchor, outcomes, mask, strongest, collapse_threshold)
   metrics.update(pg_metrics)
+  metrics.update(entropy=mean_entropy, kl_anchor=kl_anchor)
   metrics.update(loss=loss, pg_loss=pg, anchor_loss=beta * kl_anchor,
                  entropy_loss=-alpha * mean_entropy, reward=reward,
                  kl_old=jnp.mean(kl_divergence(old_log_probs, log_probs)),

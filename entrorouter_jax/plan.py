@@ -4,17 +4,19 @@
       [--config.model.size=base --config.mesh.fsdp=4 ...] \
       [--num_devices=N] [--vocab_size=V] [--num_models=K] [--json]
 
-For the configured model size, sequence length (`data.max_len`), each stage's
+For the configured network (a token encoder's size and sequence length
+`data.max_len`, or the embeddings backbone's members on Stage 0's features), each stage's
 global batch (`sft.batch_size` / `rl.batch_size`) and mesh (`config.mesh` laid
 over `num_devices` devices), prints per device:
 
-* parameters: from the real abstract train state (`train.abstract_train_state`,
+* parameters: from the real abstract train state (`state.abstract_train_state`,
   i.e. `nnx.eval_shape`, nothing allocated) and its real NamedShardings: each
   array's bytes are divided over the mesh axes its PartitionSpec names
   (replicated arrays count whole), so FSDP / tensor settings change the number.
 * optimizer: the same for the optimizer state (AdamW: two fp32 moments and the
-  step counts), plus the train state's bookkeeping scalars (step, rng key data,
-  alpha, h0), so parameters + optimizer is exactly the train state.
+  step counts), plus the rest of the train state (step, rng key data, alpha,
+  h0, the stage selection's counters and, where a stage selects, its copy of
+  the best parameters), so parameters + optimizer is exactly the train state.
 * gradients: one fp32 copy of the parameters, sharded like them.
 * activations: an estimate of what one train step keeps for the backward pass
   (see `activation_bytes`).
@@ -26,16 +28,16 @@ computed on a `jax.sharding.AbstractMesh` of shape
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from entrorouter_jax import sharding, train
+from entrorouter_jax import sharding, state as state_lib, train
 from entrorouter_jax.model import model_dims
 
 DEFAULT_NUM_MODELS = 7
@@ -81,9 +83,10 @@ def _tree_bytes(abstract, shardings, mesh_sizes: dict) -> tuple[int, int, int]:
 def activation_bytes(config, batch_per_device: int, num_models: int, tensor: int = 1) -> int:
   """Estimate of the activations one train step keeps for the backward pass, per device.
 
-  b = batch per device, L = tokens per query (max_len, +1 with CLS pooling),
-  E = d_model, H = heads, M = mlp_dim, t = the mesh's tensor size (splits H
-  and M where it divides them), s = bytes of the compute dtype (model.dtype):
+  Token backbones: b = batch per device, L = tokens per query (max_len, +1
+  with CLS pooling), E = d_model, H = heads, M = mlp_dim, t = the mesh's
+  tensor size (splits H and M where it divides them), s = bytes of the
+  compute dtype (model.dtype):
 
     per layer  b*L*[(8E + c*M/t)*s + (H/t)*L*(4 + s)]
                8E: LN1 in/out, q, k, v, attention out, LN2 in/out;
@@ -96,34 +99,59 @@ def activation_bytes(config, batch_per_device: int, num_models: int, tensor: int
     plus       4 * b*K*4 bytes  the float32 logits, log-probs and their grads
                (RL: times (1 + group_size) for the sampled-action tables).
 
+  The embeddings backbone (R members, hidden width W, D-wide features):
+  b*D*4 for the input, R*b*2W*4 for each member's hidden layer before and
+  after GELU, and the logits term above for R*b rows.
+
   Dropout masks (dropout > 0) and XLA's fusion/rematerialisation are ignored;
   the estimate is meant to be within about 2x of a compiled step.
   """
-  dims = encoder_dims(config.model)
+  dims = encoder_dims(config.model, config)
+  b = batch_per_device
+  group = 1 + int(config.rl.group_size)
+  if dims['kind'] == 'embeddings':
+    rows = dims['members'] * b
+    return (b * dims['feature_dim'] * 4 + rows * 2 * dims['hidden'] * 4
+            + 4 * rows * num_models * 4 * group)
   s = _DTYPE_BYTES[config.model.dtype]
   E, H, M, N = dims['d_model'], dims['num_heads'], dims['mlp_dim'], dims['num_layers']
-  scratch = config.model.get('backbone', 'scratch') == 'scratch'
+  scratch = dims['kind'] == 'scratch'
   L = config.data.max_len + (scratch and config.model.pooling == 'cls')
   h_local = H // tensor if H % tensor == 0 else H
   m_local = M // tensor if M % tensor == 0 else M
   c = 3 if dims['mlp'] == 'swiglu' else 2
-  b = batch_per_device
   per_layer = b * L * ((8 * E + c * m_local) * s + h_local * L * (4 + s))
   embed = b * L * E * (s + 2 * 4)
-  logits = 4 * b * num_models * 4 * (1 + int(config.rl.group_size))
+  logits = 4 * b * num_models * 4 * group
   return N * per_layer + embed + logits
 
 
-def encoder_dims(model_cfg) -> dict:
-  """num_layers, d_model, num_heads, mlp_dim, mlp ('gelu' | 'swiglu') and a label of the
-  encoder: the scratch one's from its size, a pretrained backbone's from its config.json."""
-  from entrorouter_jax import backbones
+def encoder_dims(model_cfg, config=None) -> dict:
+  """What the planner knows of the network, with its `kind` and a `label`.
+
+  Token backbones: num_layers, d_model, num_heads, mlp_dim, mlp ('gelu' |
+  'swiglu'), from the scratch encoder's size or a pretrained backbone's
+  config.json. The embeddings backbone: members, hidden and feature_dim
+  (the width of `config.anchor.space`; needs the whole `config`).
+  """
+  from entrorouter_jax import backbones, features
+  from entrorouter_jax.model import num_members
   kind = backbones.kind_of(model_cfg)
+  if kind == 'embeddings':
+    if config is None:
+      raise ValueError('the embeddings backbone is planned from the whole config '
+                       '(anchor.space sets its input width)')
+    members, hidden = num_members(model_cfg), int(model_cfg.hidden)
+    dim = features.feature_dim(config)
+    return dict(kind=kind, members=members, hidden=hidden, feature_dim=dim,
+                label=f'{members} MLP members x {hidden} hidden on {dim}-d '
+                      f'{config.anchor.space} features')
   if kind == 'scratch':
-    return dict(model_dims(model_cfg), mlp=model_cfg.mlp, label=f'model {model_cfg.size}')
+    return dict(model_dims(model_cfg), kind=kind, mlp=model_cfg.mlp,
+                label=f'model {model_cfg.size}')
   cfg = backbones.backbone_config(model_cfg)
-  return dict(num_layers=cfg.num_layers, d_model=cfg.hidden_size, num_heads=cfg.num_heads,
-              mlp_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+  return dict(kind=kind, num_layers=cfg.num_layers, d_model=cfg.hidden_size,
+              num_heads=cfg.num_heads, mlp_dim=cfg.intermediate_size, vocab_size=cfg.vocab_size,
               mlp='swiglu' if kind == 'hf_decoder' else 'gelu',   # gated MLPs: 3 tensors
               label=f'{kind} {model_cfg.checkpoint}'
               + (' (frozen)' if model_cfg.freeze_backbone else ''))
@@ -143,7 +171,8 @@ def plan(config, num_devices: int | None = None, vocab_size: int | None = None,
          num_models: int | None = None) -> dict:
   """The per-device memory plan of each configured stage, in bytes (see module doc)."""
   num_devices = len(jax.devices()) if num_devices is None else int(num_devices)
-  dims = encoder_dims(config.model)
+  dims = encoder_dims(config.model, config)
+  feature_dim = dims.get('feature_dim')
   vocab_size = int(dims.get('vocab_size', config.data.vocab_size) if vocab_size is None
                    else vocab_size)
   num_models = DEFAULT_NUM_MODELS if num_models is None else int(num_models)
@@ -156,15 +185,18 @@ def plan(config, num_devices: int | None = None, vocab_size: int | None = None,
       'num_devices': num_devices, 'mesh': sizes, 'mesh_built': built, 'stages': {},
   }
   for stage in train.stage_list(config):
-    _, build, shardings = train.abstract_train_state(config, stage, vocab_size, num_models, mesh)
+    _, build, shardings = state_lib.abstract_train_state(config, stage, vocab_size, num_models,
+                                                         mesh, feature_dim)
     _, abstract = nnx.split(nnx.eval_shape(build))   # as abstract_train_state does
     param_dev, param_all, num_params = _tree_bytes(abstract[0], shardings['nnx'][0], sizes)
     opt_dev, opt_all, _ = _tree_bytes(abstract[1], shardings['nnx'][1], sizes)
-    # The train state's bookkeeping (replicated): step, rng key data, alpha, h0.
-    extras = jax.eval_shape(lambda: [jnp.zeros((), jnp.int32),
-                                     jax.random.key_data(jax.random.key(0)),
-                                     jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)])
-    extra = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in extras)
+    # The rest of the train state: its bookkeeping scalars (step, rng key data,
+    # alpha, h0, the selection's score and counters) and, where the stage
+    # selects, the copy of the best parameters, sharded like them.
+    whole = jax.eval_shape(functools.partial(state_lib.initial_values, config, build,
+                                             'best' in shardings))
+    rest = {k: v for k, v in whole.items() if k != 'nnx'}
+    extra = _tree_bytes(rest, {k: shardings[k] for k in rest}, sizes)[0]
     global_batch = int(config[stage].batch_size)
     per_device_batch = -(-global_batch // divisor)
     grads = param_dev   # fp32, sharded like the parameters
@@ -194,10 +226,14 @@ def format_plan(p: dict) -> str:
   """A human-readable table of `plan(...)`."""
   m = p['model']
   mesh = ' x '.join(f'{k}={v}' for k, v in p['mesh'].items())
+  if m['kind'] == 'embeddings':
+    network = f"{m['label']}; {p['num_models']} models"
+  else:
+    network = (f"{m['label']}: {m['num_layers']} layers, d_model {m['d_model']}, "
+               f"{m['num_heads']} heads, mlp {m['mlp_dim']}, compute {m['dtype']}; "
+               f"seq {p['seq_len']}, vocab {p['vocab_size']}, {p['num_models']} models")
   lines = [
-      f"{m['label']}: {m['num_layers']} layers, d_model {m['d_model']}, "
-      f"{m['num_heads']} heads, mlp {m['mlp_dim']}, compute {m['dtype']}; "
-      f"seq {p['seq_len']}, vocab {p['vocab_size']}, {p['num_models']} models",
+      network,
       f"mesh {mesh} on {p['num_devices']} devices"
       + ('' if p['mesh_built'] else ' (computed on an abstract mesh: fewer real devices)'),
   ]

@@ -9,7 +9,9 @@ optional "id") is routed in batches with a progress bar, one JSON line out per
 line in.
 
 Knobs along the cost/quality curve, at routing time:
-  --cost_weight=L  lambda, for a lambda-conditioned router (model.lambda_conditioned)
+  --cost_weight=L  lambda: for a router with the utility head (the default) the
+                   route is argmax s - L c_bar, so one checkpoint moves along its
+                   whole cost/quality curve; also for a lambda-conditioned router
   --threshold=T    in (0, 1]: the cheapest model whose probability is at least
                    T x the top probability (1 = the router's own choice)
   --fallback_model=NAME --min_confidence=P: when the top probability is below P,
@@ -27,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from entrorouter_jax import router as router_lib
+from entrorouter_jax.policy import is_utility
 
 FLAGS = flags.FLAGS
 
@@ -48,10 +51,13 @@ def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
 def route_records(router: router_lib.Router, queries, cost_weight=None, threshold=1.0,
                   fallback_model: Optional[str] = None, min_confidence: float = 0.0):
   """One result dict per query."""
-  if cost_weight is not None and not router.config.model.lambda_conditioned:
+  if cost_weight is not None and not (router.config.model.lambda_conditioned
+                                      or is_utility(router.config)):
     raise router_lib.RouterError(
-        '--cost_weight needs a lambda-conditioned router (train with '
-        '--config.model.lambda_conditioned=True); use --threshold to trade cost for quality')
+        '--cost_weight needs the utility head (model.head=utility) or a lambda-conditioned '
+        'router; use --threshold to trade cost for quality')
+  if cost_weight is not None and cost_weight < 0:
+    raise router_lib.RouterError(f'--cost_weight={cost_weight}; expected a value >= 0')
   fallback = None
   if fallback_model is not None:
     if fallback_model not in router.model_names:
@@ -131,7 +137,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.', required=True)
   flags.DEFINE_string('input', None, 'JSON-lines file of queries to route.')
   flags.DEFINE_string('output', None, 'Where --input\'s routes go (JSON lines).')
-  flags.DEFINE_float('cost_weight', None, 'lambda, for lambda-conditioned routers.')
+  flags.DEFINE_float('cost_weight', None, 'lambda (utility-head or lambda-conditioned routers).')
   flags.DEFINE_float('threshold', 1.0, 'Cheapest model with pi >= threshold x max pi.')
   flags.DEFINE_string('fallback_model', None, 'Model used when the router is unsure.')
   flags.DEFINE_float('min_confidence', 0.0, 'Below this top probability, use the fallback.')

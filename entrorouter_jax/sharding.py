@@ -29,6 +29,7 @@ RULES = (
     ('position', None),
     ('models', None),
     ('cond', None),
+    ('members', None),
     ('length', None),
 )
 _RULES = dict(RULES)

@@ -10,8 +10,8 @@ Rerunning on a workdir resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -28,19 +28,26 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import backbones, capability, evaluate, objectives, paths, schedules, sharding
-from entrorouter_jax.data import pipeline, sources, tokenizer as tokenizer_lib
+from entrorouter_jax import (backbones, baselines, capability, evaluate, features, objectives,
+                             paths, schedules, sharding)
+from entrorouter_jax import metrics as metrics_lib
+from entrorouter_jax import state as state_lib
+from entrorouter_jax.data import pipeline, sources
 from entrorouter_jax.data.dataset import RoutingDataset
-from entrorouter_jax.router import build_model, make_forward, policy_logits, policy_probs
+from entrorouter_jax.data.splits import unit_hash
+from entrorouter_jax.model import num_members
+from entrorouter_jax.policy import (batched, is_utility, logits_from_outputs, make_forward,
+                                    make_member_forward, member_outputs, policy_arrays)
+from entrorouter_jax.state import (TrainingError, abstract_train_state,  # noqa: F401
+                                   load_tokenizer, make_optimizer)
 from entrorouter_jax.writers import MetricsWriter
 
 log = logging.getLogger(__name__)
 
 STAGES = ('sft', 'rl')
-
-
-class TrainingError(RuntimeError):
-  """A run that cannot go on (non-finite loss, bad stage list, missing checkpoint)."""
+# Folds of the training queries when one member holds one out (model.members = 1
+# with stage selection): that member trains on 4/5 and is checked on 1/5.
+HOLDOUT_FOLDS = 5
 
 
 # ============================================================== the problem ===
@@ -50,40 +57,61 @@ class Problem:
   builder: object
   train: RoutingDataset
   test: RoutingDataset
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: object                    # None for the embeddings backbone
   strongest: int                       # index of the strongest model (training accuracy)
   c_ref: float                         # its mean training cost: c_hat = c / c_ref
   tables: dict                         # split -> {'p_hat', 'c_bar'} float32[N, K]
+  features: dict                       # split -> Stage 0's query space, float32[N, D]
+  lambda_set: np.ndarray               # utility head: the lambdas training draws from
+  folds: np.ndarray                    # int32[N_train]: member j never trains on fold j
+  base_rates: np.ndarray               # float32[K]: each model's training success rate
+  max_len: int = 64                    # token backbones: data.max_len and data.truncate
+  truncate: str = 'right'
 
   @property
   def model_names(self) -> list[str]:
     return self.train.model_names
 
+  @property
+  def feature_dim(self) -> int:
+    return int(self.features['train'].shape[1])
+
+  def inputs(self, split: str, rows=None) -> dict:
+    """The network's inputs for `split`'s queries (all, or `rows`): {'features'}
+    (embeddings backbone) or {'tokens', 'token_mask'}."""
+    data = getattr(self, split)
+    rows = np.arange(data.num_queries) if rows is None else np.asarray(rows)
+    if self.tokenizer is None:
+      return {'features': self.features[split][rows]}
+    tokens, mask = self.tokenizer.encode_batch(data.queries[rows].tolist(), self.max_len,
+                                               self.truncate)
+    return {'tokens': tokens, 'token_mask': mask}
+
 
 def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
             workdir):
-  """Stage-0 capability estimates, computed once and cached in the workdir.
+  """Stage-0 capability estimates and the query space, computed once and cached.
 
   The cache is keyed by the prepared data set's full name (for routing_files it
-  holds a digest of the files' contents), the model subset and `config.anchor`.
+  holds a digest of the files' contents), the model subset, `config.anchor`
+  and the space's settings. It keeps the space (to embed new queries), both
+  splits' embeddings and the training table (the kNN of routing time).
   """
   key = json.dumps({'anchor': config.anchor.to_dict(), 'models': train.model_names,
-                    'anchor_in_logits': config.model.anchor_in_logits,
                     'data': data_name, 'sizes': [train.num_queries, test.num_queries],
-                    **({'backbone': [config.model.backbone, config.model.checkpoint,
-                                     config.model.pooling, config.data.max_len,
-                                     config.data.truncate]}
-                       if config.anchor.space == 'backbone' else {})},
-                   sort_keys=True, default=str)
+                    'space': features.space_key(config)}, sort_keys=True, default=str)
   cache = workdir / 'stage0.pkl'
   if cache.is_file():
     with cache.open('rb') as f:
       cached = pickle.load(f)
     if cached.get('key') == key:
       return cached
-  space = anchor_space(config)
-  log.info('Stage 0: kNN capability estimates (k=%d, %s space) on %d training queries',
-           config.anchor.k, config.anchor.space, train.num_queries)
+  try:
+    space = features.make_space(config)
+  except ValueError as e:
+    raise TrainingError(str(e)) from None
+  log.info('Stage 0: query space %s, kNN capability estimates (k=%d) on %d training queries',
+           config.anchor.space, config.anchor.k, train.num_queries)
   est = capability.capability_estimates(
       train.queries.tolist(), train.outcomes, train.outcome_mask, train.costs,
       train.tasks.tolist(), {'test': (test.queries.tolist(), test.tasks.tolist())},
@@ -93,43 +121,46 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
       'key': key, 'strongest': int(est['strongest']), 'c_ref': float(est['c_ref']),
       'space': est['space'],
       'tables': {s: {'p_hat': est[s][0], 'c_bar': est[s][1]} for s in ('train', 'test')},
+      'features': {'train': est['train_feats'], 'test': est['query_feats']['test']},
+      # Routing new queries: their neighbours in the training table.
+      'train_feats': est['train_feats'], 'train_outcomes': train.outcomes,
+      'train_mask': train.outcome_mask, 'train_cost_hat': train.costs / est['c_ref'],
+      'train_tasks': train.tasks.tolist(),
   }
-  if config.model.anchor_in_logits:
-    # Routing new queries then needs their neighbours in the training table.
-    result.update(train_feats=est['train_feats'],
-                  train_outcomes=train.outcomes, train_mask=train.outcome_mask,
-                  train_cost_hat=train.costs / est['c_ref'], train_tasks=train.tasks.tolist())
   if jax.process_index() == 0:
     paths.write_atomic(cache, pickle.dumps(result))
   return result
 
 
-def anchor_space(config):
-  """Stage 0's neighbour space: None (capability's TF-IDF -> SVD) or the backbone's."""
-  if config.anchor.space == 'tfidf':
-    return None
-  if config.anchor.space == 'backbone':
-    if backbones.kind_of(config.model) == 'scratch':
-      raise TrainingError("anchor.space='backbone' needs a pretrained model.backbone "
-                          "('hf_encoder' or 'hf_decoder') and model.checkpoint")
-    return backbones.BackboneSpace(config.model, config.data.max_len, config.data.truncate)
-  raise TrainingError(f"anchor.space={config.anchor.space!r}; expected 'tfidf' or 'backbone'")
+def lambda_set(config, train: RoutingDataset, s0: dict) -> np.ndarray:
+  """The lambdas the utility head trains on (`model.lambda_set`): 'auto' or a list."""
+  spec = str(config.model.get('lambda_set', 'auto')).strip()
+  if spec != 'auto':
+    try:
+      values = [float(v) for v in spec.split(',') if v.strip()]
+    except ValueError:
+      values = []
+    if not values or min(values) < 0:
+      raise TrainingError(f'model.lambda_set={spec!r}; expected "auto" or a comma-separated '
+                          'list of lambdas >= 0')
+    return np.asarray(sorted(values), np.float32)
+  table = s0['tables']['train']
+  return np.asarray(baselines.spread_lambdas(
+      table['p_hat'], table['c_bar'], train.outcomes, train.outcome_mask,
+      train.costs / s0['c_ref']), np.float32)
 
 
-def load_tokenizer(config, workdir, train_texts=None):
-  """The backbone's own tokenizer; else data.tokenizer; else the one trained on the
-  training queries and cached as DIR/tokenizer.model (trained here if missing)."""
-  if backbones.kind_of(config.model) != 'scratch':
-    if config.data.tokenizer:
-      raise TrainingError(f'data.tokenizer={config.data.tokenizer!r} with a pretrained '
-                          'backbone: the tokenizer comes from model.checkpoint; unset one')
-    return backbones.load_tokenizer(config.model)
-  if config.data.tokenizer:
-    return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
-  path = paths.as_path(workdir) / 'tokenizer.model'
-  if train_texts is None:
-    return tokenizer_lib.Tokenizer.load(path)
-  return tokenizer_lib.load_or_train(path, train_texts, config.data.vocab_size)
+def fold_ids(ids, seed: int, num_folds: int) -> np.ndarray:
+  """int32[N] in [0, num_folds): a seeded hash of each query id (row order does not matter)."""
+  return np.array([min(int(unit_hash(seed + 1, str(i)) * num_folds), num_folds - 1)
+                   for i in ids], np.int32)
+
+
+def holds_out(config) -> bool:
+  """Whether members train on their folds only: always with several members,
+  and with one member where a stage selects (it is then checked on fold 0)."""
+  return num_members(config.model) > 1 or any(
+      state_lib.selects(config, s) for s in stage_list(config))
 
 
 def prepare_problem(config, workdir) -> Problem:
@@ -138,110 +169,99 @@ def prepare_problem(config, workdir) -> Problem:
   train, test = splits['train'], splits['test']
   tok = load_tokenizer(config, workdir, train.queries.tolist())
   s0 = _stage0(config, builder.info.full_name, train, test, workdir)
-  return Problem(builder=builder, train=train, test=test, tokenizer=tok,
-                 strongest=s0['strongest'], c_ref=s0['c_ref'], tables=s0['tables'])
+  members = num_members(config.model)
+  counts = train.outcome_mask.sum(axis=0)
+  rates = np.where(train.outcome_mask, train.outcomes, 0.0).sum(axis=0) / np.maximum(counts, 1)
+  problem = Problem(builder=builder, train=train, test=test, tokenizer=tok,
+                    strongest=s0['strongest'], c_ref=s0['c_ref'], tables=s0['tables'],
+                    features=s0['features'], lambda_set=lambda_set(config, train, s0),
+                    folds=fold_ids(train.ids, config.seed,
+                                   members if members > 1 else HOLDOUT_FOLDS),
+                    base_rates=np.where(counts > 0, rates, 0.5).astype(np.float32),
+                    max_len=config.data.max_len, truncate=config.data.truncate)
+  return problem
 
 
 # =========================================================== model & state ===
-def _schedule(stage_cfg, peak: float):
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak,
-      warmup_steps=min(stage_cfg.warmup_steps, max(stage_cfg.num_steps - 1, 0)),
-      decay_steps=max(stage_cfg.num_steps, 1), end_value=0.1 * peak)
-
-
-def _param_group(params):
-  """'backbone' for the pretrained backbone's parameters, 'head' for the rest."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: 'backbone' if getattr(path[0], 'key', None) == 'backbone' else 'head',
-      params)
-
-
-def make_optimizer(config, stage: str):
-  """AdamW with linear warmup and cosine decay, after global-norm clipping.
-
-  With a pretrained backbone its parameters get their own learning rate,
-  optim.backbone_lr_scale x the stage's (same schedule), or none at all with
-  model.freeze_backbone. Returns (tx, the head's schedule).
-  """
-  optim_cfg, stage_cfg = config.optim, config[stage]
-  schedule = _schedule(stage_cfg, stage_cfg.learning_rate)
-  adamw = lambda lr: optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                                 weight_decay=optim_cfg.weight_decay)
-  if backbones.kind_of(config.model) == 'scratch':
-    update = adamw(schedule)
-  else:
-    backbone = (optax.set_to_zero() if config.model.freeze_backbone else
-                adamw(_schedule(stage_cfg, stage_cfg.learning_rate * optim_cfg.backbone_lr_scale)))
-    update = optax.multi_transform({'backbone': backbone, 'head': adamw(schedule)}, _param_group)
-  return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), update), schedule
-
-
-def abstract_train_state(config, stage: str, vocab_size: int, num_models: int, mesh):
-  """(graphdef, build, shardings) of a stage's train state, without allocating it.
-
-  state = {'nnx': nnx.State of (model, optimizer), 'step': int32, 'rng': key data,
-           'alpha': entropy coefficient, 'h0': entropy after Stage 1}
-  """
-  tx, _ = make_optimizer(config, stage)
-
-  def build():
-    with nnx.use_eager_sharding(False):
-      model = build_model(config, vocab_size, num_models, config.seed)
-      return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  repl = sharding.replicated(mesh)
-  shardings = {'nnx': sharding.state_shardings(abstract, mesh), 'step': repl, 'rng': repl,
-               'alpha': repl, 'h0': repl}
-  return graphdef, build, shardings
-
-
 def create_state(config, stage: str, problem: Problem, mesh):
-  """The train state, created already sharded: (graphdef, state, shardings)."""
-  graphdef, build, shardings = abstract_train_state(
-      config, stage, problem.tokenizer.vocab_size, len(problem.model_names), mesh)
-
-  @functools.partial(jax.jit, out_shardings=shardings)
-  def init():
-    return {'nnx': nnx.state(build()), 'step': jnp.zeros((), jnp.int32),
-            'rng': jax.random.key_data(jax.random.key(config.seed + 17)),
-            'alpha': jnp.asarray(config.rl.alpha_init, jnp.float32),
-            'h0': jnp.zeros((), jnp.float32)}
-
-  with jax.set_mesh(mesh):
-    state = init()
-  return graphdef, state, shardings
+  """`stage`'s train state for `problem`, created already sharded: (graphdef, state, shardings)."""
+  return state_lib.create_state(config, stage, state_lib.vocab_size(problem.tokenizer),
+                                len(problem.model_names), mesh, problem.feature_dim)
 
 
-def sample_cost_weight(config, stage_cfg, rng, batch_size):
-  """lambda per query: drawn from [lambda_min, lambda_max] when lambda-conditioned."""
+def sample_cost_weight(config, stage_cfg, rng, batch_size, lambdas=None):
+  """lambda per query: drawn from the lambda set (utility head), from
+  [lambda_min, lambda_max] (lambda-conditioned), else the stage's cost_weight."""
+  if is_utility(config) and lambdas is not None:
+    lambdas = jnp.asarray(lambdas, jnp.float32)
+    return lambdas[jax.random.randint(rng, (batch_size,), 0, lambdas.shape[0])]
   if config.model.lambda_conditioned:
     return jax.random.uniform(rng, (batch_size,), minval=config.model.lambda_min,
                               maxval=config.model.lambda_max)
   return jnp.full((batch_size,), stage_cfg.cost_weight, jnp.float32)
 
 
+def member_weights(fold, members: int, hold_out: bool):
+  """float32[M, B]: 1 where member j trains on the row (its fold is not j), or
+  None (one member trained on every row)."""
+  if members == 1 and not hold_out:
+    return None
+  return (fold[None, :] != jnp.arange(members)[:, None]).astype(jnp.float32)
+
+
 # ================================================================ the step ===
 def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
-  """One jitted optimisation step of `stage` (state, batch) -> (state, metrics)."""
+  """One jitted optimisation step of `stage` (state, batch) -> (state, metrics).
+
+  The members' rows are stacked into one batch of M x B rows (member-major),
+  each weighted by whether that member trains on the query.
+  """
   stage_cfg = config[stage]
   rl = config.rl
   common = dict(tau_anchor=config.anchor.tau, strongest=problem.strongest,
                 collapse_threshold=rl.collapse_threshold)
+  members = num_members(config.model)
+  hold_out = holds_out(config)
+  dense_weight = float(stage_cfg.get('dense_weight', 0.0))
+  deterministic = config.model.dropout == 0.0 and config.model.get('input_noise', 0.0) == 0.0
 
   def step_fn(state, batch):
     model, optimizer = nnx.merge(graphdef, state['nnx'])
     rng, lam_rng, drop_rng, act_rng = jax.random.split(jax.random.wrap_key_data(state['rng']), 4)
     batch = dict(batch, cost_hat=batch['costs'] / problem.c_ref)
-    cost_weight = sample_cost_weight(config, stage_cfg, lam_rng, batch['tokens'].shape[0])
-    logits_of = lambda m: policy_logits(m, batch, cost_weight, config,
-                                        deterministic=config.model.dropout == 0.0,
-                                        rngs=nnx.Rngs(dropout=drop_rng))
+    cost_weight = sample_cost_weight(config, stage_cfg, lam_rng, batch['outcomes'].shape[0],
+                                     problem.lambda_set)
+    weights = member_weights(batch.get('fold'), members, hold_out)
+    if weights is not None:
+      weights = weights.reshape(-1)
+    tile = lambda x: jnp.tile(x, (members,) + (1,) * (x.ndim - 1))
+    rows = {k: tile(batch[k]) for k in ('outcomes', 'outcome_mask', 'cost_hat', 'p_hat', 'c_bar')}
+    stacked_weight = tile(cost_weight)
+
+    def forward(m):
+      """(success outputs f, policy logits), both float32[M * B, K]."""
+      f = member_outputs(m, batch, cost_weight, config, deterministic=deterministic,
+                         rngs=nnx.Rngs(dropout=drop_rng))
+      logits = logits_from_outputs(m, f, batch, cost_weight, config)
+      k = f.shape[-1]
+      return f.reshape(-1, k), logits.reshape(-1, k)
+
+    def dense_term(f):
+      if dense_weight == 0.0:
+        return jnp.zeros(())
+      return objectives.success_loss(f, rows['outcomes'], rows['outcome_mask'], weights)
+
     new_state = dict(state)
     if stage == 'sft':
-      loss_fn = lambda m: objectives.sft_loss(
-          logits_of(m), batch, cost_weight, tau=stage_cfg.tau, mix=stage_cfg.anchor_mix, **common)
+      def loss_fn(m):
+        f, logits = forward(m)
+        soft, metrics = objectives.sft_loss(
+            logits, rows, stacked_weight, tau=stage_cfg.tau, mix=stage_cfg.anchor_mix,
+            weights=weights, **common)
+        dense = dense_term(f)
+        loss = stage_cfg.get('soft_weight', 1.0) * soft + dense_weight * dense
+        metrics.update(loss=loss, soft_loss=soft, dense_loss=dense)
+        return loss, metrics
       (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
       optimizer.update(model, grads)
     else:
@@ -251,20 +271,30 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
                                         rl.entropy_min, rl.entropy_schedule)
       kwargs = dict(rng=act_rng, beta=beta, alpha=state['alpha'], estimator=rl.estimator,
                     group_size=rl.group_size, normalize_advantage=rl.normalize_advantage,
-                    ppo_clip=rl.ppo_clip, **common)
+                    ppo_clip=rl.ppo_clip, weights=weights, **common)
       if rl.ppo_epochs > 1:
         # pi_old and the actions are fixed for all epochs of this batch.
-        old = jax.nn.log_softmax(jax.lax.stop_gradient(logits_of(model)), -1)
+        old = jax.nn.log_softmax(jax.lax.stop_gradient(forward(model)[1]), -1)
         actions = jax.random.categorical(act_rng, old, axis=-1,
                                          shape=(rl.group_size, old.shape[0])).T
         kwargs.update(old_log_probs=old, actions=actions)
-      loss_fn = lambda m: objectives.rl_loss(logits_of(m), batch, cost_weight, **kwargs)
+
+      def loss_fn(m):
+        f, logits = forward(m)
+        loss, metrics = objectives.rl_loss(logits, rows, stacked_weight, **kwargs)
+        dense = dense_term(f)
+        loss = loss + dense_weight * dense
+        metrics.update(loss=loss, dense_loss=dense)
+        return loss, metrics
+
       for _ in range(rl.ppo_epochs):
         (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
       new_state['alpha'] = schedules.dual_ascent(state['alpha'], target, metrics['entropy'],
                                                  rl.entropy_lr)
       metrics['entropy_target'] = target
+    if is_utility(config):
+      metrics['temperature'] = model.temperature()
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['learning_rate'] = schedule(state['step'])
     new_state.update(nnx=nnx.state((model, optimizer)), step=state['step'] + 1,
@@ -272,6 +302,50 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
     return new_state, metrics
 
   return step_fn
+
+
+# ============================================================== selection ===
+def make_selection_score(config, stage: str, graphdef, problem: Problem, mesh,
+                         how: Optional[str] = None):
+  """The stage's out-of-fold check: nnx state -> a score to minimise (a float).
+
+  Every training query held out by a member (its fold is below the member
+  count) is scored by that member alone: 'bce' = the dense loss there,
+  'utility' = minus the mean utility y - lambda c_hat of routing it by
+  argmax s - lambda c_bar, averaged over the lambda set. `how` defaults to
+  the stage's `select`.
+  """
+  how = how or config[stage].select
+  if how == 'utility' and not is_utility(config):
+    raise TrainingError(f"{stage}.select='utility' needs model.head='utility'; use 'bce'")
+  members = num_members(config.model)
+  rows = np.flatnonzero(problem.folds < members)
+  member = problem.folds[rows]
+  train = problem.train
+  y, mask = train.outcomes[rows], train.outcome_mask[rows]
+  cost_hat = train.costs[rows] / problem.c_ref
+  c_bar = problem.tables['train']['c_bar'][rows]
+  arrays = policy_arrays(problem.inputs('train', rows), problem.tables['train']['p_hat'][rows],
+                         c_bar, 0.0)
+  cache = {}
+
+  def score(nnx_state) -> float:
+    model_graphdef, params, score_mesh = scoring_params(graphdef, nnx_state, mesh)
+    if 'forward' not in cache:
+      cache['forward'] = make_member_forward(config, model_graphdef, score_mesh)
+    f = batched(cache['forward'], params, score_mesh, config.eval_batch_size,
+                arrays)['members']
+    z = f[np.arange(len(rows)), member].astype(np.float64)      # [n, K]
+    if how == 'bce':
+      cell = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+      return float(np.sum(np.where(mask, cell, 0.0)) / max(mask.sum(), 1))
+    s = 1.0 / (1.0 + np.exp(-z))
+    gained = [metrics_lib.route_accuracy_cost(baselines.route(s, c_bar, lam), y - lam * cost_hat,
+                                              mask, cost_hat)['accuracy']
+              for lam in problem.lambda_set]
+    return -float(np.mean(gained))
+
+  return score
 
 
 # =============================================================== one stage ===
@@ -282,104 +356,221 @@ def _checkpoint_manager(path, config) -> ocp.CheckpointManager:
           preservation_policy=ocp.checkpoint_managers.LatestN(config.keep_checkpoints)))
 
 
-def dataset_probs(config, graphdef, nnx_state, mesh, problem: Problem, split: str,
-                  cost_weight: float, limit: Optional[int] = None) -> np.ndarray:
-  """pi(m|x) from a train state for the queries of `split` (the first `limit`): float32[N, K]."""
-  data = getattr(problem, split)
-  n = data.num_queries if limit is None else min(limit, data.num_queries)
+def scoring_params(graphdef, nnx_state, mesh):
+  """(model graphdef, parameters, mesh) to score queries with outside the train step.
+
+  In a multi-process run every process scores on its own devices (cheap next
+  to training), from a full copy of the parameters.
+  """
   model_graphdef, params = nnx.split(nnx.merge(graphdef, nnx_state)[0])
   if jax.process_count() > 1:
-    # Every process scores the whole split on its own devices (cheap next to
-    # training), from a full copy of the parameters.
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
     mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}),
                               jax.local_devices())
-  tokens, mask = problem.tokenizer.encode_batch(data.queries[:n].tolist(), config.data.max_len,
-                                                config.data.truncate)
+  return model_graphdef, params, mesh
+
+
+def dataset_probs(config, graphdef, nnx_state, mesh, problem: Problem, split: str,
+                  cost_weight: float, limit: Optional[int] = None) -> dict:
+  """The policy on `split`'s queries (the first `limit`), from a train state:
+  {'probs': pi(m|x) float32[N, K]} (and 'success' s(x, m) for the utility head)."""
+  data = getattr(problem, split)
+  n = data.num_queries if limit is None else min(limit, data.num_queries)
+  model_graphdef, params, mesh = scoring_params(graphdef, nnx_state, mesh)
   tables = problem.tables[split]
-  return policy_probs(make_forward(config, model_graphdef, mesh), params, mesh,
-                      config.eval_batch_size, tokens, mask, tables['p_hat'][:n],
-                      tables['c_bar'][:n], cost_weight)
+  arrays = policy_arrays(problem.inputs(split, np.arange(n)), tables['p_hat'][:n],
+                         tables['c_bar'][:n], cost_weight)
+  return batched(make_forward(config, model_graphdef, mesh), params, mesh,
+                 config.eval_batch_size, arrays)
 
 
 def _initial_entropy(config, graphdef, state, mesh, problem) -> float:
   """H_0: mean policy entropy over (up to) 2,048 training queries."""
   probs = dataset_probs(config, graphdef, state['nnx'], mesh, problem, 'train',
-                        config.rl.cost_weight, limit=2048)
+                        config.rl.cost_weight, limit=2048)['probs']
   return float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1)))
 
 
+def _base_rate_bias(config, state, shardings, problem):
+  """Utility head: each output starts at its model's training success rate
+  (logit of the base rate), as the success baselines do."""
+  rates = np.clip(problem.base_rates, 1e-3, 1 - 1e-3)
+  bias = np.log(rates / (1 - rates)).astype(np.float32)
+  params = state['nnx'][0]
+  if 'members' in params:
+    leaf = params['members']['b2']
+    leaf[...] = jax.device_put(np.broadcast_to(bias, leaf.shape).copy(), leaf.sharding)
+  else:
+    leaf = params['head']['bias']
+    leaf[...] = jax.device_put(bias, leaf.sharding)
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+
 def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: MetricsWriter,
-              init_params=None, init_from=None):
-  """Runs (or resumes) one stage to its `num_steps`; returns (graphdef, final state).
+              init_params=None, init_from=None, label: Optional[str] = None):
+  """Runs (or resumes) one stage; returns (graphdef, final state).
+
+  `label` (default: the stage's name) names its checkpoint folder under
+  DIR/checkpoints, its rows in metrics.jsonl and its progress bar: the SFT
+  candidates (`run_sft_candidates`) are one stage under several labels.
 
   A fresh stage starts from `init_params` (the previous stage's parameters) or
-  from the SFT checkpoint under `init_from`; a resumed one from its own checkpoint.
+  from the SFT checkpoint under `init_from`; a resumed one from its own
+  checkpoint. A stage that selects (state.selects) checks its out-of-fold
+  score every `select_every` steps, may stop early (`patience`), and ends with
+  the parameters that scored best; its last checkpoint holds those.
   """
   stage_cfg = config[stage]
   _, schedule = make_optimizer(config, stage)
   graphdef, state, shardings = create_state(config, stage, problem, mesh)
-  featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
-                                 extras=problem.tables['train'])
-  dataset = pipeline.make_dataset(
-      problem.builder.as_data_source(split='train'), featurize,
-      global_batch_size=stage_cfg.batch_size, seed=config.seed + STAGES.index(stage))
+  extras = dict(problem.tables['train'], fold=problem.folds)
+  seed = config.seed + STAGES.index(stage)
+  if problem.tokenizer is None:   # everything the step reads is in memory
+    train = problem.train
+    dataset = pipeline.make_table_dataset(
+        dict(extras, features=problem.features['train'], outcomes=train.outcomes,
+             outcome_mask=train.outcome_mask, costs=train.costs),
+        global_batch_size=stage_cfg.batch_size, seed=seed)
+  else:
+    featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
+                                   extras=extras)
+    dataset = pipeline.make_dataset(problem.builder.as_data_source(split='train'), featurize,
+                                    global_batch_size=stage_cfg.batch_size, seed=seed)
   iterator = iter(dataset)
-  manager = _checkpoint_manager(workdir / 'checkpoints' / stage, config)
+  label = label or stage
+  manager = _checkpoint_manager(workdir / 'checkpoints' / label, config)
+  selecting = 'best' in state
 
   latest = manager.latest_step()
   if latest is not None:
     restored = manager.restore(latest, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(iterator)))
     state = restored['state']
-    log.info('%s: resumed from the checkpoint at step %d', stage, latest)
+    log.info('%s: resumed from the checkpoint at step %d', label, latest)
   else:
     if init_from is not None:
-      init_params = _restore_params(init_from, 'sft', state)
+      init_params = _restore_params(config, init_from, 'sft', problem, mesh)
     if init_params is not None:
       state['nnx'][0] = jax.device_put(init_params, shardings['nnx'][0])
-    elif backbones.kind_of(config.model) != 'scratch':
-      state['nnx'][0]['backbone'] = load_pretrained_backbone(config, state, shardings)
+    else:
+      if backbones.kind_of(config.model) in backbones.PRETRAINED:
+        state['nnx'][0]['backbone'] = load_pretrained_backbone(config, state, shardings)
+      if is_utility(config):
+        _base_rate_bias(config, state, shardings, problem)
     if stage == 'rl':
       h0 = _initial_entropy(config, graphdef, state, mesh, problem)
       state['h0'] = jax.device_put(jnp.asarray(h0, jnp.float32), shardings['h0'])
       log.info('rl: initial policy entropy H_0 = %.4f nats', h0)
   start = int(state['step'])
-  writer.truncate(stage, start)
+  writer.truncate(label, start)
 
   step_fn = jax.jit(make_train_step(config, stage, graphdef, problem, schedule),
                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   batch_sh = sharding.batch_sharding(mesh)
   num_steps = stage_cfg.num_steps
+  score = make_selection_score(config, stage, graphdef, problem, mesh) if selecting else None
+  every = int(stage_cfg.get('select_every', 0))
+  patience = int(stage_cfg.get('patience', 0))
+  put = lambda value, key: jax.device_put(value, shardings[key])
 
   def save(step):
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)))
 
-  progress = _progress(stage, start, num_steps)
+  def check(done) -> bool:
+    """The out-of-fold check at step `done`; True when the stage should stop."""
+    value = score(state['nnx'])
+    best = float(state['best_score'])
+    if value < best:
+      state.update(best=_copy(state['nnx'][0]), best_score=put(np.float32(value), 'best_score'),
+                   since_best=put(np.int32(0), 'since_best'))
+    else:
+      state['since_best'] = put(np.int32(int(state['since_best']) + 1), 'since_best')
+    writer.write(label, done, {'select_score': value, 'select_best': min(value, best)},
+                 problem.model_names)
+    return bool(patience) and int(state['since_best']) >= patience
+
+  progress = _progress(label, start, num_steps)
   pending = None   # the previous step's metrics: checked while the next step runs
   with jax.set_mesh(mesh):
-    for step in range(start, num_steps):
+    if selecting and start == 0 and not int(state['done']):
+      check(0)   # the stage's starting point competes too
+    step = start
+    while step < num_steps and not int(state['done']):
       batch = pipeline.to_global(next(iterator), batch_sh)
       state, metrics = step_fn(state, batch)
       if pending is not None:
-        _check_finite(pending, stage, step, manager)
+        _check_finite(pending, label, step, manager)
       pending = metrics
-      done = step + 1
+      step = done = step + 1
       if done % config.log_every == 0 or done == num_steps:
-        _check_finite(metrics, stage, done, manager)
-        writer.write(stage, done, jax.device_get(metrics), problem.model_names)
+        _check_finite(metrics, label, done, manager)
+        writer.write(label, done, jax.device_get(metrics), problem.model_names)
         progress.set_postfix(loss=f'{float(metrics["loss"]):.4f}',
                              entropy=f'{float(metrics["entropy"]):.3f}')
-      if done % config.checkpoint_every == 0 or done == num_steps:
+      stop = selecting and (done % every == 0 or done == num_steps) and check(done)
+      if done == num_steps or stop:
+        if selecting:   # the stage ends with its best parameters
+          state['nnx'][0] = _copy(state['best'])
+          log.info('%s: keeping the parameters of the best out-of-fold check (%s = %.5f)%s',
+                   label, stage_cfg.select, float(state['best_score']),
+                   f'; stopped early at step {done}' if stop else '')
+        state['done'] = put(np.int32(1), 'done')
+      if done % config.checkpoint_every == 0 or int(state['done']):
         save(done)
       progress.update(1)
   if pending is not None:
-    _check_finite(pending, stage, num_steps, manager)
+    _check_finite(pending, label, step, manager)
   progress.close()
   manager.wait_until_finished()
+  return graphdef, state
+
+
+def run_sft_candidates(config, problem: Problem, mesh, workdir, writer: MetricsWriter):
+  """Stage 1 once per weight of `sft.soft_weight_choices`, keeping the one whose
+  parameters route the training queries best out of fold.
+
+  How much the soft-target cross-entropy should weigh beside the dense success
+  loss depends on the data (with near-equal prices it teaches which model
+  succeeds; with a wide price range it bends s away from calibrated success),
+  so the data decides: each candidate trains as the stage would, in
+  DIR/checkpoints/sft_soft<w> (and resumes there), and is scored by the
+  out-of-fold utility check ('utility' in `make_selection_score`). The scores
+  and the choice go to DIR/sft_choice.json, where routing and RL's
+  `rl.init_checkpoint` find the chosen checkpoint. Returns (graphdef, state).
+  """
+  if not is_utility(config):
+    raise TrainingError("sft.soft_weight_choices needs model.head='utility' (the candidates "
+                        "are compared by routing utility); set sft.soft_weight_choices=''")
+  if not holds_out(config):
+    raise TrainingError('sft.soft_weight_choices compares out-of-fold utilities, so the '
+                        'members must hold folds out: model.members >= 2 or sft.select set')
+  scores, best = {}, None
+  score = None
+  for weight in state_lib.soft_weight_choices(config):
+    candidate = copy.deepcopy(config)
+    with candidate.unlocked():
+      candidate.sft.soft_weight = weight
+    name = state_lib.candidate_name(weight)
+    graphdef, state = run_stage(candidate, 'sft', problem, mesh, workdir, writer, label=name)
+    if score is None:
+      score = make_selection_score(config, 'sft', graphdef, problem, mesh, how='utility')
+    utility = -score(state['nnx'])
+    scores[name] = {'soft_weight': weight, 'oof_utility': utility}
+    log.info('%s: out-of-fold utility %.5f', name, utility)
+    if best is None or utility > scores[best[0]]['oof_utility']:
+      best = (name, graphdef, state)
+  name, graphdef, state = best
+  log.info('sft: keeping %s (soft_weight = %g), the best out-of-fold utility', name,
+           scores[name]['soft_weight'])
+  if jax.process_index() == 0:
+    paths.write_atomic(paths.as_path(workdir) / state_lib.SFT_CHOICE, json.dumps(
+        {'chosen': name, 'soft_weight': scores[name]['soft_weight'], 'candidates': scores},
+        indent=2) + '\n')
   return graphdef, state
 
 
@@ -407,21 +598,19 @@ def load_pretrained_backbone(config, state, shardings):
   return jax.device_put(target, shardings['nnx'][0]['backbone'])
 
 
-def _restore_params(workdir, stage: str, like: dict):
-  """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init).
-
-  `like` is a freshly created train state: its structure, shapes and shardings
-  are the restore target (both stages share the optimizer's structure).
-  """
+def _restore_params(config, workdir, stage: str, problem: Problem, mesh):
+  """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init)."""
   path = paths.as_path(workdir)
-  for candidate in (path / 'checkpoints' / stage, path):
+  _, target = state_lib.abstract_state(config, stage, state_lib.vocab_size(problem.tokenizer),
+                                       len(problem.model_names), mesh, problem.feature_dim)
+  for candidate in (state_lib.stage_checkpoints(path, stage), path):
     if not candidate.is_dir():
       continue
     manager = ocp.CheckpointManager(candidate, options=ocp.CheckpointManagerOptions(
         read_only=True))
     if manager.latest_step() is not None:
       restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(like)))
+          state=ocp.args.StandardRestore(target)))
       return restored['state']['nnx'][0]
   raise TrainingError(f'rl.init_checkpoint={str(workdir)!r}: no checkpoint found there '
                       f'(looked in {path / "checkpoints" / stage} and {path})')
@@ -432,7 +621,10 @@ def _write_router_info(workdir, problem: Problem, final_stage: str) -> None:
   cost_hat = problem.train.costs / problem.c_ref
   info = {'model_names': problem.model_names, 'strongest': problem.strongest,
           'c_ref': problem.c_ref, 'model_costs': cost_hat.mean(axis=0).tolist(),
-          'final_stage': final_stage, 'data': problem.builder.info.full_name}
+          'final_stage': final_stage, 'data': problem.builder.info.full_name,
+          'checkpoint': str(state_lib.stage_checkpoints(workdir, final_stage).relative_to(
+              paths.as_path(workdir))),
+          'feature_dim': problem.feature_dim, 'lambda_set': problem.lambda_set.tolist()}
   paths.write_atomic(workdir / 'router.json', json.dumps(info, indent=2) + '\n')
 
 
@@ -464,15 +656,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   params = None
   init_from = paths.as_path(config.rl.init_checkpoint) if config.rl.init_checkpoint else None
   for stage in stages:
-    graphdef, state = run_stage(config, stage, problem, mesh, workdir, writer, init_params=params,
-                                init_from=init_from if stage == 'rl' else None)
+    if stage == 'sft' and state_lib.soft_weight_choices(config):
+      graphdef, state = run_sft_candidates(config, problem, mesh, workdir, writer)
+    else:
+      graphdef, state = run_stage(config, stage, problem, mesh, workdir, writer,
+                                  init_params=params,
+                                  init_from=init_from if stage == 'rl' else None)
     params = state['nnx'][0]
   writer.close()
 
   cost_weight = config.rl.cost_weight if stages[-1] == 'rl' else config.sft.cost_weight
   if jax.process_index() == 0:
     _write_router_info(workdir, problem, stages[-1])
-  probs = dataset_probs(config, graphdef, state['nnx'], mesh, problem, 'test', cost_weight)
+  probs = dataset_probs(config, graphdef, state['nnx'], mesh, problem, 'test',
+                        cost_weight)['probs']
   results = evaluate.router_results(problem.test, probs, strongest=problem.strongest,
                                     c_ref=problem.c_ref, cost_weight=cost_weight,
                                     dataset=problem.builder.name)

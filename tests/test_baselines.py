@@ -38,7 +38,7 @@ def _cheapest(results):
 
 def test_entries(results, world):
   names = world['test'].model_names
-  assert set(results) == ({'knn', 'linear', 'mlp', 'random', 'oracle'}
+  assert set(results) == ({'knn', 'linear', 'mlp', 'ensemble', 'task_best', 'random', 'oracle'}
                           | {f'single:{n}' for n in names})
   for entry in results.values():
     assert 0.0 <= entry['aiq'] <= 1.0
@@ -144,3 +144,50 @@ def test_fractional_outcomes(world):
                                              world['train'].outcome_mask, config=FAST)
   p = baselines.predict_success(params, world['test_feats'])
   assert np.isfinite(info['heldout_bce']) and p.min() > 0.1 and p.max() < 0.9
+
+
+def test_ensemble_and_task_best_by_hand(results):
+  knn = baselines.ScoreRouter('knn', np.array([[0.2, 0.8]]), np.array([[0.1, 0.9]]))
+  mlp = baselines.ScoreRouter('mlp', np.array([[0.6, 0.4]]), np.array([[0.5, 0.5]]))
+  ens = baselines.ensemble_router(knn, mlp)
+  assert ens.name == 'ensemble'
+  np.testing.assert_allclose(ens.scores, [[0.4, 0.6]])
+  np.testing.assert_array_equal(ens.c_pred, knn.c_pred)      # the neighbours' per-query cost
+
+  from entrorouter_jax.data.dataset import ModelInfo, RoutingDataset
+  pool = [ModelInfo('a', 1.0, 1.0), ModelInfo('b', 2.0, 2.0)]
+
+  def data(tasks, y, mask, costs):
+    n = len(tasks)
+    return RoutingDataset(name='hand', ids=np.array([f'q{i}' for i in range(n)], object),
+                          queries=np.array([f'text {i}' for i in range(n)], object),
+                          tasks=np.array(tasks, object), splits=np.array(['train'] * n, object),
+                          models=pool, outcomes=np.array(y, np.float32),
+                          outcome_mask=np.array(mask, bool), costs=np.array(costs, np.float32))
+
+  train = data(['x', 'x', 'y', 'y'], [[1, 0], [0, 1], [0, 1], [1, 1]],
+               [[1, 1], [1, 0], [1, 1], [1, 1]], [[1, 2], [3, 4], [1, 2], [1, 6]])
+  test = data(['y', 'x', 'z'], np.zeros((3, 2)), np.ones((3, 2)), np.ones((3, 2)))
+  ref = baselines.task_best_router(train, test, c_ref=2.0)
+  # Task y: a succeeds 1/2, b 2/2; x: a 1/2, b 0/1 (its second cell is unobserved);
+  # z is unseen: the global rates (a 2/4, b 2/3). Costs: task means / c_ref.
+  np.testing.assert_allclose(ref.scores, [[0.5, 1.0], [0.5, 0.0], [0.5, 2 / 3]])
+  np.testing.assert_allclose(ref.c_pred, [[0.5, 2.0], [1.0, 1.5], [0.75, 1.75]])
+  assert baselines.task_best_router(data(['', ''], [[1, 0]] * 2, [[1, 1]] * 2, [[1, 1]] * 2),
+                                    test, 1.0) is None
+  # In the table: a reference scored like the others.
+  assert 0.0 < results['task_best']['aiq'] <= 1.0 and results['ensemble']['curve']
+
+
+def test_oracle_curve_starts_at_the_oracle_and_dominates(results, world):
+  test = world['test']
+  oracle = baselines.oracle_router(test, world['est']['c_ref'])
+  np.testing.assert_array_equal(oracle.choice(0.0), metrics.oracle_choice(
+      test.outcomes, test.outcome_mask, test.costs))
+  entry = results['oracle']
+  point = metrics.route_accuracy_cost(oracle.choice(0.0), test.outcomes, test.outcome_mask,
+                                      test.costs)
+  assert entry['accuracy'] == point['accuracy'] and entry['cost'] == point['cost']
+  assert entry['curve'][-1]['cost'] == _cheapest(results)['cost']      # down to all-cheapest
+  for name in ('knn', 'linear', 'mlp', 'ensemble', 'task_best', 'random'):
+    assert entry['aiq'] >= results[name]['aiq'], name

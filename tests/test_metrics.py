@@ -210,3 +210,51 @@ def test_best_retained_at_a_cost_saving_bar():
   assert best['retained_accuracy'] == pytest.approx(0.95)
   assert best['cost_saved'] == pytest.approx(0.6)
   assert metrics.best_retained(curve[:2], strong, 0.4825) is None
+
+
+# ------------------------------------------------------------- bootstrap ---
+def test_bootstrap_counts_are_draws_with_replacement():
+  counts = metrics.bootstrap_counts(7, 50, seed=3)
+  assert counts.shape == (50, 7)
+  np.testing.assert_array_equal(counts.sum(axis=1), 7)       # n draws per replicate
+  assert np.all(counts >= 0) and np.all(counts == np.round(counts))
+  np.testing.assert_array_equal(counts, metrics.bootstrap_counts(7, 50, seed=3))
+  assert not np.array_equal(counts, metrics.bootstrap_counts(7, 50, seed=4))
+
+
+def test_chosen_tables_mask_missing_outcomes():
+  y = np.array([[1.0, 0.0], [0.5, 1.0], [1.0, 1.0]])
+  mask = np.array([[True, True], [True, True], [False, True]])
+  c = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+  cy, cc = metrics.chosen_tables([np.array([0, 1, 0]), np.array([1, 1, 1])], y, mask, c)
+  np.testing.assert_array_equal(cy, [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+  np.testing.assert_array_equal(cc, [[1.0, 4.0, 5.0], [2.0, 4.0, 6.0]])
+
+
+def test_bootstrap_aiq_equals_aiq_of_each_resample():
+  rng = np.random.default_rng(0)
+  n, k = 40, 3
+  y = (rng.random((n, k)) < [0.3, 0.6, 0.9]).astype(float)
+  mask = np.ones((n, k), bool)
+  c = rng.random((n, k)) * [1.0, 3.0, 9.0]
+  curve = [rng.integers(0, k, n) for _ in range(5)]
+  singles = [np.full(n, j) for j in range(k)]
+  cy, cc = metrics.chosen_tables(curve, y, mask, c)
+  sy, sc = metrics.chosen_tables(singles, y, mask, c)
+  counts = metrics.bootstrap_counts(n, 20, seed=1)
+  got = metrics.bootstrap_aiq(cy, cc, sy, sc, counts)
+  draws = np.random.default_rng(1)
+  for b in range(20):
+    rows = draws.integers(0, n, n)                  # the same draws bootstrap_counts made
+    np.testing.assert_array_equal(np.bincount(rows, minlength=n), counts[b])
+    acc = [y[rows, ch[rows]].mean() for ch in curve]
+    cost = [c[rows, ch[rows]].mean() for ch in curve]
+    single_cost = c[rows].mean(axis=0)
+    want = metrics.aiq(cost, acc, (single_cost.min(), single_cost.max()))
+    assert got[b] == pytest.approx(want, rel=1e-6)
+
+
+def test_interval_is_the_central_percentiles():
+  values = np.arange(1001, dtype=float)
+  assert metrics.interval(values) == pytest.approx([25.0, 975.0])
+  assert metrics.interval(values, 0.5) == pytest.approx([250.0, 750.0])

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import rl as rl_config
+from configs import rl as rl_config, transformer as transformer_config
 from entrorouter_jax import plan as plan_lib
 from entrorouter_jax import sharding, train
 
@@ -29,7 +29,7 @@ RATIO_RANGE = (0.5, 2.0)
 
 
 def tiny_config():
-  config = rl_config.get_config()
+  config = transformer_config.get_config()
   config.data.max_len = 32
   config.data.vocab_size = V
   config.model.size = 'tiny'
@@ -42,7 +42,8 @@ def tiny_config():
 def fake_problem():
   """What create_state / make_train_step read of a Problem, and nothing else."""
   return types.SimpleNamespace(tokenizer=types.SimpleNamespace(vocab_size=V),
-                               model_names=[f'm{i}' for i in range(K)], strongest=0, c_ref=1.0)
+                               model_names=[f'm{i}' for i in range(K)], strongest=0, c_ref=1.0,
+                               feature_dim=None, lambda_set=None)
 
 
 def fake_batch(b, length):
@@ -103,7 +104,7 @@ def _cli(*overrides):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
   return subprocess.Popen(
-      [sys.executable, '-m', 'entrorouter_jax.plan', '--config=configs/rl.py',
+      [sys.executable, '-m', 'entrorouter_jax.plan', '--config=configs/transformer.py',
        '--config.model.size=small', '--num_devices=8', '--json', *overrides],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -127,3 +128,24 @@ def test_fsdp_cuts_parameter_bytes_on_eight_devices():
   assert 3.0 <= ratio <= 4.0, ratio
   assert 3.0 <= data8['optimizer_bytes'] / fsdp4['optimizer_bytes'] <= 4.0
   assert math.isclose(fsdp4['params_bytes_global'], data8['params_bytes_global'])
+
+
+def test_embeddings_recipe_state_bytes_are_exact():
+  """configs/rl.py (the embeddings backbone, whose stages keep a best copy): the
+  plan's parameters + optimizer are the real train state's bytes."""
+  config = rl_config.get_config()
+  config.anchor.update(space='tfidf', dim=48)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  p = plan_lib.plan(config, num_devices=1, num_models=K)
+  problem = types.SimpleNamespace(tokenizer=None, model_names=[f'm{i}' for i in range(K)],
+                                  feature_dim=48)
+  for stage in ('sft', 'rl'):
+    _, state, _ = train.create_state(config, stage, problem, mesh)
+    assert 'best' in state
+    real = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    planned = p['stages'][stage]
+    assert planned['params_bytes'] + planned['optimizer_bytes'] == real
+    assert planned['num_params'] == sum(x.size for x in jax.tree.leaves(state['nnx'][0]))
+    assert planned['activation_bytes'] > 0
+  assert '5 MLP members x 256 hidden on 48-d tfidf features' in plan_lib.format_plan(p)

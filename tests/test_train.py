@@ -4,23 +4,22 @@ import json
 import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT
-from configs import common, rl as rl_config, sft as sft_config
+from conftest import REPO_ROOT, kill_then_rerun
+from configs import common, rl as rl_config, sft as sft_config, transformer as transformer_config
 from entrorouter_jax import train
 
 
 def tiny_config(tmp_path, sft_steps=60, rl_steps=60):
-  config = rl_config.get_config()
+  """The token transformer (configs/transformer.py) at a tiny size."""
+  config = transformer_config.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
   config.data.synthetic.update(num_train=800, num_validation=50, num_test=300)
   config.data.max_len = 32
@@ -82,7 +81,7 @@ def _train_cmd(workdir, tmp_path, extra=()):
       'sft.num_steps': 30, 'sft.batch_size': 16, 'rl.num_steps': 40, 'rl.batch_size': 16,
       'log_every': 5, 'checkpoint_every': 10,
   }
-  return ([sys.executable, '-m', 'entrorouter_jax.train', '--config=configs/rl.py',
+  return ([sys.executable, '-m', 'entrorouter_jax.train', '--config=configs/transformer.py',
            f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
           + list(extra))
 
@@ -95,17 +94,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
                  capture_output=True)
 
   resumed = tmp_path / 'resumed'
-  proc = subprocess.Popen(_train_cmd(resumed, tmp_path), cwd=REPO_ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  while not (resumed / 'checkpoints' / 'rl' / '20').is_dir():
-    assert proc.poll() is None, 'the run ended before it could be interrupted'
-    assert time.time() < deadline
-    time.sleep(0.05)
-  os.kill(proc.pid, signal.SIGKILL)
-  proc.wait()
-  out = subprocess.run(_train_cmd(resumed, tmp_path), cwd=REPO_ROOT, env=env, check=True,
-                       capture_output=True, text=True)
+  out = kill_then_rerun(_train_cmd(resumed, tmp_path), resumed / 'checkpoints' / 'rl' / '20', env)
   # The rerun's RL progress bar starts at the checkpointed step (20 of 40).
   assert re.search(r'rl:\s+50%\|[^|\n]*\| 20/40 ', out.stderr), out.stderr[-4000:]
 
@@ -145,7 +134,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     train.train_and_evaluate(config, tmp_path / 'bad')
 
 
-@pytest.mark.parametrize('module', [common, rl_config, sft_config])
+@pytest.mark.parametrize('module', [common, rl_config, sft_config, transformer_config])
 def test_every_config_loads_and_every_key_is_read(module):
   config = module.get_config() if hasattr(module, 'get_config') else module.get_base_config()
   source = '\n'.join(p.read_text() for p in (REPO_ROOT / 'entrorouter_jax').rglob('*.py'))

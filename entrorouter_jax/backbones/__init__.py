@@ -26,16 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-KINDS = ('scratch', 'hf_encoder', 'hf_decoder')
-POOLINGS = {'scratch': ('mean', 'cls'), 'hf_encoder': ('mean', 'cls'),
-            'hf_decoder': ('last', 'mean')}
+from entrorouter_jax.layers import pool  # noqa: F401  (backbones.pool, the pooling of every backbone)
+
+# 'embeddings' has no text encoder at all: the policy reads Stage 0's frozen
+# query embeddings (entrorouter_jax.features); 'scratch' is model.py's own.
+KINDS = ('embeddings', 'scratch', 'hf_encoder', 'hf_decoder')
+PRETRAINED = ('hf_encoder', 'hf_decoder')
+POOLINGS = {'embeddings': ('mean', 'cls', 'last'), 'scratch': ('mean', 'cls'),
+            'hf_encoder': ('mean', 'cls'), 'hf_decoder': ('last', 'mean')}
 
 
 def kind_of(model_cfg) -> str:
   kind = model_cfg.get('backbone', 'scratch') or 'scratch'
   if kind not in KINDS:
     raise ValueError(f'model.backbone={kind!r}; expected one of {list(KINDS)}')
-  if kind != 'scratch' and not model_cfg.get('checkpoint'):
+  if kind in PRETRAINED and not model_cfg.get('checkpoint'):
     raise ValueError(f'model.backbone={kind!r} needs model.checkpoint: a folder with '
                      'config.json, model.safetensors and the tokenizer files')
   return kind
@@ -92,21 +97,6 @@ def load_tokenizer(model_cfg):
   return _module(kind).SentencePieceTokenizer.load(path)
 
 
-def pool(hidden, mask, how: str) -> jax.Array:
-  """hidden [B, L, H], mask bool[B, L] -> float32[B, H] by 'mean', 'cls' (position 0) or
-  'last' (the last real token; padding is on the right)."""
-  hidden = jnp.asarray(hidden, jnp.float32)
-  if how == 'cls':
-    return hidden[:, 0]
-  weights = jnp.asarray(mask).astype(jnp.float32)
-  if how == 'mean':
-    return (hidden * weights[..., None]).sum(1) / jnp.maximum(weights.sum(1), 1.0)[:, None]
-  if how == 'last':
-    last = jnp.maximum(weights.sum(1).astype(jnp.int32) - 1, 0)
-    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  raise ValueError(f"pooling={how!r}; expected 'mean', 'cls' or 'last'")
-
-
 class BackboneSpace:
   """Query texts -> float32[N, H] unit vectors: the pretrained backbone's pooled
   embeddings, untouched by training (Stage 0's kNN space with anchor.space='backbone').
@@ -151,7 +141,8 @@ class BackboneSpace:
     del texts   # nothing to fit: the embeddings are the checkpoint's
     return self
 
-  def transform(self, texts) -> np.ndarray:
+  def transform(self, texts, progress: bool = False) -> np.ndarray:
+    """texts[N] -> float32[N, H] unit rows; `progress` shows a progress bar."""
     tok, state, embed = self._load()
     texts = list(texts)
     ids, mask = tok.encode_batch(texts, self.max_len, self.truncate)
@@ -159,6 +150,9 @@ class BackboneSpace:
     lengths = mask.sum(1)
     order = np.argsort(lengths, kind='stable')
     chunks = []
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(texts), desc='embedding queries', unit='query', disable=not progress,
+               mininterval=2.0)
     # Batches of similar length, cut to a multiple of 32 tokens (padding on the
     # right never changes the real tokens' states): few shapes, little waste.
     for start in range(0, len(texts), self.batch_size):
@@ -168,6 +162,8 @@ class BackboneSpace:
       b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])
       b_mask = np.concatenate([mask[rows, :width], np.zeros((pad, width), bool)])
       chunks.append(np.asarray(embed(state, b_ids, b_mask))[:len(rows)])
+      bar.update(len(rows))
+    bar.close()
     if chunks:
       out = np.empty((len(texts), chunks[0].shape[1]), np.float32)
       out[order] = np.concatenate(chunks)

@@ -39,7 +39,7 @@ from flax import nnx
 
 from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
 from entrorouter_jax.data import tokenizer as tokenizer_lib
-from entrorouter_jax.model import _MASK_VALUE, _param
+from entrorouter_jax.layers import MASK_VALUE, param, pool as _pool
 
 _SUPPORTED_TYPES = ('llama', 'mistral', 'gemma')
 _ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -216,7 +216,7 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim, eps, *, gemma, rngs):
     self.eps, self.gemma = eps, gemma
     init = nnx.initializers.zeros if gemma else nnx.initializers.ones
-    self.scale = _param(rngs, init, (dim,), ('embed',))
+    self.scale = param(rngs, init, (dim,), ('embed',))
 
   def __call__(self, x):
     xf = x.astype(jnp.float32)
@@ -233,12 +233,12 @@ class DecoderAttention(nnx.Module):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.cfg, self.dtype = cfg, dtype
     qkv_init = nnx.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-    self.wq = _param(rngs, qkv_init, (e, h, d), ('embed', 'heads', 'kv'))
+    self.wq = param(rngs, qkv_init, (e, h, d), ('embed', 'heads', 'kv'))
     # The kv-head axis stays unsharded: kv heads rarely divide the tensor axis.
-    self.wk = _param(rngs, qkv_init, (e, kv, d), ('embed', None, 'kv'))
-    self.wv = _param(rngs, qkv_init, (e, kv, d), ('embed', None, 'kv'))
+    self.wk = param(rngs, qkv_init, (e, kv, d), ('embed', None, 'kv'))
+    self.wv = param(rngs, qkv_init, (e, kv, d), ('embed', None, 'kv'))
     out_init = nnx.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-    self.wo = _param(rngs, out_init, (h, d, e), ('heads', 'kv', 'embed'))
+    self.wo = param(rngs, out_init, (h, d, e), ('heads', 'kv', 'embed'))
 
   def __call__(self, x, mask):
     """x[B, L, E] (compute dtype), mask bool[B, L] (True = real key) -> [B, L, E]."""
@@ -257,7 +257,7 @@ class DecoderAttention(nnx.Module):
     length = x.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     allowed = causal[None, None] & mask[:, None, None, :]
-    scores = jnp.where(allowed, scores, _MASK_VALUE)
+    scores = jnp.where(allowed, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
     return jnp.einsum('blhd,hde->ble', out, self.wo[...].astype(dt))
@@ -270,9 +270,9 @@ class GatedMlp(nnx.Module):
     e, m = cfg.hidden_size, cfg.intermediate_size
     self.act, self.dtype = cfg.hidden_act, dtype
     init = nnx.initializers.lecun_normal()
-    self.gate = _param(rngs, init, (e, m), ('embed', 'mlp'))
-    self.up = _param(rngs, init, (e, m), ('embed', 'mlp'))
-    self.down = _param(rngs, init, (m, e), ('mlp', 'embed'))
+    self.gate = param(rngs, init, (e, m), ('embed', 'mlp'))
+    self.up = param(rngs, init, (e, m), ('embed', 'mlp'))
+    self.down = param(rngs, init, (m, e), ('mlp', 'embed'))
 
   def __call__(self, x):
     dt = self.dtype
@@ -306,7 +306,7 @@ class DecoderBackbone(nnx.Module):
     # Eager sharding (flax default) needs a mesh; without one, only record names.
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     with nnx.use_eager_sharding(eager):
-      self.embed = _param(rngs, _embed_init, (cfg.vocab_size, cfg.hidden_size),
+      self.embed = param(rngs, _embed_init, (cfg.vocab_size, cfg.hidden_size),
                           ('vocab', 'embed'))
       self.layers = nnx.List([DecoderLayer(cfg, dropout=dropout, dtype=dtype, rngs=rngs)
                               for _ in range(cfg.num_layers)])
@@ -341,11 +341,10 @@ class DecoderBackbone(nnx.Module):
 
 def pool(hidden, mask, how: str) -> jax.Array:
   """hidden[B, L, H], mask bool[B, L] -> float32[B, H] by 'last' (the last real
-  token; padding on the right) or 'mean' (see entrorouter_jax.backbones.pool)."""
+  token; padding on the right) or 'mean' (see entrorouter_jax.layers.pool)."""
   if how not in ('last', 'mean'):
     raise ValueError(f"pool how={how!r}; expected 'last' or 'mean'")
-  from entrorouter_jax import backbones
-  return backbones.pool(hidden, mask, how)
+  return _pool(hidden, mask, how)
 
 
 # ---------------------------------------------------------------------------

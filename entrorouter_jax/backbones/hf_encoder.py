@@ -42,7 +42,7 @@ from flax import nnx
 
 from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
 from entrorouter_jax.data.tokenizer import pad
-from entrorouter_jax.model import _MASK_VALUE, _param
+from entrorouter_jax.layers import MASK_VALUE, param, pool as _pool
 
 # model_type values whose checkpoints use BERT's tensor names and layout.
 SUPPORTED_MODEL_TYPES = ('bert',)
@@ -148,12 +148,12 @@ class BertAttention(nnx.Module):
   def __init__(self, cfg: EncoderConfig, *, dtype, dropout, rngs):
     self.dtype = dtype
     shape, axes = (cfg.hidden_size, cfg.num_heads, cfg.head_dim), ('embed', 'heads', 'kv')
-    self.wq, self.bq = _param(rngs, _init, shape, axes), _param(rngs, _zeros, shape[1:], axes[1:])
-    self.wk, self.bk = _param(rngs, _init, shape, axes), _param(rngs, _zeros, shape[1:], axes[1:])
-    self.wv, self.bv = _param(rngs, _init, shape, axes), _param(rngs, _zeros, shape[1:], axes[1:])
-    self.wo = _param(rngs, _init, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
+    self.wq, self.bq = param(rngs, _init, shape, axes), param(rngs, _zeros, shape[1:], axes[1:])
+    self.wk, self.bk = param(rngs, _init, shape, axes), param(rngs, _zeros, shape[1:], axes[1:])
+    self.wv, self.bv = param(rngs, _init, shape, axes), param(rngs, _zeros, shape[1:], axes[1:])
+    self.wo = param(rngs, _init, (cfg.num_heads, cfg.head_dim, cfg.hidden_size),
                      ('heads', 'kv', 'embed'))
-    self.bo = _param(rngs, _zeros, (cfg.hidden_size,), ('embed',))
+    self.bo = param(rngs, _zeros, (cfg.hidden_size,), ('embed',))
     self.drop = nnx.Dropout(dropout)  # on the attention probabilities, as in BERT
 
   def __call__(self, x, mask, deterministic, rngs):
@@ -163,7 +163,7 @@ class BertAttention(nnx.Module):
     q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :], scores, _MASK_VALUE)
+    scores = jnp.where(mask[:, None, None, :], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     probs = self.drop(probs, deterministic=deterministic, rngs=rngs)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
@@ -178,10 +178,10 @@ class BertLayer(nnx.Module):
     e, m = cfg.hidden_size, cfg.intermediate_size
     self.attn = BertAttention(cfg, dtype=dtype, dropout=dropout, rngs=rngs)
     self.attn_ln = _layer_norm(cfg, dtype, rngs)
-    self.w_in = _param(rngs, _init, (e, m), ('embed', 'mlp'))
-    self.b_in = _param(rngs, _zeros, (m,), ('mlp',))
-    self.w_out = _param(rngs, _init, (m, e), ('mlp', 'embed'))
-    self.b_out = _param(rngs, _zeros, (e,), ('embed',))
+    self.w_in = param(rngs, _init, (e, m), ('embed', 'mlp'))
+    self.b_in = param(rngs, _zeros, (m,), ('mlp',))
+    self.w_out = param(rngs, _init, (m, e), ('mlp', 'embed'))
+    self.b_out = param(rngs, _zeros, (e,), ('embed',))
     self.mlp_ln = _layer_norm(cfg, dtype, rngs)
     self.drop = nnx.Dropout(dropout)
 
@@ -203,9 +203,9 @@ class BertEncoder(nnx.Module):
     # Eager sharding (flax default) needs a mesh; without one, only record names.
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     with nnx.use_eager_sharding(eager):
-      self.word_embed = _param(rngs, _init, (cfg.vocab_size, e), ('vocab', 'embed'))
-      self.pos_embed = _param(rngs, _init, (cfg.max_positions, e), ('position', 'embed'))
-      self.type_embed = _param(rngs, _init, (cfg.type_vocab_size, e), (None, 'embed'))
+      self.word_embed = param(rngs, _init, (cfg.vocab_size, e), ('vocab', 'embed'))
+      self.pos_embed = param(rngs, _init, (cfg.max_positions, e), ('position', 'embed'))
+      self.type_embed = param(rngs, _init, (cfg.type_vocab_size, e), (None, 'embed'))
       self.embed_ln = _layer_norm(cfg, dtype, rngs)
       self.embed_drop = nnx.Dropout(dropout)
       self.layers = nnx.List([BertLayer(cfg, dtype=dtype, dropout=dropout, rngs=rngs)
@@ -236,8 +236,7 @@ class BertEncoder(nnx.Module):
 
 def mean_pool(hidden, mask) -> jax.Array:
   """Masked mean over positions -> float32[B, H]; all-pad rows pool to zeros."""
-  from entrorouter_jax.backbones import pool
-  return pool(hidden, mask, 'mean')
+  return _pool(hidden, mask, 'mean')
 
 
 # ---------------------------------------------------------------------------

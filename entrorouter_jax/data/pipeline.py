@@ -26,12 +26,13 @@ from entrorouter_jax.data.tokenizer import Tokenizer
 class Featurize(grain.transforms.Map):
   """A TFDS record -> the arrays the train step needs (text dropped).
 
-  Output per example: index int32, tokens int32[L], token_mask bool[L],
+  Output per example: index int32, tokens int32[L], token_mask bool[L] (none
+  when `tokenizer` is None: the embeddings backbone reads `extras['features']`),
   outcomes float32[K], outcome_mask bool[K], costs float32[K], plus
   extras[name][index] for every per-query table in `extras` (e.g. the anchor).
   """
 
-  def __init__(self, tokenizer: Tokenizer, max_len: int, truncate: str = 'right',
+  def __init__(self, tokenizer: Optional[Tokenizer], max_len: int, truncate: str = 'right',
                extras: Optional[Mapping[str, np.ndarray]] = None):
     self.tokenizer = tokenizer
     self.max_len = max_len
@@ -39,18 +40,17 @@ class Featurize(grain.transforms.Map):
     self.extras = dict(extras or {})
 
   def map(self, record):
-    query = record['query']
-    query = query.decode('utf-8') if isinstance(query, bytes) else query
-    tokens, token_mask = self.tokenizer.encode(query, self.max_len, self.truncate)
     index = int(record['index'])
     out = {
         'index': np.int32(index),
-        'tokens': tokens,
-        'token_mask': token_mask,
         'outcomes': np.asarray(record['outcomes'], np.float32),
         'outcome_mask': np.asarray(record['outcome_mask'], bool),
         'costs': np.asarray(record['costs'], np.float32),
     }
+    if self.tokenizer is not None:
+      query = record['query']
+      query = query.decode('utf-8') if isinstance(query, bytes) else query
+      out['tokens'], out['token_mask'] = self.tokenizer.encode(query, self.max_len, self.truncate)
     for name, table in self.extras.items():
       out[name] = table[index]
     return out
@@ -73,6 +73,41 @@ def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: 
   ds = _ProcessRows(ds.seed(seed).shuffle().repeat(), global_batch_size, local_batch,
                     process_index)
   return ds.map(featurize).batch(local_batch, drop_remainder=True).to_iter_dataset()
+
+
+class GatherRows(grain.transforms.Map):
+  """A batch of row indices int[b] -> {name: table[rows]} for every in-memory table."""
+
+  def __init__(self, tables: Mapping[str, np.ndarray]):
+    self.tables = dict(tables)
+
+  def map(self, rows):
+    rows = np.asarray(rows)
+    return {'index': rows.astype(np.int32), **{k: v[rows] for k, v in self.tables.items()}}
+
+
+def make_table_dataset(tables: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
+                       process_index: Optional[int] = None,
+                       process_count: Optional[int] = None) -> grain.IterDataset:
+  """As `make_dataset`, for queries whose inputs are all in memory (the
+  embeddings backbone reads no text): the same seeded shuffle of row indices,
+  the same per-process rows of each global batch, gathered a batch at a time.
+
+  tables: {name: array[N, ...]} (outcomes, outcome_mask, costs, features, ...).
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f'global batch size {global_batch_size} is not divisible by the '
+                     f'process count {process_count}')
+  n = len(next(iter(tables.values())))
+  if n < global_batch_size:
+    raise ValueError(f'{n} training queries are fewer than the global batch of '
+                     f'{global_batch_size}; lower the batch size')
+  local_batch = global_batch_size // process_count
+  ds = grain.MapDataset.range(n).seed(seed).shuffle().repeat()
+  ds = _ProcessRows(ds, global_batch_size, local_batch, process_index)
+  return ds.batch(local_batch, drop_remainder=True).map(GatherRows(tables)).to_iter_dataset()
 
 
 class _ProcessRows(grain.MapDataset):

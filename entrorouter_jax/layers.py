@@ -1,0 +1,32 @@
+"""Pieces shared by every network of the package (model.py and the pretrained
+backbones): parameters named by logical axes, the attention mask value and
+pooling. Nothing here imports the rest of the package."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+MASK_VALUE = -1e9   # attention scores of masked positions
+
+
+def param(rngs, init, shape, axes):
+  """A float32 nnx.Param whose metadata names its logical axes (sharding.RULES)."""
+  assert len(axes) == len(shape), (shape, axes)
+  return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+
+
+def pool(hidden, mask, how: str) -> jax.Array:
+  """hidden [B, L, H], mask bool[B, L] -> float32[B, H] by 'mean', 'cls' (position 0) or
+  'last' (the last real token; padding is on the right)."""
+  hidden = jnp.asarray(hidden, jnp.float32)
+  if how == 'cls':
+    return hidden[:, 0]
+  weights = jnp.asarray(mask).astype(jnp.float32)
+  if how == 'mean':
+    return (hidden * weights[..., None]).sum(1) / jnp.maximum(weights.sum(1), 1.0)[:, None]
+  if how == 'last':
+    last = jnp.maximum(weights.sum(1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"pooling={how!r}; expected 'mean', 'cls' or 'last'")

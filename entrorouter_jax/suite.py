@@ -1,0 +1,537 @@
+"""The quality suite: the router against every simple router, on every data set, over seeds.
+
+  python -m entrorouter_jax.suite --workdir=DIR [--seeds=3]
+      [--datasets=NAME=FORMAT:PATH,NAME=FORMAT:PATH] [--pools=NAME=POOL.yaml]
+      [--ablations] [--bootstrap=1000] [--readme=README.md] [--config.KEY=VALUE ...]
+
+For every data set it trains the router with the one default recipe
+(configs/common.py; no setting differs between data sets), once per seed, and
+scores the test split:
+
+  router                          the trained router's cost/quality curve (lambda sweep)
+  knn, linear, mlp, ensemble      on the router's own features (Stage 0's space)
+  <each>_tfidf, <each>_encoder    on TF-IDF alone and on the sentence encoder alone
+  random                          random routing at matched cost (the single models' hull)
+  task_best, oracle               references: they read the task label / the outcomes,
+                                  so they are not baselines to beat
+Each gets its AIQ per seed, the mean, a 95% bootstrap interval (test queries
+resampled; every method sees the same resamples) and the best point of its
+curve saving at least 48.25% of the strongest model's cost. The best baseline
+is the one with the highest mean AIQ; `router_minus_best` is the paired
+bootstrap interval of (router - best baseline), seeds averaged in every
+replicate.
+
+Data sets: without --datasets, everything in ../shared/data (RouterBench
+subset, RouteLLM MMLU and GSM8K, RouterDC's in-distribution tasks); with it,
+NAME=FORMAT:PATH where FORMAT is wide | long | routerdc | routellm |
+routerbench and PATH a file or folder (several joined with '+'). A file with
+a split column keeps its split; one without is split by a seeded hash of the
+query id (80% train / 10% validation / 10% test). Formats without costs
+(routerdc, routellm) need --pools=NAME=POOL.yaml.
+
+Writes DIR/suite.json (the figures), DIR/suite.md (the tables), DIR/suite_info.json
+(timings, sizes, the recipe) and, with --ablations, DIR/ablations.json: the recipe with
+one part changed at a time, beside the Trust-Region-Collapse diagnostics.
+Runs resume: a seed whose training finished is only re-scored.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import pickle
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from entrorouter_jax import baselines, evaluate, metrics, paths, train
+from entrorouter_jax import router as router_lib
+from entrorouter_jax.data import sources
+from entrorouter_jax.policy import is_utility
+
+log = logging.getLogger(__name__)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('ENTROROUTER_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+HEADLINE_SAVED = evaluate.HEADLINE_SAVED
+FORMATS = ('wide', 'long', 'routerdc', 'routellm', 'routerbench')
+REFERENCES = ('oracle', 'task_best')
+ROUTERDC_TASKS = ('mmlu', 'gsm8k', 'cmmlu', 'arc_challenge', 'humaneval')
+
+
+@dataclasses.dataclass
+class Dataset:
+  name: str
+  data: dict                  # config.data overrides
+  about: str = ''
+
+
+def default_datasets() -> list[Dataset]:
+  """../shared/data's routing sets, in the form `config.data` takes them."""
+  pool = lambda name: str(REPO / 'configs' / 'pools' / name)
+  rdc = [SHARED / 'routerdc7' / f'{task}{sep}{split}.json'
+         for task, sep in (('mmlu', '_'), ('gsm8k', '-'), ('cmmlu', '_'),
+                           ('arc_challenge', '_'), ('humaneval', '_'))
+         for split in ('train', 'test')]
+  return [
+      Dataset('routerbench', dict(name='routerbench', manual_dir=str(SHARED / 'routerbench')),
+              'RouterBench subset (ARC, MBPP, Winogrande) x 11 LLMs; RouterDC\'s split'),
+      Dataset('routellm_mmlu', dict(name='routing_files', format='routellm',
+                                    files=str(SHARED / 'routellm' / 'mmlu_responses'),
+                                    pool=pool('routellm.yaml')),
+              'RouteLLM MMLU, GPT-4 vs Mixtral; list prices x estimated tokens'),
+      Dataset('routellm_gsm8k', dict(name='routing_files', format='routellm',
+                                     files=str(SHARED / 'routellm' / 'gsm8k'),
+                                     pool=pool('routellm.yaml')),
+              'RouteLLM GSM8K, GPT-4 vs Mixtral; output tokens counted from the responses'),
+      Dataset('routerdc', dict(name='routing_files', format='routerdc',
+                               files=','.join(str(p) for p in rdc),
+                               pool=pool('routerdc7.yaml')),
+              'RouterDC, 7 open ~7B models on MMLU, GSM8K, CMMLU, ARC-C, HumanEval; '
+              'assumed prices (configs/pools/routerdc7.yaml)'),
+  ]
+
+
+def _missing_files(ds: Dataset) -> list[str]:
+  data = ds.data
+  wanted = [data['manual_dir']] if data.get('name') == 'routerbench' else data['files'].split(',')
+  return [p for p in wanted if not os.path.exists(p)]
+
+
+def parse_datasets(spec: str, pools: str = '') -> list[Dataset]:
+  """--datasets=NAME=FORMAT:PATH[,...] (and --pools=NAME=FILE[,...]) -> data sets."""
+  pool_of = {}
+  for item in filter(None, (p.strip() for p in pools.split(','))):
+    name, sep, path = item.partition('=')
+    if not sep or not name or not path:
+      raise ValueError(f'--pools item {item!r}: expected NAME=POOL.yaml')
+    pool_of[name] = os.path.expanduser(path)
+  out = []
+  for item in filter(None, (p.strip() for p in spec.split(','))):
+    name, sep, rest = item.partition('=')
+    fmt, sep2, path = rest.partition(':')
+    if not (sep and sep2 and name and path):
+      raise ValueError(f'--datasets item {item!r}: expected NAME=FORMAT:PATH '
+                       f'(FORMAT one of {list(FORMATS)}; several paths joined with "+")')
+    if fmt not in FORMATS:
+      raise ValueError(f'--datasets item {item!r}: format {fmt!r}; expected one of {list(FORMATS)}')
+    files = [os.path.expanduser(p) for p in path.split('+')]
+    missing = [p for p in files if not os.path.exists(p)]
+    if missing:
+      raise FileNotFoundError(f'--datasets item {item!r}: {missing[0]} does not exist')
+    if fmt == 'routerbench':
+      data = dict(name='routerbench', manual_dir=files[0])
+    else:
+      data = dict(name='routing_files', format=fmt, files=','.join(files),
+                  pool=pool_of.get(name, ''))
+    if name in (d.name for d in out):
+      raise ValueError(f'--datasets: the name {name!r} is given twice')
+    out.append(Dataset(name, data, f'{fmt}: {path}'))
+  unknown = set(pool_of) - {d.name for d in out}
+  if unknown:
+    raise ValueError(f'--pools names {sorted(unknown)} match no --datasets entry')
+  return out
+
+
+# ================================================================ ablations ===
+# The method as METHOD.md has it, on the recipe's features and head: Stage 1
+# on soft targets only (no dense loss, one weight), 600 steps; RL without the
+# dense loss at the token transformer's learning rate (3e-4, ten times the
+# recipe's); no stage keeps a best checkpoint, so a collapse shows.
+_METHOD_SFT = {'sft.dense_weight': 0.0, 'sft.soft_weight': 1.0, 'sft.soft_weight_choices': '',
+               'sft.select': '', 'sft.num_steps': 600}
+_METHOD_RL = {'rl.dense_weight': 0.0, 'rl.select': '', 'rl.learning_rate': 3e-4}
+_NO_ANCHOR = {'rl.beta_start': 0.0, 'rl.beta_end': 0.0}
+_NO_ENTROPY_CONTROL = {'rl.entropy_lr': 0.0}
+# (name, what changes, config overrides): each applied to the recipe.
+ABLATIONS = (
+    ('soft_supervision_only', 'Soft Supervision only (cross-entropy on soft targets)',
+     dict(_METHOD_SFT, stages='sft')),
+    ('plus_rl', '+ RL (REINFORCE, no anchor, no entropy control)',
+     {**_METHOD_SFT, **_METHOD_RL, **_NO_ANCHOR, **_NO_ENTROPY_CONTROL}),
+    ('plus_anchor', '+ Soft Anchor (beta 0.1 -> 0.01)',
+     {**_METHOD_SFT, **_METHOD_RL, **_NO_ENTROPY_CONTROL}),
+    ('plus_entropy', '+ entropy control = the method without additions',
+     {**_METHOD_SFT, **_METHOD_RL}),
+    ('recipe', '+ dense supervision, soft weight chosen out of fold, best checkpoints kept '
+     '= the default recipe', {}),
+    ('one_soft_weight', 'recipe with one soft weight (0.1), not chosen',
+     {'sft.soft_weight_choices': ''}),
+    ('no_rl', 'recipe without RL (Stage 1 only)', {'stages': 'sft'}),
+    ('softmax_head', 'recipe with the softmax head (threshold curve)',
+     {'model.head': 'softmax', 'model.temperature': 1.0, 'sft.soft_weight_choices': '',
+      'rl.select': 'bce'}),
+    ('anchor_in_policy', 'recipe + kNN anchor inside the policy', {'model.anchor_in_logits': True}),
+    ('exact_estimator', 'recipe with the exact RL estimator', {'rl.estimator': 'exact'}),
+    ('input_noise', 'recipe + input noise (std 0.05)', {'model.input_noise': 0.05}),
+    ('tfidf_features', 'recipe on TF-IDF features only (no sentence encoder)',
+     {'anchor.space': 'tfidf'}),
+    ('one_member', 'recipe with one member (20% held out for selection)', {'model.members': 1}),
+)
+
+
+def apply_overrides(config, overrides: dict):
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split('.')
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+# ============================================================ one data set ===
+@dataclasses.dataclass
+class Method:
+  """One router's curves on the test split, one per seed."""
+  name: str
+  role: str                                   # 'router' | 'baseline' | 'reference'
+  seeds: list = dataclasses.field(default_factory=list)       # full-test AIQ per seed
+  boot: list = dataclasses.field(default_factory=list)        # float[B] per seed
+  retained: list = dataclasses.field(default_factory=list)    # best point >= 48.25%, per seed
+
+
+def _choices_of(router: baselines.ScoreRouter) -> list[np.ndarray]:
+  return router.choices()[1]
+
+
+def router_choices(config, workdir, test, tables, feats) -> tuple[list, dict]:
+  """The trained router's curve (its routing rules on the test split) and the
+  Trust-Region-Collapse diagnostics at its operating lambda."""
+  router = router_lib.load_router(workdir)
+  probs = router.probs(test.queries.tolist(), tables=tables, feats=feats)
+  if is_utility(config):
+    success, c_bar = router.scores(test.queries.tolist(), tables=tables, feats=feats)
+    choices = _choices_of(baselines.ScoreRouter('router', success, c_bar))
+  else:
+    choices = metrics.threshold_choices(probs, router.model_costs, evaluate.THRESHOLDS)
+  lam = router.default_cost_weight
+  pick = np.argmax(probs, axis=1)
+  anchor = np.argmax(tables[0] - lam * tables[1], axis=1)
+  k = probs.shape[1]
+  anchor_share = np.bincount(anchor, minlength=k) / len(anchor)
+  policy_share = np.bincount(pick, minlength=k) / len(pick)
+  diag = {'entropy': float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1))),
+          'strongest_share': float(policy_share[router.strongest]),
+          'needed_never_picked': int(np.sum((anchor_share >= 0.02) & (policy_share < 0.002)))}
+  return choices, diag
+
+
+def evaluate_seed(config, workdir, seed: int, with_baselines: bool):
+  """{method: (role, routing rules)} on the test split, and the router's diagnostics."""
+  _, parts = sources.load_splits(config.data, ('train', 'test'))
+  train_data, test = parts['train'], parts['test']
+  with (paths.as_path(workdir) / 'stage0.pkl').open('rb') as f:
+    stage0 = pickle.load(f)
+  tables = (stage0['tables']['test']['p_hat'], stage0['tables']['test']['c_bar'])
+  feats = stage0['features']
+  choices, diag = router_choices(config, workdir, test, tables, feats['test'])
+  out = {'router': ('router', choices)}
+  if with_baselines:
+    c_ref = stage0['c_ref']
+    routers = baselines.score_routers(train_data, feats['train'], feats['test'], *tables, c_ref,
+                                      seed=seed)
+    routers += evaluate.other_space_routers(config, c_ref, train_data, test, seed=seed)
+    for r in routers:
+      out[r.name] = ('baseline', _choices_of(r))
+    task_best = baselines.task_best_router(train_data, test, c_ref)
+    if task_best is not None:
+      out['task_best'] = ('reference', _choices_of(task_best))
+    out['oracle'] = ('reference', _choices_of(baselines.oracle_router(test, stage0['c_ref'])))
+  return out, diag, test, stage0['strongest'], train_data.num_queries
+
+
+def score_methods(per_seed: list[dict], test, strongest: int, counts) -> dict[str, Method]:
+  """Full-test AIQ, bootstrap AIQs and the 48.25% point of every method and seed."""
+  y, mask, costs = test.outcomes, test.outcome_mask, test.costs
+  k = y.shape[1]
+  singles = [np.full(len(y), j) for j in range(k)]
+  single_y, single_c = metrics.chosen_tables(singles, y, mask, costs)
+  names = test.model_names
+  single = metrics.single_models(y, mask, costs, names)
+  cost_range = metrics.single_model_cost_range(single)
+  strong = single[names[strongest]]
+  methods: dict[str, Method] = {}
+  for rules in per_seed:
+    rules = dict(rules)
+    rules['random'] = ('baseline', singles)   # random at matched cost = the single models' hull
+    for name, (role, choices) in rules.items():
+      method = methods.setdefault(name, Method(name, role))
+      cy, cc = metrics.chosen_tables(choices, y, mask, costs)
+      acc, cost = cy.mean(axis=1), cc.mean(axis=1)
+      method.seeds.append(metrics.aiq(cost, acc, cost_range))
+      method.boot.append(metrics.bootstrap_aiq(cy, cc, single_y, single_c, counts))
+      best = metrics.best_retained([{'accuracy': a, 'cost': c} for a, c in zip(acc, cost)],
+                                   strong, HEADLINE_SAVED)
+      method.retained.append(None if best is None else best['retained_accuracy'])
+  return methods
+
+
+def summarize(methods: dict[str, Method]) -> dict:
+  """suite.json's entry for one data set."""
+  out = {}
+  for name, m in methods.items():
+    kept = [r for r in m.retained if r is not None]
+    out[name] = {'aiq': [float(v) for v in m.seeds], 'aiq_mean': float(np.mean(m.seeds)),
+                 'aiq_ci95': metrics.interval(np.mean(m.boot, axis=0)),
+                 'best_retained_at_48': float(np.mean(kept)) if kept else None,
+                 'role': m.role}
+  contenders = [n for n, m in methods.items() if m.role == 'baseline']
+  if 'router' in methods and contenders:
+    best = max(contenders, key=lambda n: out[n]['aiq_mean'])
+    diff = np.mean(methods['router'].boot, axis=0) - np.mean(methods[best].boot, axis=0)
+    out['router_minus_best'] = {
+        'mean': out['router']['aiq_mean'] - out[best]['aiq_mean'],
+        'ci95': metrics.interval(diff), 'best': best}
+  return out
+
+
+# ==================================================================== tables ===
+def _fmt_ci(ci) -> str:
+  return f'[{ci[0]:.4f}, {ci[1]:.4f}]'
+
+
+def dataset_table(name: str, entry: dict, info: dict) -> list[str]:
+  lines = [f'### {name}', '', f"{info.get('about', '')}. {info['train']} train / {info['test']} "
+           f"test queries, {info['models']} models, seeds {info['seeds']}; "
+           f"{info['seconds'] / 60:.1f} min.", '',
+           '| method | AIQ (mean) | 95% CI | per seed | best point saving >= 48.25%: retained |',
+           '|---|---:|---|---|---:|']
+  order = sorted((n for n in entry if n != 'router_minus_best'),
+                 key=lambda n: (entry[n]['role'] != 'router', entry[n]['role'] == 'reference',
+                                -entry[n]['aiq_mean']))
+  best = entry.get('router_minus_best', {}).get('best')
+  for n in order:
+    e = entry[n]
+    label = {'router': '**router**', 'reference': f'{n} (reference)'}.get(e['role'], n)
+    if n == best:
+      label = f'{n} (best baseline)'
+    retained = '-' if e['best_retained_at_48'] is None else f"{e['best_retained_at_48']:.1%}"
+    lines.append(f"| {label} | {e['aiq_mean']:.4f} | {_fmt_ci(e['aiq_ci95'])} | "
+                 f"{', '.join(f'{v:.4f}' for v in e['aiq'])} | {retained} |")
+  if 'router_minus_best' in entry:
+    d = entry['router_minus_best']
+    lines += ['', f"router - best baseline ({d['best']}): {d['mean']:+.4f}, paired 95% CI "
+              f"{_fmt_ci(d['ci95'])}."]
+  return lines + ['']
+
+
+def summary_table(results: dict, infos: dict) -> list[str]:
+  lines = ['| data set | router AIQ [95% CI] | best baseline | its AIQ | router - best [paired 95% CI] '
+           '| router at >= 48.25% saved: retained |', '|---|---|---|---:|---|---:|']
+  for name, entry in results.items():
+    r, d = entry['router'], entry.get('router_minus_best')
+    if d is None:
+      continue
+    retained = '-' if r['best_retained_at_48'] is None else f"{r['best_retained_at_48']:.1%}"
+    lines.append(f"| {name} | {r['aiq_mean']:.4f} {_fmt_ci(r['aiq_ci95'])} | {d['best']} | "
+                 f"{entry[d['best']]['aiq_mean']:.4f} | {d['mean']:+.4f} {_fmt_ci(d['ci95'])} | "
+                 f'{retained} |')
+  return lines + ['']
+
+
+def ablation_table(ablations: dict, datasets: list[str]) -> list[str]:
+  lines = ['| variant | ' + ' | '.join(datasets) + ' | final entropy | strongest share | '
+           'needed, never picked |', '|---|' + '---:|' * (len(datasets) + 3)]
+  for name, row in ablations.items():
+    cells = []
+    for ds in datasets:
+      e = row['datasets'].get(ds)
+      cells.append('-' if e is None else f"{e['aiq_mean']:.4f}")
+    diag = row['diagnostics']
+    lines.append(f"| {row['about']} | " + ' | '.join(cells) +
+                 f" | {diag['entropy']:.3f} | {diag['strongest_share']:.1%} | "
+                 f"{diag['needed_never_picked']:.2f} |")
+  return lines + ['']
+
+
+def render(results: dict, infos: dict, ablations: Optional[dict], command: str,
+           total_seconds: float) -> str:
+  lines = ['# Quality suite', '',
+           f'`{command}` ({total_seconds / 60:.1f} min on this machine). AIQ on the test splits '
+           '(area under the cost/accuracy hull over the single models\' cost range); 95% '
+           'intervals resample the test queries (1 draw set shared by every method); the best '
+           'baseline is the highest mean AIQ among the baselines; task_best and oracle read '
+           'labels and are references only.', '', '## Summary', '']
+  lines += summary_table(results, infos)
+  lines += ['## Per data set', '']
+  for name, entry in results.items():
+    lines += dataset_table(name, entry, infos[name])
+  if ablations:
+    lines += ['## Ablations', '', 'The recipe with one part changed at a time (mean AIQ over '
+              'the seeds; diagnostics on the test split at the operating lambda, averaged over '
+              'data sets and seeds: the policy\'s mean entropy, the share of queries sent to '
+              'the strongest model, and how many models the kNN anchor prefers on >= 2% of '
+              'queries but the policy picks on < 0.2%).', '']
+    lines += ablation_table(ablations, list(results))
+  return '\n'.join(lines)
+
+
+def update_readme(readme: pathlib.Path, body: str) -> None:
+  """Replaces README's text between the suite markers with `body`."""
+  start, end = '<!-- suite:start -->', '<!-- suite:end -->'
+  text = readme.read_text()
+  if start not in text or end not in text:
+    raise ValueError(f'{readme}: no "{start}" ... "{end}" markers to put the tables between')
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  readme.write_text(f'{head}{start}\n{body.strip()}\n{end}{tail}')
+
+
+# ===================================================================== run ===
+def run_dataset(config, ds: Dataset, workdir: pathlib.Path, seeds: int, counts_seed: int,
+                bootstrap: int, with_baselines: bool = True):
+  """Trains and scores one data set over the seeds: (methods, info, diagnostics)."""
+  started = time.time()
+  base = apply_overrides(config, {f'data.{k}': v for k, v in ds.data.items()})
+  per_seed, diags = [], []
+  for seed in range(seeds):
+    cfg = apply_overrides(base, {'seed': seed})
+    seed_dir = workdir / f'seed{seed}'
+    log.info('suite: %s, seed %d -> %s', ds.name, seed, seed_dir)
+    train.train_and_evaluate(cfg, seed_dir)
+    rules, diag, test, strongest, n_train = evaluate_seed(cfg, seed_dir, seed, with_baselines)
+    per_seed.append(rules)
+    diags.append(diag)
+  counts = metrics.bootstrap_counts(test.num_queries, bootstrap, counts_seed)
+  methods = score_methods(per_seed, test, strongest, counts)
+  info = {'about': ds.about, 'train': n_train, 'test': test.num_queries,
+          'models': test.num_models, 'seeds': seeds, 'seconds': round(time.time() - started, 1)}
+  diag = {k: float(np.mean([d[k] for d in diags])) for k in diags[0]}
+  return methods, info, diag
+
+
+def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int = 1000,
+        ablations=False, command: str = 'python -m entrorouter_jax.suite') -> dict:
+  """The whole suite; returns suite.json's content (also written, with suite.md).
+
+  `ablations`: True for every row of ABLATIONS, or a sequence of their names.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  results, infos = {}, {}
+  for i, ds in enumerate(datasets):
+    methods, infos[ds.name], diag = run_dataset(config, ds, workdir / ds.name, seeds, i, bootstrap)
+    results[ds.name] = summarize(methods)
+    infos[ds.name]['diagnostics'] = diag
+    _write(workdir, results, infos, None, command, time.time() - started)
+    _print_summary(ds.name, results[ds.name])
+  ablation_rows = None
+  if ablations:
+    wanted = [a[0] for a in ABLATIONS] if ablations is True else list(ablations)
+    unknown = set(wanted) - {a[0] for a in ABLATIONS}
+    if unknown:
+      raise ValueError(f'ablations {sorted(unknown)}; expected names of {[a[0] for a in ABLATIONS]}')
+    ablation_rows = {}
+    for name, about, overrides in (a for a in ABLATIONS if a[0] in wanted):
+      row = {'about': about, 'overrides': overrides, 'datasets': {}}
+      diags = []
+      for i, ds in enumerate(datasets):
+        if name == 'recipe':
+          methods = None
+          entry = results[ds.name]['router']
+          diags.append(infos[ds.name]['diagnostics'])
+        else:
+          methods, _, diag = run_dataset(apply_overrides(config, overrides), ds,
+                                         workdir / 'ablations' / name / ds.name, seeds, i,
+                                         bootstrap, with_baselines=False)
+          entry = summarize(methods)['router']
+          diags.append(diag)
+        row['datasets'][ds.name] = entry
+      row['diagnostics'] = {k: float(np.mean([d[k] for d in diags])) for k in diags[0]}
+      ablation_rows[name] = row
+      _write(workdir, results, infos, ablation_rows, command, time.time() - started)
+  total = time.time() - started
+  _write(workdir, results, infos, ablation_rows, command, total)
+  print(f'suite: {total / 60:.1f} min; tables in {workdir / "suite.md"}')
+  return results
+
+
+def _write(workdir, results, infos, ablations, command, seconds):
+  paths.write_atomic(workdir / 'suite.json', json.dumps(results, indent=2) + '\n')
+  paths.write_atomic(workdir / 'suite_info.json', json.dumps(
+      {'datasets': infos, 'seconds': round(seconds, 1), 'command': command}, indent=2) + '\n')
+  if ablations is not None:
+    paths.write_atomic(workdir / 'ablations.json', json.dumps(ablations, indent=2) + '\n')
+  paths.write_atomic(workdir / 'suite.md', render(results, infos, ablations, command, seconds))
+
+
+def _print_summary(name, entry):
+  r = entry['router']
+  line = f"suite: {name}: router AIQ {r['aiq_mean']:.4f} {_fmt_ci(r['aiq_ci95'])}"
+  d = entry.get('router_minus_best')
+  if d:
+    line += (f"; best baseline {d['best']} {entry[d['best']]['aiq_mean']:.4f}; router - best "
+             f"{d['mean']:+.4f} {_fmt_ci(d['ci95'])}")
+  print(line, flush=True)
+
+
+# ===================================================================== CLI ===
+def main(argv):
+  from absl import flags
+  from entrorouter_jax import cli
+  FLAGS = flags.FLAGS
+  del argv
+  cli.show_progress_logs()
+  try:
+    if FLAGS.seeds < 1:
+      raise ValueError(f'--seeds={FLAGS.seeds}; expected >= 1')
+    if FLAGS.bootstrap < 10:
+      raise ValueError(f'--bootstrap={FLAGS.bootstrap}; expected >= 10 replicates')
+    if FLAGS.datasets:
+      datasets = parse_datasets(FLAGS.datasets, FLAGS.pools or '')
+    else:
+      if FLAGS.pools:
+        raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
+      datasets = []
+      for ds in default_datasets():
+        missing = _missing_files(ds)
+        if missing:
+          print(f'suite: skipping {ds.name}: {missing[0]} not found (expected ../shared/data '
+                'beside the repository, or ENTROROUTER_SHARED_DATA)', file=sys.stderr)
+        else:
+          datasets.append(ds)
+      if not datasets:
+        raise FileNotFoundError(f'no data set found under {SHARED}; give --datasets=NAME=FORMAT:PATH')
+    command = ' '.join(['python -m entrorouter_jax.suite'] + sys.argv[1:])
+    run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.bootstrap, FLAGS.ablations,
+        command)
+  except cli.user_errors() + (router_lib.RouterError,) as e:
+    if os.environ.get('ENTROROUTER_DEBUG'):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.readme:
+    body = (pathlib.Path(FLAGS.workdir) / 'suite.md').read_text()
+    update_readme(pathlib.Path(FLAGS.readme), body.split('\n', 1)[1])
+    print(f'suite: tables written into {FLAGS.readme}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'rl.py'),
+                                  'The recipe (default configs/rl.py); override keys with '
+                                  '--config.KEY=VALUE (the same for every data set).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where the runs, suite.json and suite.md go.',
+                      required=True)
+  flags.DEFINE_integer('seeds', 3, 'Seeds per data set.')
+  flags.DEFINE_string('datasets', '', 'NAME=FORMAT:PATH[,...]; default: ../shared/data.')
+  flags.DEFINE_string('pools', '', 'NAME=POOL.yaml[,...]: prices for --datasets entries '
+                      'whose files carry no costs.')
+  flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap replicates of the test queries.')
+  flags.DEFINE_bool('ablations', False, 'Also run the ablation table (the recipe with one part '
+                    'changed at a time).')
+  flags.DEFINE_string('readme', '', 'Also put the tables into this README between its suite '
+                      'markers.')
+  app.run(main)

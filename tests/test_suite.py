@@ -1,0 +1,120 @@
+"""The quality suite on a tiny long-format file: its contract files, resume, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from configs import rl as rl_config
+from entrorouter_jax import suite
+from entrorouter_jax.data import synthetic
+
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+# The recipe at a tiny size: TF-IDF only (no sentence encoder), few steps.
+TINY = {'anchor.space': 'tfidf', 'anchor.k': 10, 'anchor.dim': 24, 'model.members': 2,
+        'model.hidden': 16, 'sft.num_steps': 40, 'sft.batch_size': 32, 'sft.select_every': 10,
+        'rl.num_steps': 20, 'rl.batch_size': 32, 'rl.select_every': 10, 'log_every': 10,
+        'checkpoint_every': 20, 'eval_batch_size': 128}
+
+
+def write_long(path, num_train=240, num_test=100, seed=0, split=True):
+  """The synthetic world as a long-format CSV (one row per query and model)."""
+  data = synthetic.generate(seed=seed, num_train=num_train, num_validation=0, num_test=num_test)
+  rows = []
+  for i in range(data.num_queries):
+    for j, name in enumerate(data.model_names):
+      row = {'id': data.ids[i], 'query': data.queries[i], 'task': data.tasks[i], 'model': name,
+             'score': float(data.outcomes[i, j]), 'cost': float(data.costs[i, j])}
+      if split:
+        row['split'] = data.splits[i]
+      rows.append(row)
+  pd.DataFrame(rows).to_csv(path, index=False)
+  return path
+
+
+def _suite_cmd(workdir, datasets, *extra):
+  return ([sys.executable, '-m', 'entrorouter_jax.suite', f'--workdir={workdir}',
+           f'--datasets={datasets}', '--seeds=2', '--bootstrap=50']
+          + [f'--config.{k}={v}' for k, v in TINY.items()] + list(extra))
+
+
+def test_suite_cli_writes_the_contract_and_resumes(tmp_path):
+  long_file = write_long(tmp_path / 'tiny.csv')
+  workdir = tmp_path / 'suite'
+  cmd = _suite_cmd(workdir, f'tiny=long:{long_file}',
+                   f'--config.data.data_dir={tmp_path / "tfds"}')
+  first = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'suite: tiny: router AIQ' in first.stdout
+
+  results = json.loads((workdir / 'suite.json').read_text())
+  entry = results['tiny']
+  for method in ('router', 'knn', 'linear', 'mlp', 'ensemble', 'random', 'task_best', 'oracle'):
+    e = entry[method]
+    assert len(e['aiq']) == 2 and e['aiq_mean'] == pytest.approx(np.mean(e['aiq']))
+    lo, hi = e['aiq_ci95']
+    assert 0.0 <= lo <= hi <= 1.0
+    assert e['best_retained_at_48'] is None or 0.0 < e['best_retained_at_48'] < 2.0
+  d = entry['router_minus_best']
+  assert d['best'] in ('knn', 'linear', 'mlp', 'ensemble', 'random')   # references never count
+  best = max(('knn', 'linear', 'mlp', 'ensemble', 'random'), key=lambda m: entry[m]['aiq_mean'])
+  assert d['best'] == best
+  assert d['mean'] == pytest.approx(entry['router']['aiq_mean'] - entry[best]['aiq_mean'])
+  assert d['ci95'][0] <= d['ci95'][1]
+  # The two seeds are two trainings.
+  assert entry['router']['aiq'][0] != entry['router']['aiq'][1] or \
+      entry['mlp']['aiq'][0] != entry['mlp']['aiq'][1]
+  md = (workdir / 'suite.md').read_text()
+  assert '| **router** |' in md and 'router - best baseline' in md and '(reference)' in md
+  info = json.loads((workdir / 'suite_info.json').read_text())
+  assert info['datasets']['tiny']['train'] == 240 and info['datasets']['tiny']['test'] == 100
+
+  # A rerun only re-scores the finished seeds: no step trained, the same figures.
+  logs = {s: (workdir / 'tiny' / s / 'metrics.jsonl').read_text() for s in ('seed0', 'seed1')}
+  again = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((workdir / 'suite.json').read_text()) == results
+  for seed, log in logs.items():
+    assert (workdir / 'tiny' / seed / 'metrics.jsonl').read_text() == log
+
+
+def test_suite_bad_input_is_one_clear_line(tmp_path):
+  long_file = write_long(tmp_path / 'tiny.csv', num_train=40, num_test=10)
+  cases = [
+      (f'tiny=csv:{long_file}', "format 'csv'"),
+      (f'tiny=long:{tmp_path / "nope.csv"}', 'nope.csv does not exist'),
+      (f'tiny:{long_file}', 'expected NAME=FORMAT:PATH'),
+      (f'a=long:{long_file},a=long:{long_file}', "the name 'a' is given twice"),
+  ]
+  for spec, message in cases:
+    out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.suite',
+                          f'--workdir={tmp_path / "w"}', f'--datasets={spec}'],
+                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
+    assert out.returncode == 2, (spec, out.stderr[-2000:])
+    assert message in out.stderr and 'Traceback' not in out.stderr, (spec, out.stderr)
+  with pytest.raises(ValueError, match='match no --datasets entry'):
+    suite.parse_datasets(f'a=long:{long_file}', pools=f'b={long_file}')
+
+
+def test_ablations_table_in_process(tmp_path):
+  """Two ablation rows on one seed: the table and ablations.json carry AIQ and the
+  collapse diagnostics beside it."""
+  config = rl_config.get_config()
+  config = suite.apply_overrides(config, dict(TINY, **{'data.data_dir': str(tmp_path / 'tfds')}))
+  datasets = suite.parse_datasets(f'tiny=long:{write_long(tmp_path / "tiny.csv")}')
+  suite.run(config, tmp_path / 'w', datasets, seeds=1, bootstrap=20,
+            ablations=('soft_supervision_only', 'plus_rl'))
+  rows = json.loads((tmp_path / 'w' / 'ablations.json').read_text())
+  assert list(rows) == ['soft_supervision_only', 'plus_rl']
+  for row in rows.values():
+    assert 0.0 < row['datasets']['tiny']['aiq_mean'] <= 1.0
+    diag = row['diagnostics']
+    assert diag['entropy'] >= 0.0 and 0.0 <= diag['strongest_share'] <= 1.0
+    assert diag['needed_never_picked'] >= 0
+  md = (tmp_path / 'w' / 'suite.md').read_text()
+  assert '## Ablations' in md and 'Soft Supervision only' in md
