@@ -117,6 +117,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- Stage 1: Soft Supervision ---
   config.sft = sft = ml_collections.ConfigDict()
   sft.num_steps = 4000               # at most; early stopping (patience) usually ends it sooner
+  # Batch sizes scale down on small data (the rule: at most a quarter of the
+  # training queries, as a power of two; train.scaled_batch_size).
   sft.batch_size = 128
   sft.learning_rate = 1e-3
   sft.warmup_steps = 50

@@ -7,12 +7,13 @@ set ENTROROUTER_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import sys
 
 from absl import flags
+
+from entrorouter_jax import logs
 
 FLAGS = flags.FLAGS
 
@@ -66,38 +67,10 @@ def user_errors():
   return (DataError, TrainingError, FileNotFoundError, ValueError)
 
 
-class _QuietReadOnlyCheckpoints(logging.Filter):
-  """Drops orbax's warnings that a read-only CheckpointManager (how routers and
-  evaluations open a finished run) is read-only: three lines per load, no news."""
-
-  NOISE = ('CheckpointManagerOptions.read_only=True', 'Given directory is read only')
-
-  def filter(self, record):
-    message = record.getMessage()
-    return not any(n in message for n in self.NOISE)
-
-
-def show_progress_logs():
-  """Our INFO lines (Stage 0, resumes, stage selection) on stderr; libraries
-  (orbax, TFDS) only at WARNING and above."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _QuietReadOnlyCheckpoints) for f in absl_logger.filters):
-    absl_logger.addFilter(_QuietReadOnlyCheckpoints())
-  logger = logging.getLogger('entrorouter_jax')
-  logger.setLevel(logging.INFO)
-  if not logger.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    logger.addHandler(handler)
-    logger.propagate = False
-
-
 def run_main(argv, fn, default_workdir_from_config: bool = True):
   """Runs fn(config, workdir), printing the result summary or a one-line error."""
   del argv
-  show_progress_logs()
+  logs.show_progress_logs()
   from entrorouter_jax import evaluate
   from entrorouter_jax import paths
   workdir = paths.as_path(FLAGS.workdir or default_workdir())

@@ -254,11 +254,12 @@ def plot_all(results: dict, workdir) -> list:
     plt.close(fig)
 
   fig, ax = plt.subplots(figsize=(7, 5))
-  for name, entry in results['baselines'].items():
-    if entry.get('curve') and not name.startswith('single:'):
-      hc, ha = metrics.convex_hull_curve([p['cost'] for p in entry['curve']],
-                                         [p['accuracy'] for p in entry['curve']])
-      ax.plot(hc, ha, '--', marker='.', label=f"{name} (AIQ {entry['aiq']:.3f})")
+  colors = iter(['C0', 'C1', 'C2', 'C4', 'C5', 'C6', 'C8', 'C9'])   # C3 is the router's
+  for name, entry in plotted_baselines(results['baselines']).items():
+    hc, ha = metrics.convex_hull_curve([p['cost'] for p in entry['curve']],
+                                       [p['accuracy'] for p in entry['curve']])
+    color = 'k' if name == 'oracle' else ('C7' if name == 'random' else next(colors))
+    ax.plot(hc, ha, '--', marker='.', color=color, label=f"{name} (AIQ {entry['aiq']:.3f})")
   for name, single in results['single_models'].items():
     ax.scatter(single['cost'], single['accuracy'], color='gray', s=15)
     ax.annotate(name.split('/')[-1], (single['cost'], single['accuracy']), fontsize=7)
@@ -304,6 +305,15 @@ def plot_all(results: dict, workdir) -> list:
   return paths
 
 
+def plotted_baselines(baselines: dict, most: int = 4) -> dict:
+  """The curves worth a line in curve.png: the `most` best baselines by AIQ
+  (every space), then random and the oracle; report.md lists them all."""
+  curves = {n: e for n, e in baselines.items() if e.get('curve') and not n.startswith('single:')}
+  learned = sorted((n for n in curves if n not in ('random', 'oracle', 'task_best')),
+                   key=lambda n: -curves[n]['aiq'])[:most]
+  return {n: curves[n] for n in learned + ['random', 'oracle'] if n in curves}
+
+
 def save_evaluation(workdir, results: dict) -> tuple[dict, str, list]:
   """Writes results.json (keeping training's keys, e.g. train_seconds), report.md and the plots.
 
@@ -324,10 +334,10 @@ def save_evaluation(workdir, results: dict) -> tuple[dict, str, list]:
 
 
 def main(argv):
-  from absl import flags, logging as absl_logging
-  from entrorouter_jax import router as router_lib
+  from absl import flags
+  from entrorouter_jax import logs, router as router_lib
   from entrorouter_jax.data.dataset import DataError
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.show_progress_logs()
   del argv
   FLAGS = flags.FLAGS
   from entrorouter_jax import paths

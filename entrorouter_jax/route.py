@@ -110,8 +110,8 @@ def route_file(router, input_path, output_path, batch_size=256, **knobs) -> int:
 
 
 def main(argv):
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
+  from entrorouter_jax import logs
+  logs.show_progress_logs()
   queries = argv[1:]
   if bool(queries) == bool(FLAGS.input):
     print('error: give either one query as an argument or --input=FILE.jsonl', file=sys.stderr)

@@ -24,7 +24,8 @@ replicate.
 Data sets: without --datasets, everything in ../shared/data (RouterBench
 subset, RouteLLM MMLU and GSM8K, RouterDC's in-distribution tasks); with it,
 NAME=FORMAT:PATH where FORMAT is wide | long | routerdc | routellm |
-routerbench and PATH a file or folder (several joined with '+'). A file with
+routerbench and PATH a file or folder (several joined with '+'), and the item
+`default` for the default sets (--datasets=default,mine=long:mine.csv). A file with
 a split column keeps its split; one without is split by a seeded hash of the
 query id (80% train / 10% validation / 10% test). Formats without costs
 (routerdc, routellm) need --pools=NAME=POOL.yaml.
@@ -50,7 +51,7 @@ from typing import Optional
 
 import numpy as np
 
-from entrorouter_jax import baselines, evaluate, metrics, paths, train
+from entrorouter_jax import baselines, evaluate, logs, metrics, paths, train
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data import sources
 from entrorouter_jax.policy import is_utility
@@ -104,8 +105,25 @@ def _missing_files(ds: Dataset) -> list[str]:
   return [p for p in wanted if not os.path.exists(p)]
 
 
+def available_defaults() -> list[Dataset]:
+  """The default data sets whose files are here (a line on stderr for each missing one)."""
+  found = []
+  for ds in default_datasets():
+    missing = _missing_files(ds)
+    if missing:
+      print(f'suite: skipping {ds.name}: {missing[0]} not found (expected ../shared/data '
+            'beside the repository, or ENTROROUTER_SHARED_DATA)', file=sys.stderr)
+    else:
+      found.append(ds)
+  return found
+
+
 def parse_datasets(spec: str, pools: str = '') -> list[Dataset]:
-  """--datasets=NAME=FORMAT:PATH[,...] (and --pools=NAME=FILE[,...]) -> data sets."""
+  """--datasets=NAME=FORMAT:PATH[,...] (and --pools=NAME=FILE[,...]) -> data sets.
+
+  The item `default` stands for the default data sets (`available_defaults`), so
+  `--datasets=default,mine=long:mine.csv` adds a file to them.
+  """
   pool_of = {}
   for item in filter(None, (p.strip() for p in pools.split(','))):
     name, sep, path = item.partition('=')
@@ -114,6 +132,9 @@ def parse_datasets(spec: str, pools: str = '') -> list[Dataset]:
     pool_of[name] = os.path.expanduser(path)
   out = []
   for item in filter(None, (p.strip() for p in spec.split(','))):
+    if item == 'default':
+      out += [d for d in available_defaults() if d.name not in {o.name for o in out}]
+      continue
     name, sep, rest = item.partition('=')
     fmt, sep2, path = rest.partition(':')
     if not (sep and sep2 and name and path):
@@ -481,7 +502,7 @@ def main(argv):
   from entrorouter_jax import cli
   FLAGS = flags.FLAGS
   del argv
-  cli.show_progress_logs()
+  logs.show_progress_logs()
   try:
     if FLAGS.seeds < 1:
       raise ValueError(f'--seeds={FLAGS.seeds}; expected >= 1')
@@ -492,14 +513,7 @@ def main(argv):
     else:
       if FLAGS.pools:
         raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
-      datasets = []
-      for ds in default_datasets():
-        missing = _missing_files(ds)
-        if missing:
-          print(f'suite: skipping {ds.name}: {missing[0]} not found (expected ../shared/data '
-                'beside the repository, or ENTROROUTER_SHARED_DATA)', file=sys.stderr)
-        else:
-          datasets.append(ds)
+      datasets = available_defaults()
       if not datasets:
         raise FileNotFoundError(f'no data set found under {SHARED}; give --datasets=NAME=FORMAT:PATH')
     command = ' '.join(['python -m entrorouter_jax.suite'] + sys.argv[1:])

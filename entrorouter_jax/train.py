@@ -201,6 +201,16 @@ def sample_cost_weight(config, stage_cfg, rng, batch_size, lambdas=None):
   return jnp.full((batch_size,), stage_cfg.cost_weight, jnp.float32)
 
 
+def scaled_batch_size(batch_size: int, num_train: int, divisor: int = 1) -> int:
+  """The batch a stage trains with: `batch_size`, or for small data the largest
+  power of two up to a quarter of the training queries (so an epoch is at least
+  four steps), never below the mesh's batch divisor."""
+  quarter = max(num_train // 4, 1)
+  if batch_size <= quarter:
+    return batch_size
+  return max(divisor, 2 ** int(math.floor(math.log2(quarter))))
+
+
 def member_weights(fold, members: int, hold_out: bool):
   """float32[M, B]: 1 where member j trains on the row (its fold is not j), or
   None (one member trained on every row)."""
@@ -428,17 +438,23 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   graphdef, state, shardings = create_state(config, stage, problem, mesh)
   extras = dict(problem.tables['train'], fold=problem.folds)
   seed = config.seed + STAGES.index(stage)
+  batch_size = scaled_batch_size(stage_cfg.batch_size, problem.train.num_queries,
+                                 sharding.batch_divisor(mesh))
+  if batch_size != stage_cfg.batch_size:
+    log.info('%s: %d training queries: batch %d instead of %s.batch_size=%d (at most a '
+             'quarter of the queries per batch)', label or stage, problem.train.num_queries,
+             batch_size, stage, stage_cfg.batch_size)
   if problem.tokenizer is None:   # everything the step reads is in memory
     train = problem.train
     dataset = pipeline.make_table_dataset(
         dict(extras, features=problem.features['train'], outcomes=train.outcomes,
              outcome_mask=train.outcome_mask, costs=train.costs),
-        global_batch_size=stage_cfg.batch_size, seed=seed)
+        global_batch_size=batch_size, seed=seed)
   else:
     featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
                                    extras=extras)
     dataset = pipeline.make_dataset(problem.builder.as_data_source(split='train'), featurize,
-                                    global_batch_size=stage_cfg.batch_size, seed=seed)
+                                    global_batch_size=batch_size, seed=seed)
   iterator = iter(dataset)
   label = label or stage
   manager = _checkpoint_manager(workdir / 'checkpoints' / label, config)

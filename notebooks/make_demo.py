@@ -238,7 +238,7 @@ pd.DataFrame({'query': queries,
               'probability (lambda = 2)': [round(r['probability'], 3) for r in cheaper],
               'relative cost': [f"{cost[a['model']]:.3g} -> {cost[b['model']]:.3g}"
                                                for a, b in zip(routes, cheaper)]})
-""", tag='route-threshold'),
+""", tag='route-cost'),
     md("""
 ## Next steps
 

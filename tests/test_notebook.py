@@ -99,7 +99,7 @@ def test_demo_notebook_runs(tmp_path, monkeypatch):
     assert (workdir / 'eval' / name).is_file(), name
 
   # Both routing tables name models of the pool, one row per query.
-  for tag in ('route', 'route-threshold'):
+  for tag in ('route', 'route-cost'):
     table = _text(_cell(nb, tag).outputs)
     routed = [n for n in names if n in table]
     assert routed, f'no model of {names} in the output of the {tag!r} cell:\n{table}'

@@ -69,6 +69,14 @@ def test_member_weights_and_spread_lambdas():
   assert all(baselines.route(scores, c, l)[0] in (0, 1) for l in lams)
 
 
+def test_batch_size_scales_down_on_small_data():
+  assert train.scaled_batch_size(128, 20_000) == 128
+  assert train.scaled_batch_size(128, 512) == 128          # a quarter is exactly 128
+  assert train.scaled_batch_size(128, 500) == 64           # 125 -> 64
+  assert train.scaled_batch_size(128, 100) == 16           # 25 -> 16
+  assert train.scaled_batch_size(128, 10, divisor=8) == 8  # never below the mesh's divisor
+
+
 def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
   texts = [f'question {i} about {"math" if i % 2 else "law"} and topic {i % 7}' for i in range(80)]
   tfidf = features.capability.TfidfSpace(dim=8, min_df=1)
@@ -274,6 +282,7 @@ def _recipe_cmd(workdir, tmp_path):
       'data.synthetic.num_validation': 20, 'data.synthetic.num_test': 60,
       'anchor.space': 'tfidf', 'anchor.k': 10, 'anchor.dim': 16, 'model.members': 2,
       'model.hidden': 16, 'sft.num_steps': 30, 'sft.batch_size': 16, 'sft.select_every': 5,
+      'sft.soft_weight_choices': '0,0.3',
       'sft.patience': 0, 'rl.num_steps': 40, 'rl.batch_size': 16, 'rl.select_every': 5,
       'log_every': 5, 'checkpoint_every': 10,
   }
@@ -314,9 +323,16 @@ def test_recipe_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match='members=3 needs model.backbone=embeddings'):
     train.train_and_evaluate(config, tmp_path / 'a')
   config = recipe_config(tmp_path)
-  config.model.head = 'softmax'          # rl.select = 'utility' needs the utility head
-  with pytest.raises(train.TrainingError, match="select='utility' needs model.head='utility'"):
+  config.model.head = 'softmax'          # the SFT candidates are compared by routing utility
+  with pytest.raises(train.TrainingError, match="soft_weight_choices needs model.head='utility'"):
     train.train_and_evaluate(config, tmp_path / 'b')
+  config.sft.soft_weight_choices = ''    # and so is rl.select = 'utility'
+  with pytest.raises(train.TrainingError, match="select='utility' needs model.head='utility'"):
+    train.train_and_evaluate(config, tmp_path / 'b2')
+  config = recipe_config(tmp_path)
+  config.sft.soft_weight_choices = '0.1,x'
+  with pytest.raises(train.TrainingError, match='soft_weight_choices'):
+    train.train_and_evaluate(config, tmp_path / 'b3')
   config = recipe_config(tmp_path)
   config.model.lambda_set = '0.1,-2'
   with pytest.raises(train.TrainingError, match='lambda_set'):

@@ -51,7 +51,8 @@ def _free_port() -> int:
 def test_two_processes_and_one_device_log_the_same_losses_as_eight_devices(tmp_path):
   """The scale-out contract through the CLI: 1 process x 8 devices (data=2 x fsdp=4),
   2 processes x 4 devices (jax.distributed on localhost, CPU collectives) and
-  1 device log the same `loss` at every step, to 1e-5 relative."""
+  1 device log the same `loss` at every step, and the same out-of-fold checks,
+  to 1e-5 relative."""
   common = ['--config=configs/rl.py', f'--config.data.data_dir={tmp_path / "tfds"}',
             '--config.data.synthetic.num_train=600', '--config.data.synthetic.num_validation=20',
             '--config.data.synthetic.num_test=100', '--config.data.max_len=24',
@@ -79,14 +80,18 @@ def test_two_processes_and_one_device_log_the_same_losses_as_eight_devices(tmp_p
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
 
-  def losses(name):
+  def logged(name):
+    """(stage, step, what, value): every step's loss and every out-of-fold check."""
     lines = (tmp_path / name / 'metrics.jsonl').read_text().splitlines()
-    return [(r['stage'], r['step'], r['loss']) for r in map(json.loads, lines)]
+    return [(r['stage'], r['step'], key, r[key]) for r in map(json.loads, lines)
+            for key in ('loss', 'select_score') if key in r]
 
-  want = losses('eight')
-  assert len(want) == 8
+  want = logged('eight')
+  # Three Stage-1 candidates (sft.soft_weight_choices) and RL, 4 steps each.
+  assert sum(1 for w in want if w[2] == 'loss') == 16
+  assert {w[0] for w in want} == {'sft_soft0', 'sft_soft0.1', 'sft_soft0.3', 'rl'}
   for name in ('two', 'one'):
-    got = losses(name)
-    assert [g[:2] for g in got] == [w[:2] for w in want]
+    got = logged(name)
+    assert [g[:3] for g in got] == [w[:3] for w in want]
     for g, w in zip(got, want):
-      assert abs(g[2] - w[2]) <= 1e-5 * abs(w[2]), (name, g, w)
+      assert abs(g[3] - w[3]) <= 1e-5 * abs(w[3]), (name, g, w)

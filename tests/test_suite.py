@@ -17,9 +17,9 @@ from entrorouter_jax.data import synthetic
 ENV = dict(os.environ, JAX_PLATFORMS='cpu')
 # The recipe at a tiny size: TF-IDF only (no sentence encoder), few steps.
 TINY = {'anchor.space': 'tfidf', 'anchor.k': 10, 'anchor.dim': 24, 'model.members': 2,
-        'model.hidden': 16, 'sft.num_steps': 40, 'sft.batch_size': 32, 'sft.select_every': 10,
-        'rl.num_steps': 20, 'rl.batch_size': 32, 'rl.select_every': 10, 'log_every': 10,
-        'checkpoint_every': 20, 'eval_batch_size': 128}
+        'model.hidden': 16, 'sft.num_steps': 30, 'sft.batch_size': 32, 'sft.select_every': 10,
+        'sft.soft_weight_choices': '0,0.3', 'rl.num_steps': 20, 'rl.batch_size': 32,
+        'rl.select_every': 10, 'log_every': 10, 'checkpoint_every': 20, 'eval_batch_size': 128}
 
 
 def write_long(path, num_train=240, num_test=100, seed=0, split=True):
@@ -99,6 +99,9 @@ def test_suite_bad_input_is_one_clear_line(tmp_path):
     assert message in out.stderr and 'Traceback' not in out.stderr, (spec, out.stderr)
   with pytest.raises(ValueError, match='match no --datasets entry'):
     suite.parse_datasets(f'a=long:{long_file}', pools=f'b={long_file}')
+  # `default` adds the default data sets (those present) before a user's file.
+  names = [d.name for d in suite.parse_datasets(f'default,mine=long:{long_file}')]
+  assert names == [d.name for d in suite.available_defaults()] + ['mine']
 
 
 def test_ablations_table_in_process(tmp_path):
