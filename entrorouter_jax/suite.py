@@ -360,15 +360,15 @@ def summary_table(results: dict, infos: dict) -> list[str]:
 
 
 def ablation_table(ablations: dict, datasets: list[str]) -> list[str]:
-  lines = ['| variant | ' + ' | '.join(datasets) + ' | final entropy | strongest share | '
-           'needed, never picked |', '|---|' + '---:|' * (len(datasets) + 3)]
+  lines = ['| variant | seeds | ' + ' | '.join(datasets) + ' | final entropy | strongest share | '
+           'needed, never picked |', '|---|' + '---:|' * (len(datasets) + 4)]
   for name, row in ablations.items():
     cells = []
     for ds in datasets:
       e = row['datasets'].get(ds)
       cells.append('-' if e is None else f"{e['aiq_mean']:.4f}")
     diag = row['diagnostics']
-    lines.append(f"| {row['about']} | " + ' | '.join(cells) +
+    lines.append(f"| {row['about']} | {row.get('seeds', '-')} | " + ' | '.join(cells) +
                  f" | {diag['entropy']:.3f} | {diag['strongest_share']:.1%} | "
                  f"{diag['needed_never_picked']:.2f} |")
   return lines + ['']
@@ -388,10 +388,10 @@ def render(results: dict, infos: dict, ablations: Optional[dict], command: str,
     lines += dataset_table(name, entry, infos[name])
   if ablations:
     lines += ['## Ablations', '', 'The recipe with one part changed at a time (mean AIQ over '
-              'the seeds; diagnostics on the test split at the operating lambda, averaged over '
-              'data sets and seeds: the policy\'s mean entropy, the share of queries sent to '
-              'the strongest model, and how many models the kNN anchor prefers on >= 2% of '
-              'queries but the policy picks on < 0.2%).', '']
+              'the row\'s seeds; diagnostics on the test split at the operating lambda, '
+              'averaged over data sets and seeds: the policy\'s mean entropy, the share of '
+              'queries sent to the strongest model, and how many models the kNN anchor '
+              'prefers on >= 2% of queries but the policy picks on < 0.2%).', '']
     lines += ablation_table(ablations, list(results))
   return '\n'.join(lines)
 
@@ -431,11 +431,17 @@ def run_dataset(config, ds: Dataset, workdir: pathlib.Path, seeds: int, counts_s
 
 
 def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int = 1000,
-        ablations=False, command: str = 'python -m entrorouter_jax.suite') -> dict:
+        ablations=False, command: str = 'python -m entrorouter_jax.suite',
+        ablation_seeds: Optional[int] = None) -> dict:
   """The whole suite; returns suite.json's content (also written, with suite.md).
 
   `ablations`: True for every row of ABLATIONS, or a sequence of their names.
+  `ablation_seeds`: seeds per ablation row (default `seeds`); the recipe's own row
+  always reuses the main table's runs.
   """
+  ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
+  if ablation_seeds < 1:
+    raise ValueError(f'ablation_seeds={ablation_seeds}; expected >= 1')
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()
@@ -454,7 +460,8 @@ def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int
       raise ValueError(f'ablations {sorted(unknown)}; expected names of {[a[0] for a in ABLATIONS]}')
     ablation_rows = {}
     for name, about, overrides in (a for a in ABLATIONS if a[0] in wanted):
-      row = {'about': about, 'overrides': overrides, 'datasets': {}}
+      row = {'about': about, 'overrides': overrides, 'datasets': {},
+             'seeds': seeds if name == 'recipe' else ablation_seeds}
       diags = []
       for i, ds in enumerate(datasets):
         if name == 'recipe':
@@ -463,7 +470,7 @@ def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int
           diags.append(infos[ds.name]['diagnostics'])
         else:
           methods, _, diag = run_dataset(apply_overrides(config, overrides), ds,
-                                         workdir / 'ablations' / name / ds.name, seeds, i,
+                                         workdir / 'ablations' / name / ds.name, ablation_seeds, i,
                                          bootstrap, with_baselines=False)
           entry = summarize(methods)['router']
           diags.append(diag)
@@ -518,7 +525,7 @@ def main(argv):
         raise FileNotFoundError(f'no data set found under {SHARED}; give --datasets=NAME=FORMAT:PATH')
     command = ' '.join(['python -m entrorouter_jax.suite'] + sys.argv[1:])
     run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.bootstrap, FLAGS.ablations,
-        command)
+        command, FLAGS.ablation_seeds)
   except cli.user_errors() + (router_lib.RouterError,) as e:
     if os.environ.get('ENTROROUTER_DEBUG'):
       raise
@@ -546,6 +553,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('bootstrap', 1000, 'Bootstrap replicates of the test queries.')
   flags.DEFINE_bool('ablations', False, 'Also run the ablation table (the recipe with one part '
                     'changed at a time).')
+  flags.DEFINE_integer('ablation_seeds', None, 'Seeds per ablation row (default: --seeds); '
+                       'the recipe row reuses the main runs.')
   flags.DEFINE_string('readme', '', 'Also put the tables into this README between its suite '
                       'markers.')
   app.run(main)

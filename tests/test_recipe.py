@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO_ROOT, kill_then_rerun
 from configs import rl as rl_config
-from entrorouter_jax import baselines, features, policy, route, router as router_lib, sharding, train
+from entrorouter_jax import (baselines, features, policy, route, router as router_lib, sharding,
+                             suite, train)
 from entrorouter_jax.data import pipeline
 
 
@@ -317,27 +318,18 @@ def test_recipe_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   assert rows(resumed) == rows(straight)
 
 
-def test_recipe_errors_are_clear(tmp_path):
-  config = recipe_config(tmp_path)
-  config.model.update(backbone='scratch', members=3)
-  with pytest.raises(ValueError, match='members=3 needs model.backbone=embeddings'):
-    train.train_and_evaluate(config, tmp_path / 'a')
-  config = recipe_config(tmp_path)
-  config.model.head = 'softmax'          # the SFT candidates are compared by routing utility
-  with pytest.raises(train.TrainingError, match="soft_weight_choices needs model.head='utility'"):
-    train.train_and_evaluate(config, tmp_path / 'b')
-  config.sft.soft_weight_choices = ''    # and so is rl.select = 'utility'
-  with pytest.raises(train.TrainingError, match="select='utility' needs model.head='utility'"):
-    train.train_and_evaluate(config, tmp_path / 'b2')
-  config = recipe_config(tmp_path)
-  config.sft.soft_weight_choices = '0.1,x'
-  with pytest.raises(train.TrainingError, match='soft_weight_choices'):
-    train.train_and_evaluate(config, tmp_path / 'b3')
-  config = recipe_config(tmp_path)
-  config.model.lambda_set = '0.1,-2'
-  with pytest.raises(train.TrainingError, match='lambda_set'):
-    train.train_and_evaluate(config, tmp_path / 'c')
-  config = recipe_config(tmp_path)
-  config.anchor.space = 'words'
-  with pytest.raises(train.TrainingError, match="anchor.space='words'"):
-    train.train_and_evaluate(config, tmp_path / 'd')
+@pytest.mark.parametrize('overrides,error,message', [
+    ({'model.backbone': 'scratch', 'model.members': 3}, ValueError,
+     'members=3 needs model.backbone=embeddings'),
+    # The SFT candidates, and rl.select='utility', are compared by routing utility.
+    ({'model.head': 'softmax'}, train.TrainingError, "soft_weight_choices needs model.head='utility'"),
+    ({'model.head': 'softmax', 'sft.soft_weight_choices': ''}, train.TrainingError,
+     "select='utility' needs model.head='utility'"),
+    ({'sft.soft_weight_choices': '0.1,x'}, train.TrainingError, 'soft_weight_choices'),
+    ({'model.lambda_set': '0.1,-2'}, train.TrainingError, 'lambda_set'),
+    ({'anchor.space': 'words'}, train.TrainingError, "anchor.space='words'"),
+], ids=['members', 'candidates-head', 'select-head', 'candidates', 'lambda-set', 'space'])
+def test_recipe_errors_are_clear(tmp_path, overrides, error, message):
+  config = suite.apply_overrides(recipe_config(tmp_path), overrides)
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, tmp_path / 'run')

@@ -115,9 +115,13 @@ def test_ablations_table_in_process(tmp_path):
   rows = json.loads((tmp_path / 'w' / 'ablations.json').read_text())
   assert list(rows) == ['soft_supervision_only', 'plus_rl']
   for row in rows.values():
+    assert row['seeds'] == 1
     assert 0.0 < row['datasets']['tiny']['aiq_mean'] <= 1.0
     diag = row['diagnostics']
     assert diag['entropy'] >= 0.0 and 0.0 <= diag['strongest_share'] <= 1.0
     assert diag['needed_never_picked'] >= 0
   md = (tmp_path / 'w' / 'suite.md').read_text()
   assert '## Ablations' in md and 'Soft Supervision only' in md
+  assert '| variant | seeds | tiny |' in md
+  with pytest.raises(ValueError, match='ablation_seeds=0'):
+    suite.run(config, tmp_path / 'w2', datasets, seeds=1, ablations=True, ablation_seeds=0)
