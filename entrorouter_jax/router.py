@@ -65,7 +65,8 @@ class Router:
     return capability.knn_estimates(
         s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
         s0['train_tasks'], query_feats=feats, query_tasks=None, k=self.config.anchor.k,
-        alpha=self.config.anchor.alpha, prior=self.config.anchor.prior)
+        alpha=self.config.anchor.alpha, prior=self.config.anchor.prior,
+        **capability.search_settings(self.config.anchor))
 
   def _run(self, queries: Sequence[str], cost_weight: Optional[float], tables, feats) -> dict:
     queries = list(queries)

@@ -116,7 +116,8 @@ def _stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
       train.queries.tolist(), train.outcomes, train.outcome_mask, train.costs,
       train.tasks.tolist(), {'test': (test.queries.tolist(), test.tasks.tolist())},
       k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
-      dim=config.anchor.dim, min_df=config.anchor.min_df, space=space)
+      dim=config.anchor.dim, min_df=config.anchor.min_df, space=space,
+      **capability.search_settings(config.anchor))
   result = {
       'key': key, 'strongest': int(est['strongest']), 'c_ref': float(est['c_ref']),
       'space': est['space'],

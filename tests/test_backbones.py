@@ -178,6 +178,8 @@ def test_backbone_space_is_the_normalised_pooled_embedding(tiny_bert):
   again = pickle.loads(pickle.dumps(space))     # cached in stage0.pkl without weights
   assert again._loaded is None
   np.testing.assert_allclose(again.transform(texts[:2]), feats[:2], rtol=1e-5, atol=1e-6)
+  # One query is padded to its own bucket (one row), not to a whole batch.
+  np.testing.assert_allclose(again.transform(texts[3:]), feats[3:], rtol=1e-5, atol=1e-6)
 
 
 def test_anchor_in_the_backbone_space(tmp_path, tiny_bert):

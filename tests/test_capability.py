@@ -262,3 +262,68 @@ def test_capability_estimates_wrapper():
   with pytest.raises(ValueError, match='reserved'):
     capability_estimates(texts, y, mask, costs, tasks, {'train': (NEAR, None)}, k=4,
                          alpha=2.0, prior='task', dim=16, min_df=1)
+
+
+# ---------------------------------------------------- approximate search ---
+def _clustered(n, dim=16, clusters=30, seed=0):
+  rng = np.random.default_rng(seed)
+  centers = rng.normal(size=(clusters, dim))
+  return _unit(centers[rng.integers(0, clusters, n)]
+               + 0.4 * rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _recall(exact, approx):
+  return np.mean([len(np.intersect1d(e, a)) / len(e) for e, a in zip(exact, approx)])
+
+
+@pytest.mark.parametrize('loo', [True, False])
+def test_ivf_search_finds_the_exact_neighbours(loo):
+  from entrorouter_jax import capability
+  x = _clustered(3000)
+  q = x if loo else _clustered(200, seed=1)
+  exact = capability.neighbours(q, x, 20, loo, 'exact')
+  approx = capability.neighbours(q, x, 20, loo, 'ivf', nprobe=8)
+  assert approx.shape == exact.shape == (len(q), 20)
+  assert all(len(np.unique(row)) == 20 for row in approx)       # no repeats
+  assert ((approx >= 0) & (approx < len(x))).all()
+  if loo:
+    assert not (approx == np.arange(len(x))[:, None]).any()    # never itself
+  assert _recall(exact, approx) > 0.9
+  # Probing every cell is exact (up to ties: these features have none).
+  cells = capability.ivf_cells(len(x))
+  everything = capability.neighbours(q, x, 20, loo, 'ivf', nprobe=cells)
+  np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
+
+
+def test_ivf_estimates_are_close_to_exact_and_auto_switches(monkeypatch):
+  from entrorouter_jax import capability
+  x = _clustered(2000, seed=2)
+  rng = np.random.default_rng(0)
+  y = (rng.random((2000, 3)) < (0.3 + 0.4 * (x[:, :3] > 0))).astype(np.float64)
+  args = (x, y, np.ones_like(y, bool), rng.random((2000, 3)), None)
+  exact = knn_estimates(*args, k=20, prior='global', search='exact')
+  approx = knn_estimates(*args, k=20, prior='global', search='ivf', nprobe=8)
+  assert np.abs(approx[0] - exact[0]).mean() < 0.01
+  # auto: exact up to EXACT_MAX_ROWS training rows, the approximate search above.
+  auto = knn_estimates(*args, k=20, prior='global', search='auto')
+  np.testing.assert_array_equal(auto[0], exact[0])
+  monkeypatch.setattr(capability, 'EXACT_MAX_ROWS', 1000)
+  auto = knn_estimates(*args, k=20, prior='global', search='auto', nprobe=8)
+  np.testing.assert_array_equal(auto[0], approx[0])
+
+
+def test_ivf_search_with_fewer_rows_than_k_falls_back_to_exact():
+  from entrorouter_jax import capability
+  x = _clustered(70, seed=3)   # 2 cells of ~35 rows; k = 60 needs both
+  exact = capability.neighbours(x[:5], x, 60, False, 'exact')
+  approx = capability.neighbours(x[:5], x, 60, False, 'ivf', nprobe=1)
+  np.testing.assert_array_equal(np.sort(approx, 1), np.sort(exact, 1))
+
+
+def test_search_settings_are_checked():
+  from entrorouter_jax import capability
+  x = _clustered(50)
+  with pytest.raises(ValueError, match="search must be one of"):
+    capability.neighbours(x, x, 5, True, 'faiss')
+  with pytest.raises(ValueError, match='nprobe must be >= 1'):
+    capability.neighbours(x, x, 5, True, 'ivf', nprobe=0)

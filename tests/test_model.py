@@ -221,3 +221,24 @@ def test_dropout_only_when_not_deterministic():
   # No dropout configured: deterministic=False is a no-op and needs no rngs.
   plain = make_model()
   np.testing.assert_array_equal(plain(tokens, mask, deterministic=False), plain(tokens, mask))
+
+
+def test_batched_pads_few_rows_to_their_power_of_two_bucket():
+  import jax.numpy as jnp
+  import ml_collections
+  from entrorouter_jax import policy, sharding
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
+  unit = sharding.batch_divisor(mesh)
+  shapes = []
+
+  def forward(params, chunk):
+    shapes.append(chunk['x'].shape[0])
+    return {'y': chunk['x'] * params}
+
+  assert [policy.bucket(n) for n in (1, 2, 3, 5, 256, 257)] == [1, 2, 4, 8, 256, 512]
+  for n, want in ((1, [max(unit, 1)]), (3, [max(unit, 4)]), (600, [512, 512])):
+    shapes.clear()
+    x = np.arange(n, dtype=np.float32)[:, None]
+    out = policy.batched(forward, jnp.float32(2.0), mesh, 512, {'x': x})
+    assert shapes == want
+    np.testing.assert_array_equal(out['y'], 2 * x)

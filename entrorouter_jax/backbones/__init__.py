@@ -158,7 +158,8 @@ class BackboneSpace:
     for start in range(0, len(texts), self.batch_size):
       rows = order[start:start + self.batch_size]
       width = min(self.max_len, max(32, -(-int(lengths[rows].max()) // 32) * 32))
-      pad = self.batch_size - len(rows)
+      # Rows padded to a power-of-two bucket: one query embeds one row, not a batch.
+      pad = min(self.batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows)
       b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])
       b_mask = np.concatenate([mask[rows, :width], np.zeros((pad, width), bool)])
       chunks.append(np.asarray(embed(state, b_ids, b_mask))[:len(rows)])

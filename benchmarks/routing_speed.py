@@ -1,0 +1,107 @@
+"""What routing a query really costs: router.Router end to end (Stage 0's query
+space, i.e. TF-IDF + MiniLM for the default recipe, the kNN tables over the
+training set, and the jitted policy), at batch 1 and batch 256.
+
+  python benchmarks/routing_speed.py [--workdir=DIR]
+
+Without --workdir it trains the default recipe (configs/rl.py) on the embedded
+synthetic data with few steps (the routing cost depends on the architecture,
+not on how long it trained) into a temporary folder, and times that router.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Few steps: the router's shape is the recipe's, only its training is short.
+SHORT = {'sft.num_steps': 40, 'sft.select_every': 20, 'sft.soft_weight_choices': '0',
+         'rl.num_steps': 20, 'rl.select_every': 10, 'log_every': 20, 'checkpoint_every': 40}
+
+
+def train_short_router(workdir: str) -> str:
+  """The default recipe, briefly trained on the synthetic data, in `workdir`."""
+  from configs import rl as rl_config
+  from entrorouter_jax import logs, suite, train
+  logs.show_progress_logs()
+  config = suite.apply_overrides(rl_config.get_config(), SHORT)
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def _queries(router, n: int) -> list[str]:
+  """n distinct queries of the router's own test split (or its training table)."""
+  from entrorouter_jax.data import sources
+  try:
+    _, splits = sources.load_splits(router.config.data, ('test',))
+    texts = [str(q) for q in splits['test'].queries]
+  except (OSError, ValueError, KeyError):  # data not at hand: made-up queries
+    texts = []
+  texts = texts or [f'What is {i} times {i + 3}, and why?' for i in range(n)]
+  return [texts[i % len(texts)] + ('' if i < len(texts) else f' ({i})') for i in range(n)]
+
+
+def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
+  """Latency p50/p99 (ms) of one query and queries/s at batch 256 through
+  Router.probs, plus the share of a one-query call spent in each part."""
+  from entrorouter_jax import router as router_lib
+  tmp = None
+  if workdir is None:
+    tmp = tempfile.TemporaryDirectory()
+    workdir = train_short_router(os.path.join(tmp.name, 'router'))
+  start = time.perf_counter()
+  router = router_lib.load_router(workdir)
+  load_s = time.perf_counter() - start
+  queries = _queries(router, calls + 256)
+  for q in queries[:32]:   # compile every shape bucket a single query can hit
+    router.probs([q])
+  router.probs(queries[:256])
+  one, feats_t, table_t = [], [], []
+  for q in queries[32:32 + calls]:
+    t0 = time.perf_counter()
+    feats = router.features([q])
+    t1 = time.perf_counter()
+    tables = router.anchor_tables([q], feats)
+    t2 = time.perf_counter()
+    router.probs([q], tables=tables, feats=feats)
+    t3 = time.perf_counter()
+    one.append(t3 - t0)
+    feats_t.append(t1 - t0)
+    table_t.append(t2 - t1)
+  batch_t = []
+  for r in range(3):
+    t0 = time.perf_counter()
+    router.probs(queries[r:r + 256])
+    batch_t.append(time.perf_counter() - t0)
+  ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
+  out = [{'figure': 'route', 'batch': 1, 'space': router.config.anchor.space,
+          'backbone': router.config.model.backbone, 'calls': calls,
+          'latency_ms_p50': ms(one, 50), 'latency_ms_p99': ms(one, 99),
+          'features_ms_p50': ms(feats_t, 50), 'knn_tables_ms_p50': ms(table_t, 50),
+          'policy_ms_p50': round(ms(one, 50) - ms(feats_t, 50) - ms(table_t, 50), 3),
+          'load_seconds': round(load_s, 2)},
+         {'figure': 'route', 'batch': 256, 'queries_per_s': round(256 / min(batch_t), 1)}]
+  if tmp is not None:
+    tmp.cleanup()
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', default=None, help='a trained router (default: train one)')
+  parser.add_argument('--calls', type=int, default=200)
+  args = parser.parse_args()
+  for fig in routing_figures(args.workdir, args.calls):
+    print(json.dumps(fig), flush=True)
+
+
+if __name__ == '__main__':
+  main()
