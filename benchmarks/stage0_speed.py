@@ -122,7 +122,7 @@ def stage0_figures(sizes, dim: int = 640, nprobe: int = DEFAULT_NPROBE,
     ref_s = ref['seconds'] if ref['search'] == 'exact' else ref['exact_seconds']
     for f in figs:
       if f['search'] == 'ivf' and 'exact_seconds' not in f:
-        f['exact_seconds_extrapolated'] = round(ref_s * (f['n'] / ref['n']) ** 2, 1)
+        f['exact_seconds_extrapolated'] = round(ref_s * (f['n'] / ref['n']) ** 2, 2)
   return figs
 
 

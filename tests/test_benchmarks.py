@@ -1,0 +1,34 @@
+"""benchmarks/ at toy sizes: the figures are well formed and the summary holds
+the keys issue 11's contract reads (speed itself is printed, never asserted)."""
+
+import numpy as np
+
+from benchmarks import pipeline_speed, run, stage0_speed
+
+
+def test_stage0_and_pipeline_figures_at_toy_sizes(monkeypatch):
+  from entrorouter_jax import capability
+  monkeypatch.setattr(capability, 'EXACT_MAX_ROWS', 2500)
+  monkeypatch.setattr(stage0_speed, 'SAMPLE', 100)
+  figs = stage0_speed.stage0_figures([2000, 3000], dim=32, time_exact_max=2000)
+  exact, approx = figs
+  assert exact['search'] == 'exact' and exact['recall'] == 1.0
+  assert approx['search'] == 'ivf' and 0.5 < approx['recall'] <= 1.0
+  # Exact at 3000 is extrapolated from 2000 as N^2.
+  assert np.isclose(approx['exact_seconds_extrapolated'], exact['seconds'] * 2.25,
+                    rtol=0.01, atol=0.01)
+  pipe = pipeline_speed.pipeline_figure(1000, batches=3)
+  assert pipe['examples_per_s'] > 0
+  summary = run.summarize(figs + [pipe], 'cpu', 1.0)
+  for key in ('route_latency_ms_p50', 'train_samples_per_s', 'jax_over_torch_train',
+              'stage0_seconds_1m', 'stage0_recall'):
+    assert key in summary
+  assert summary['stage0_recall'] == approx['recall']       # at the largest N timed
+  assert summary['stage0_seconds_1m'] is None                # 1M was not run here
+  assert summary['pipeline_examples_per_s'] == {'1000': pipe['examples_per_s']}
+
+
+def test_synthetic_features_are_unit_rows():
+  x = stage0_speed.synthetic_features(500, 16)
+  assert x.shape == (500, 16) and x.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
