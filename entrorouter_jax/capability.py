@@ -226,8 +226,9 @@ def _ivf_neighbours(q, x, k: int, loo: bool, nprobe: int, block: int = 32) -> np
   the same cells) and scored in one matmul against the union of their cells
   (a superset of each one's own), so the work is blocked matmuls of
   ~N_q x N x (a few) nprobe / cells dot products instead of N_q x N. A true
-  neighbour is missed only when it lies outside the probed cells; benchmarks/run.py measures the recall against exact. A
-  block whose cells hold fewer than k + 1 rows is searched exactly.
+  neighbour is missed only when it lies outside the probed cells;
+  benchmarks/run.py measures the recall against exact. A block whose cells
+  hold fewer than k + 1 rows is searched exactly.
   """
   n = len(x)
   cells = ivf_cells(n)

@@ -114,7 +114,6 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   """Everything `python -m entrorouter_jax.evaluate` writes, as a dict."""
   from entrorouter_jax import baselines, paths, router as router_lib
   from entrorouter_jax import capability
-  from entrorouter_jax.capability import knn_estimates
   from entrorouter_jax.data import sources
   import pickle
 
@@ -140,12 +139,11 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   if split in stage0['tables']:
     p_hat, c_bar = stage0['tables'][split]['p_hat'], stage0['tables'][split]['c_bar']
   else:
-    p_hat, c_bar = knn_estimates(train_feats, train.outcomes, train.outcome_mask,
-                                 train.costs / router.c_ref, train.tasks.tolist(),
-                                 query_feats=data_feats, query_tasks=data.tasks.tolist(),
-                                 k=config.anchor.k, alpha=config.anchor.alpha,
-                                 prior=config.anchor.prior,
-                                 **capability.search_settings(config.anchor))
+    p_hat, c_bar = capability.knn_estimates(
+        train_feats, train.outcomes, train.outcome_mask, train.costs / router.c_ref,
+        train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
+        k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
+        **capability.search_settings(config.anchor))
 
   lam = router.default_cost_weight
   probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar), feats=data_feats)

@@ -1,6 +1,7 @@
 """Pieces shared by every network of the package (model.py and the pretrained
-backbones): parameters named by logical axes, the attention mask value and
-pooling. Nothing here imports the rest of the package."""
+backbones): parameters named by logical axes, the attention mask value,
+pooling and the power-of-two row buckets of inference batches. Nothing here
+imports the rest of the package."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 MASK_VALUE = -1e9   # attention scores of masked positions
+
+
+def bucket(n: int) -> int:
+  """The smallest power of two >= n (>= 1): padded shapes stay few, so few compiles."""
+  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def param(rngs, init, shape, axes):

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from entrorouter_jax import objectives, sharding
+from entrorouter_jax.layers import bucket
 from entrorouter_jax.model import RouterModel
 
 _P_CLIP = 1e-4
@@ -101,11 +102,6 @@ def make_member_forward(config, model_graphdef, mesh):
     return {'members': jnp.swapaxes(f, 0, 1)}
 
   return forward
-
-
-def bucket(n: int) -> int:
-  """The smallest power of two >= n (>= 1): padded shapes stay few, so few compiles."""
-  return 1 << max(0, int(n) - 1).bit_length()
 
 
 def batched(forward, params, mesh, batch_size: int, arrays: dict) -> dict:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from entrorouter_jax.layers import bucket
 from entrorouter_jax.layers import pool  # noqa: F401  (backbones.pool, the pooling of every backbone)
 
 # 'embeddings' has no text encoder at all: the policy reads Stage 0's frozen
@@ -159,7 +160,7 @@ class BackboneSpace:
       rows = order[start:start + self.batch_size]
       width = min(self.max_len, max(32, -(-int(lengths[rows].max()) // 32) * 32))
       # Rows padded to a power-of-two bucket: one query embeds one row, not a batch.
-      pad = min(self.batch_size, 1 << (len(rows) - 1).bit_length()) - len(rows)
+      pad = min(self.batch_size, bucket(len(rows))) - len(rows)
       b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])
       b_mask = np.concatenate([mask[rows, :width], np.zeros((pad, width), bool)])
       chunks.append(np.asarray(embed(state, b_ids, b_mask))[:len(rows)])
