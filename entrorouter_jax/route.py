@@ -14,6 +14,9 @@ Knobs along the cost/quality curve, at routing time:
                    whole cost/quality curve; also for a lambda-conditioned router
   --threshold=T    in (0, 1]: the cheapest model whose probability is at least
                    T x the top probability (1 = the router's own choice)
+Without either, the router routes at the cost weight (or threshold) that
+`python -m entrorouter_jax.calibrate` stored in DIR/calibration.json, else at
+its trained cost weight.
   --fallback_model=NAME --min_confidence=P: when the top probability is below P,
                    route to NAME instead (say, the strongest model).
 """
@@ -29,7 +32,6 @@ import numpy as np
 from absl import app, flags
 
 from entrorouter_jax import router as router_lib
-from entrorouter_jax.policy import is_utility
 
 FLAGS = flags.FLAGS
 
@@ -48,11 +50,12 @@ def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
   return choice, fell_back
 
 
-def route_records(router: router_lib.Router, queries, cost_weight=None, threshold=1.0,
+def route_records(router: router_lib.Router, queries, cost_weight=None, threshold=None,
                   fallback_model: Optional[str] = None, min_confidence: float = 0.0):
-  """One result dict per query."""
-  if cost_weight is not None and not (router.config.model.lambda_conditioned
-                                      or is_utility(router.config)):
+  """One result dict per query. cost_weight / threshold None: the router's
+  defaults (DIR/calibration.json's where `calibrate` wrote one)."""
+  threshold = router.default_threshold if threshold is None else threshold
+  if cost_weight is not None and not router.moves_with_cost_weight:
     raise router_lib.RouterError(
         '--cost_weight needs the utility head (model.head=utility) or a lambda-conditioned '
         'router; use --threshold to trade cost for quality')
@@ -138,7 +141,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('input', None, 'JSON-lines file of queries to route.')
   flags.DEFINE_string('output', None, 'Where --input\'s routes go (JSON lines).')
   flags.DEFINE_float('cost_weight', None, 'lambda (utility-head or lambda-conditioned routers).')
-  flags.DEFINE_float('threshold', 1.0, 'Cheapest model with pi >= threshold x max pi.')
+  flags.DEFINE_float('threshold', None, 'Cheapest model with pi >= threshold x max pi '
+                     '(default: the calibrated one, else 1).')
   flags.DEFINE_string('fallback_model', None, 'Model used when the router is unsure.')
   flags.DEFINE_float('min_confidence', 0.0, 'Below this top probability, use the fallback.')
   app.run(main)

@@ -8,7 +8,10 @@ A training run leaves in its workdir: config.json, tokenizer.model (token
 backbones), stage0.pkl (the query space and the training table of Stage 0),
 router.json (model names, strongest model, c_ref, mean normalised cost per
 model, final stage, feature size) and the checkpoints; this module needs
-nothing else, and imports nothing of the trainer.
+nothing else, and imports nothing of the trainer. `python -m
+entrorouter_jax.calibrate` may add calibration.json: the cost weight (or
+threshold) that hits a budget on a traffic sample, which routing then uses by
+default.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ from flax import nnx
 
 from entrorouter_jax import capability, paths, sharding, state as state_lib
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
+
+
+CALIBRATION = 'calibration.json'
 
 
 class RouterError(RuntimeError):
@@ -44,6 +50,7 @@ class Router:
   mesh: object
   forward: object
   stage0: Optional[dict] = None  # query space + training table, where routing needs them
+  calibration: Optional[dict] = None  # DIR/calibration.json: {'cost_weight'} or {'threshold'}
 
   @property
   def needs_stage0(self) -> bool:
@@ -109,8 +116,27 @@ class Router:
 
   @property
   def default_cost_weight(self) -> float:
+    """lambda routing uses when none is given: the calibrated one, else the trained one."""
+    if self.calibration and self.calibration.get('cost_weight') is not None:
+      return float(self.calibration['cost_weight'])
+    return self.trained_cost_weight
+
+  @property
+  def trained_cost_weight(self) -> float:
     return float(self.config.rl.cost_weight if 'rl' in self.config.stages
                  else self.config.sft.cost_weight)
+
+  @property
+  def default_threshold(self) -> float:
+    """The threshold rule's default (route.choose): calibrated, else 1 (the top model)."""
+    if self.calibration and self.calibration.get('threshold') is not None:
+      return float(self.calibration['threshold'])
+    return 1.0
+
+  @property
+  def moves_with_cost_weight(self) -> bool:
+    """Whether lambda moves this router along its curve (utility head or lambda input)."""
+    return is_utility(self.config) or bool(self.config.model.lambda_conditioned)
 
 
 def final_checkpoint(workdir, config) -> tuple:
@@ -166,4 +192,24 @@ def load_router(workdir, mesh=None) -> Router:
   return Router(config=config, tokenizer=tok, model_names=names, strongest=info['strongest'],
                 c_ref=info['c_ref'], model_costs=np.asarray(info['model_costs']),
                 params=params, mesh=mesh, forward=make_forward(config, model_graphdef, mesh),
-                stage0=stage0)
+                stage0=stage0, calibration=read_calibration(workdir))
+
+
+def read_calibration(workdir) -> Optional[dict]:
+  """DIR/calibration.json (None where the workdir has none); RouterError if unreadable."""
+  path = paths.as_path(workdir) / CALIBRATION
+  if not path.is_file():
+    return None
+  try:
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise RouterError(f'{path}: not valid JSON ({e.msg} at line {e.lineno}); expected the '
+                      'file python -m entrorouter_jax.calibrate writes') from None
+  for key in ('cost_weight', 'threshold'):
+    value = data.get(key) if isinstance(data, dict) else None
+    if value is not None and (not isinstance(value, (int, float)) or value < 0):
+      raise RouterError(f'{path}: {key} is {value!r}; expected a number >= 0')
+  if not isinstance(data, dict) or (data.get('cost_weight') is None
+                                    and data.get('threshold') is None):
+    raise RouterError(f'{path}: expected a JSON object with "cost_weight" or "threshold"')
+  return data

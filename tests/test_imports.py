@@ -47,7 +47,8 @@ def test_no_import_circles():
 
 def test_routing_never_imports_the_trainer():
   graph = _graph()
-  for module in ('router', 'route', 'policy', 'state', 'model', 'features', 'capability'):
+  for module in ('router', 'route', 'policy', 'state', 'model', 'features', 'capability',
+                 'serve', 'calibrate', 'batching'):
     reached = _reach(graph, f'entrorouter_jax.{module}')
     assert 'entrorouter_jax.train' not in reached, module
     assert 'entrorouter_jax.suite' not in reached, module

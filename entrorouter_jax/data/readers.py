@@ -53,6 +53,20 @@ WIDE_KNOWN_COLUMNS = ('id', 'sample_id', 'prompt', 'query', 'task', 'eval_name',
 # A RouterDC file stem ends in its split, e.g. gsm8k-train, arc_challenge_test.
 ROUTERDC_STEM = re.compile(r'^(?P<task>.+?)[-_](?P<split>train|test)$')
 POOL_FIELDS = ('name', 'price_in', 'price_out', 'context_limit')
+# Where `serve` sends a model's requests: an OpenAI-compatible endpoint
+# (base_url, ending in /v1), the model name sent there (default: the pool name)
+# and the environment variable holding its key (none: no Authorization header).
+ENDPOINT_FIELDS = ('base_url', 'upstream_model', 'api_key_env')
+ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+  """Where one pool model is served (the pool file's serving keys)."""
+  name: str
+  base_url: Optional[str] = None
+  upstream_model: Optional[str] = None
+  api_key_env: Optional[str] = None
 
 
 # --------------------------------------------------------------------------
@@ -66,8 +80,42 @@ def read_pool(path: PathLike) -> list[ModelInfo]:
     - a list: [{name, price_in, price_out, context_limit?}, ...]
     - a mapping {models: [<the list above>]}
     - a mapping {<name>: {price_in, price_out, context_limit?}, ...}
+  Each entry may also carry the serving keys of ENDPOINT_FIELDS (`read_endpoints`).
   """
   path = pathlib.Path(path)
+  return [_pool_entry(path, label, body) for label, body in _pool_entries(path)]
+
+
+def read_endpoints(path: PathLike) -> dict[str, Endpoint]:
+  """{name: Endpoint} of the pool file: where `serve` forwards each model's requests.
+
+  base_url must be an http(s) URL (an OpenAI-compatible endpoint, usually
+  ending in /v1); upstream_model a non-empty string; api_key_env the name of
+  an environment variable. The prices are checked as by `read_pool`.
+  """
+  path = pathlib.Path(path)
+  out = {}
+  for label, body in _pool_entries(path):
+    name = _pool_entry(path, label, body).name
+    url = body.get('base_url')
+    if url is not None and (not isinstance(url, str)
+                            or not re.match(r'^https?://[^/\s]+', url)):
+      raise DataError(f'{path}: {label}: field base_url is {url!r}; expected an http(s) URL '
+                      'of an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1')
+    upstream = body.get('upstream_model')
+    if upstream is not None and (not isinstance(upstream, str) or not upstream.strip()):
+      raise DataError(f'{path}: {label}: field upstream_model is {upstream!r}; expected the '
+                      'non-empty model name the endpoint knows')
+    env = body.get('api_key_env')
+    if env is not None and (not isinstance(env, str) or not ENV_NAME.match(env)):
+      raise DataError(f'{path}: {label}: field api_key_env is {env!r}; expected the name of '
+                      'an environment variable (letters, digits, _)')
+    out[name] = Endpoint(name, url.rstrip('/') if url else None, upstream, env)
+  return out
+
+
+def _pool_entries(path: pathlib.Path) -> list[tuple[str, dict]]:
+  """[(label for errors, entry mapping)] of a pool file, names unique."""
   try:
     text = path.read_text(encoding='utf-8')
   except OSError as e:
@@ -103,13 +151,11 @@ def read_pool(path: PathLike) -> list[ModelInfo]:
                     'models, {models: [...]} or {name: {price_in, price_out}}')
   if not entries:
     raise DataError(f'{path}: the model pool is empty; expected at least one model')
-
-  pool = [_pool_entry(path, label, body) for label, body in entries]
-  names = [m.name for m in pool]
-  dup = sorted({n for n in names if names.count(n) > 1})
+  names = [body.get('name') if isinstance(body, dict) else None for _, body in entries]
+  dup = sorted({n for n in names if n is not None and names.count(n) > 1}, key=str)
   if dup:
     raise DataError(f'{path}: model(s) {dup} are listed more than once; expected each once')
-  return pool
+  return entries
 
 
 def _pool_entry(path, label: str, entry) -> ModelInfo:
@@ -117,10 +163,10 @@ def _pool_entry(path, label: str, entry) -> ModelInfo:
   if not isinstance(entry, dict):
     raise DataError(f'{path}: {label} is {entry!r}; expected a mapping with name, '
                     'price_in, price_out[, context_limit]')
-  unknown = sorted(set(entry) - set(POOL_FIELDS), key=str)
+  unknown = sorted(set(entry) - set(POOL_FIELDS) - set(ENDPOINT_FIELDS), key=str)
   if unknown:
     raise DataError(f'{path}: {label}: unknown field(s) {unknown}; '
-                    f'expected only {list(POOL_FIELDS)}')
+                    f'expected only {list(POOL_FIELDS + ENDPOINT_FIELDS)}')
   name = entry.get('name')
   if not isinstance(name, str) or not name.strip():
     raise DataError(f'{path}: {label}: field name is {name!r}; expected a non-empty model name')

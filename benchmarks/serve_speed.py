@@ -1,0 +1,180 @@
+"""The server's speed: requests/s and routing overhead at concurrency 1, 16 and 64.
+
+  python benchmarks/serve_speed.py [--workdir=DIR] [--requests=300]
+
+Starts `python -m entrorouter_jax.serve` on the router (without --workdir: the
+default recipe briefly trained, as in routing_speed.py) with every pool model
+played by one local upstream that answers at once, then at each concurrency
+sends requests from that many concurrent clients and prints one JSON line:
+  route_ms_p50/p99       POST /v1/route: the routing decision through HTTP,
+                         micro-batching included (the overhead a request pays)
+  chat_ms_p50/p99, chat_requests_per_s
+                         POST /v1/chat/completions with "model": "router",
+                         forwarded to the upstream
+  direct_ms_p50          the same chat request sent to the upstream itself
+  overhead_ms_p50        chat_ms_p50 - direct_ms_p50
+  mean_batch             requests per router forward (from /metrics)
+Clients, upstream and server share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONCURRENCY = (1, 16, 64)
+
+
+def _instant_upstream() -> http.server.ThreadingHTTPServer:
+  reply = json.dumps({'id': 'b', 'object': 'chat.completion', 'created': 0, 'model': 'up',
+                      'choices': [{'index': 0, 'finish_reason': 'stop',
+                                   'message': {'role': 'assistant', 'content': 'ok'}}]}).encode()
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    disable_nagle_algorithm = True   # headers and body in separate writes: no 40 ms stall
+
+    def log_message(self, *args):
+      pass
+
+    def do_POST(self):
+      self.rfile.read(int(self.headers['content-length']))
+      self.send_response(200)
+      self.send_header('content-type', 'application/json')
+      self.send_header('content-length', str(len(reply)))
+      self.end_headers()
+      self.wfile.write(reply)
+
+  http.server.ThreadingHTTPServer.request_queue_size = 1024
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+async def _load(client, url: str, bodies: list, concurrency: int) -> tuple[list, float]:
+  """Latencies (s) of every request and the wall time, `concurrency` at a time."""
+  latencies, it = [], iter(bodies)
+
+  async def worker():
+    for body in it:
+      t0 = time.perf_counter()
+      r = await client.post(url, json=body)
+      r.raise_for_status()
+      latencies.append(time.perf_counter() - t0)
+
+  t0 = time.perf_counter()
+  await asyncio.gather(*[worker() for _ in range(concurrency)])
+  return latencies, time.perf_counter() - t0
+
+
+def _batches(text: str) -> tuple[float, float]:
+  count = float(re.search(r'^entrorouter_batch_size_count (\S+)$', text, re.M).group(1))
+  total = float(re.search(r'^entrorouter_batch_size_sum (\S+)$', text, re.M).group(1))
+  return count, total
+
+
+def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]:
+  import httpx
+  from benchmarks import routing_speed
+  from entrorouter_jax import router as router_lib
+  tmp = tempfile.TemporaryDirectory()
+  if workdir is None:
+    workdir = routing_speed.train_short_router(os.path.join(tmp.name, 'router'))
+  router = router_lib.load_router(workdir)
+  names = router.model_names
+  queries = routing_speed._queries(router, requests)
+  del router
+  upstream = _instant_upstream()
+  up_url = f'http://127.0.0.1:{upstream.server_address[1]}/v1'
+  pool = os.path.join(tmp.name, 'pool.json')
+  with open(pool, 'w') as f:
+    json.dump({n: {'price_in': 1, 'price_out': 1, 'base_url': up_url} for n in names}, f)
+  port = _free_port()
+  log = open(os.path.join(tmp.name, 'serve.log'), 'w')
+  proc = subprocess.Popen([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
+                           f'--pool={pool}', f'--port={port}', '--max_batch=64'],
+                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  base = f'http://127.0.0.1:{port}'
+  started = time.time()
+  while True:
+    try:
+      if httpx.get(f'{base}/healthz', timeout=2).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    if proc.poll() is not None or time.time() - started > 600:
+      proc.kill()
+      raise RuntimeError(f'the server did not start; see {log.name}')
+    time.sleep(0.5)
+  ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
+  out = []
+
+  async def measure(c: int) -> dict:
+    limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+      route_bodies = [{'query': q} for q in queries]
+      chat_bodies = [{'model': 'router', 'messages': [{'role': 'user', 'content': q}]}
+                     for q in queries]
+      direct_bodies = [{'model': 'up', 'messages': [{'role': 'user', 'content': q}]}
+                       for q in queries]
+      await _load(client, f'{base}/v1/route', route_bodies[:max(c, 8)], c)   # warm
+      before = _batches((await client.get(f'{base}/metrics')).text)
+      route_lat, _ = await _load(client, f'{base}/v1/route', route_bodies, c)
+      after = _batches((await client.get(f'{base}/metrics')).text)
+      chat_lat, chat_wall = await _load(client, f'{base}/v1/chat/completions', chat_bodies, c)
+      direct_lat, _ = await _load(client, f'{up_url}/chat/completions', direct_bodies, c)
+    forwards = after[0] - before[0]
+    return {'figure': 'serve', 'concurrency': c, 'requests': len(queries),
+            'route_ms_p50': ms(route_lat, 50), 'route_ms_p99': ms(route_lat, 99),
+            'chat_ms_p50': ms(chat_lat, 50), 'chat_ms_p99': ms(chat_lat, 99),
+            'chat_requests_per_s': round(len(queries) / chat_wall, 1),
+            'direct_ms_p50': ms(direct_lat, 50),
+            'overhead_ms_p50': round(ms(chat_lat, 50) - ms(direct_lat, 50), 3),
+            'mean_batch': round((after[1] - before[1]) / max(forwards, 1), 2),
+            'space': json.loads(open(os.path.join(workdir, 'config.json')).read())[
+                'anchor']['space']}
+
+  try:
+    for c in CONCURRENCY:
+      out.append(asyncio.run(measure(c)))
+  finally:
+    proc.terminate()
+    proc.wait(30)
+    upstream.shutdown()
+    log.close()
+    tmp.cleanup()
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', default=None, help='a trained router (default: train one)')
+  parser.add_argument('--requests', type=int, default=300, help='requests per concurrency')
+  args = parser.parse_args()
+  for fig in serve_figures(args.workdir, args.requests):
+    print(json.dumps(fig), flush=True)
+
+
+if __name__ == '__main__':
+  main()

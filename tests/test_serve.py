@@ -1,0 +1,490 @@
+"""The OpenAI-compatible server, the official openai client against it, local upstreams.
+
+One tiny router (the default recipe's head on TF-IDF features, a few steps) is
+served by `python -m entrorouter_jax.serve` in a subprocess; every pool model's
+base_url points at one small local HTTP server that plays the upstreams and
+records what they receive.
+"""
+
+import asyncio
+import http.server
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from configs import rl as rl_config
+from entrorouter_jax import calibrate, route as route_lib, router as router_lib, train
+from entrorouter_jax.batching import MicroBatcher
+from entrorouter_jax.data import readers
+
+openai = pytest.importorskip('openai')
+
+TOKEN = 'test-token-3f9a'
+UPSTREAM_KEY = 'sk-upstream-secret-77c1'
+QUERIES = ['Prove that the sum of two even numbers is even.',
+           'Write a Python function that reverses a list.',
+           'Can my landlord keep the deposit for normal wear and tear?',
+           'What is 17 times 23?']
+
+
+def tiny_default_config(tmp_path):
+  """The default recipe (utility head, cross-fitted members) at a tiny size, TF-IDF only."""
+  config = rl_config.get_config()
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.synthetic.update(num_train=600, num_validation=50, num_test=200)
+  config.anchor.update(space='tfidf', dim=32, k=20)
+  config.model.update(members=2, hidden=32)
+  config.sft.update(num_steps=30, batch_size=32, soft_weight_choices='', select_every=10)
+  config.rl.update(num_steps=10, batch_size=32, select_every=5)
+  config.eval_batch_size = 64
+  return config
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Upstreams:
+  """One local HTTP server playing every pool model at /<slug>/v1/chat/completions.
+
+  `mode[slug]`: 'ok' (default), 'down' (503), 'slow' (answers after 10 s),
+  'reject' (400, the request's fault). `seen` records (slug, body, authorization).
+  """
+
+  def __init__(self):
+    self.mode, self.seen, self.lock = {}, [], threading.Lock()
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = 'HTTP/1.1'
+      disable_nagle_algorithm = True   # headers and body in separate writes: no 40 ms stall
+
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        m = re.fullmatch(r'/([^/]+)/v1/chat/completions', self.path)
+        body = json.loads(self.rfile.read(int(self.headers['content-length'])))
+        slug = m.group(1) if m else '?'
+        with outer.lock:
+          outer.seen.append((slug, body, self.headers.get('authorization')))
+        mode = outer.mode.get(slug, 'ok')
+        if mode == 'slow':
+          time.sleep(10)
+        if mode in ('down', 'reject') or not m:
+          status = 400 if mode == 'reject' else 503
+          data = json.dumps({'error': {'message': f'{slug} says {mode}', 'type': mode}}).encode()
+          self.send_response(status)
+          self.send_header('content-type', 'application/json')
+          self.send_header('content-length', str(len(data)))
+          self.end_headers()
+          self.wfile.write(data)
+          return
+        text = f'answer from {body["model"]}'
+        if body.get('stream'):
+          self.send_response(200)
+          self.send_header('content-type', 'text/event-stream')
+          self.send_header('connection', 'close')
+          self.end_headers()
+          for piece in ('answer ', 'from ', body['model']):
+            chunk = {'id': 'c1', 'object': 'chat.completion.chunk', 'created': 1,
+                     'model': body['model'], 'choices': [
+                         {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]}
+            self.wfile.write(f'data: {json.dumps(chunk)}\n\n'.encode())
+          self.wfile.write(b'data: [DONE]\n\n')
+          self.close_connection = True
+          return
+        data = json.dumps({
+            'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
+            'choices': [{'index': 0, 'finish_reason': 'stop',
+                         'message': {'role': 'assistant', 'content': text}}],
+            'usage': {'prompt_tokens': 3, 'completion_tokens': 3, 'total_tokens': 6}}).encode()
+        self.send_response(200)
+        self.send_header('content-type', 'application/json')
+        self.send_header('content-length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    http.server.ThreadingHTTPServer.request_queue_size = 1024  # hundreds connect at once
+    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.server.daemon_threads = True
+    self.port = self.server.server_address[1]
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.server.shutdown()
+
+
+def slug(name: str) -> str:
+  return re.sub(r'[^a-z0-9]+', '-', name.lower())
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('serve')
+  train.train_and_evaluate(tiny_default_config(tmp), tmp / 'run')
+  return tmp / 'run'
+
+
+@pytest.fixture(scope='module')
+def served(workdir, tmp_path_factory):
+  """(base URL of the router's server, Upstreams, pool names, its stderr path)."""
+  names = json.loads((workdir / 'router.json').read_text())['model_names']
+  upstreams = Upstreams()
+  tmp = tmp_path_factory.mktemp('pool')
+  pool = {n: {'price_in': 1.0, 'price_out': 1.0,
+              'base_url': f'http://127.0.0.1:{upstreams.port}/{slug(n)}/v1',
+              'upstream_model': f'up-{slug(n)}', 'api_key_env': 'UPSTREAM_KEY'} for n in names}
+  (tmp / 'pool.json').write_text(json.dumps(pool))
+  port = free_port()
+  log_path = tmp / 'serve.log'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ER_TOKEN=TOKEN, UPSTREAM_KEY=UPSTREAM_KEY)
+  with log_path.open('w') as log:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
+         f'--pool={tmp / "pool.json"}', f'--port={port}', '--auth_token_env=ER_TOKEN',
+         '--upstream_timeout=2', '--max_wait_ms=20', '--max_batch=32', '--max_body_bytes=65536'],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  base = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 240
+  while True:
+    try:
+      if httpx.get(f'{base}/healthz', timeout=2).status_code == 200:
+        break
+    except httpx.HTTPError:
+      pass
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f'the server did not come up: {log_path.read_text()[-3000:]}')
+    time.sleep(0.5)
+  yield base, upstreams, names, log_path
+  proc.terminate()
+  proc.wait(30)
+  upstreams.close()
+
+
+def auth():
+  return {'authorization': f'Bearer {TOKEN}'}
+
+
+def client(base):
+  return openai.OpenAI(base_url=f'{base}/v1', api_key=TOKEN, max_retries=0)
+
+
+def route_of(base, query, **extra):
+  r = httpx.post(f'{base}/v1/route', json={'query': query, **extra}, headers=auth())
+  assert r.status_code == 200, r.text
+  return r.json()
+
+
+def test_route_endpoint_matches_the_router(served, workdir):
+  base, _, names, _ = served
+  router = router_lib.load_router(workdir)
+  expected = route_lib.route_records(router, QUERIES)
+  for query, want in zip(QUERIES, expected):
+    got = route_of(base, query)
+    assert got['model'] == want['model']
+    assert set(got['probs']) == set(names)
+    assert got['probs'] == pytest.approx(want['distribution'], abs=1e-5)
+    assert got['cost_weight'] == pytest.approx(router.default_cost_weight)
+    assert got['ranking'][0] == got['model'] and sorted(got['ranking']) == sorted(names)
+
+
+def test_cost_weight_moves_the_route(served):
+  base = served[0]
+  cheap = [route_of(base, q, cost_weight=50.0)['model'] for q in QUERIES]
+  dear = [route_of(base, q, cost_weight=0.0)['model'] for q in QUERIES]
+  assert route_of(base, QUERIES[0], cost_weight=50.0)['cost_weight'] == 50.0
+  assert cheap != dear
+
+
+def test_chat_completion_routed_through_the_openai_client(served):
+  base, upstreams, names, _ = served
+  chosen = route_of(base, QUERIES[1])['model']
+  raw = client(base).chat.completions.with_raw_response.create(
+      model='router', messages=[{'role': 'system', 'content': 'Be brief.'},
+                                {'role': 'user', 'content': QUERIES[1]}])
+  reply = raw.parse()
+  assert raw.headers['x-entrorouter-model'] == chosen
+  assert reply.model == chosen
+  assert reply.choices[0].message.content == f'answer from up-{slug(chosen)}'
+  slug_seen, body, authorization = upstreams.seen[-1]
+  assert slug_seen == slug(chosen) and body['model'] == f'up-{slug(chosen)}'
+  assert authorization == f'Bearer {UPSTREAM_KEY}'
+  assert 'cost_weight' not in body and body['messages'][1]['content'] == QUERIES[1]
+
+
+def test_a_pool_model_name_bypasses_routing(served):
+  base, upstreams, names, _ = served
+  reply = client(base).chat.completions.create(
+      model=names[0], messages=[{'role': 'user', 'content': QUERIES[0]}])
+  assert reply.model == names[0]
+  assert reply.choices[0].message.content == f'answer from up-{slug(names[0])}'
+
+
+def test_streaming(served):
+  base, _, _, _ = served
+  chosen = route_of(base, QUERIES[2])['model']
+  chunks = list(client(base).chat.completions.create(
+      model='router', stream=True, messages=[{'role': 'user', 'content': QUERIES[2]}]))
+  assert ''.join(c.choices[0].delta.content or '' for c in chunks) == \
+      f'answer from up-{slug(chosen)}'
+  assert {c.model for c in chunks} == {chosen}
+
+
+def test_hundreds_of_concurrent_requests_are_batched(served):
+  base, upstreams, _, _ = served
+  queries = [f'{QUERIES[i % 4]} (variant {i})' for i in range(200)]
+  want = [route_of(base, q)['model'] for q in queries[:8]]
+
+  def batches():
+    text = httpx.get(f'{base}/metrics', headers=auth()).text
+    return float(re.search(r'^entrorouter_batch_size_count (\S+)$', text, re.M).group(1))
+
+  before = batches()
+
+  async def go():
+    aclient = openai.AsyncOpenAI(base_url=f'{base}/v1', api_key=TOKEN, max_retries=0,
+                                 timeout=120)
+    return await asyncio.gather(*[aclient.chat.completions.create(
+        model='router', messages=[{'role': 'user', 'content': q}]) for q in queries])
+
+  replies = asyncio.run(go())
+  assert len(replies) == 200
+  for reply in replies:
+    assert reply.choices[0].message.content == f'answer from up-{slug(reply.model)}'
+    assert reply.model_extra['entrorouter']['fallbacks'] == []
+  assert [r.model for r in replies[:8]] == want
+  used = batches() - before
+  assert 1 <= used < 200 * 0.8, f'{used} forwards for 200 requests: no micro-batching'
+
+
+def test_upstream_down_falls_back_to_the_next_model(served):
+  base, upstreams, _, _ = served
+  decision = route_of(base, QUERIES[3])
+  first, second = decision['ranking'][:2]
+  upstreams.mode[slug(first)] = 'down'
+  try:
+    raw = client(base).chat.completions.with_raw_response.create(
+        model='router', messages=[{'role': 'user', 'content': QUERIES[3]}])
+  finally:
+    upstreams.mode.pop(slug(first))
+  reply = raw.parse()
+  assert reply.model == second
+  assert raw.headers['x-entrorouter-fallbacks'] == first
+  assert reply.model_extra['entrorouter']['fallbacks'] == [{'model': first, 'error': 'http_503'}]
+  metrics = httpx.get(f'{base}/metrics', headers=auth()).text
+  assert re.search(rf'entrorouter_upstream_errors_total{{.*model="{re.escape(first)}".*}} [1-9]',
+                   metrics)
+
+
+def test_upstream_timeout_falls_back_and_all_down_is_502(served):
+  base, upstreams, names, _ = served
+  first = route_of(base, QUERIES[0])['ranking'][0]
+  upstreams.mode[slug(first)] = 'slow'
+  try:
+    reply = client(base).chat.completions.create(
+        model='router', messages=[{'role': 'user', 'content': QUERIES[0]}])
+    assert reply.model != first
+    assert reply.model_extra['entrorouter']['fallbacks'] == [{'model': first, 'error': 'timeout'}]
+  finally:
+    upstreams.mode.pop(slug(first))
+  for n in names:
+    upstreams.mode[slug(n)] = 'down'
+  try:
+    r = httpx.post(f'{base}/v1/chat/completions', headers=auth(), json={
+        'model': 'router', 'messages': [{'role': 'user', 'content': QUERIES[0]}]})
+  finally:
+    upstreams.mode.clear()
+  assert r.status_code == 502
+  assert r.json()['error']['code'] == 'upstream_unavailable'
+  assert len(r.json()['entrorouter']['fallbacks']) == 3          # --max_attempts default
+
+
+def test_upstream_rejecting_the_request_is_passed_back(served):
+  base, upstreams, names, _ = served
+  upstreams.mode[slug(names[0])] = 'reject'
+  try:
+    r = httpx.post(f'{base}/v1/chat/completions', headers=auth(), json={
+        'model': names[0], 'messages': [{'role': 'user', 'content': 'hi'}]})
+  finally:
+    upstreams.mode.clear()
+  assert r.status_code == 400 and r.json()['error']['type'] == 'reject'
+
+
+@pytest.mark.parametrize('body, status, param', [
+    ({'messages': [{'role': 'user', 'content': 'hi'}]}, 400, 'model'),
+    ({'model': 'router'}, 400, 'messages'),
+    ({'model': 'router', 'messages': []}, 400, 'messages'),
+    ({'model': 'router', 'messages': [{'content': 'hi'}]}, 400, 'messages[0].role'),
+    ({'model': 'router', 'messages': [{'role': 'user', 'content': 7}]}, 400,
+     'messages[0].content'),
+    ({'model': 'gpt-17', 'messages': [{'role': 'user', 'content': 'hi'}]}, 404, 'model'),
+    ({'model': 'router', 'stream': 'yes', 'messages': [{'role': 'user', 'content': 'hi'}]},
+     400, 'stream'),
+    ({'model': 'router', 'cost_weight': -1, 'messages': [{'role': 'user', 'content': 'hi'}]},
+     400, 'cost_weight'),
+])
+def test_bad_chat_requests_get_4xx_naming_the_field(served, body, status, param):
+  r = httpx.post(f'{served[0]}/v1/chat/completions', json=body, headers=auth())
+  assert r.status_code == status, r.text
+  assert r.json()['error']['param'] == param
+  assert r.json()['error']['message']
+
+
+def test_bad_route_requests_and_body_limits(served):
+  base = served[0]
+  r = httpx.post(f'{base}/v1/route', json={'text': 'hi'}, headers=auth())
+  assert r.status_code == 400 and r.json()['error']['param'] == 'query'
+  r = httpx.post(f'{base}/v1/route', content=b'{not json', headers=auth())
+  assert r.status_code == 400 and 'not valid JSON' in r.json()['error']['message']
+  r = httpx.post(f'{base}/v1/route', json={'query': 'x' * 70_000}, headers=auth())
+  assert r.status_code == 413 and r.json()['error']['code'] == 'request_too_large'
+
+
+def test_auth_is_required_and_keys_are_never_echoed(served):
+  base, _, _, log_path = served
+  assert httpx.get(f'{base}/healthz').status_code == 200
+  for method, path in (('POST', '/v1/route'), ('POST', '/v1/chat/completions'),
+                       ('GET', '/metrics')):
+    r = httpx.request(method, f'{base}{path}', json={'query': 'hi'})
+    assert r.status_code == 401 and r.json()['error']['type'] == 'authentication_error'
+    r = httpx.request(method, f'{base}{path}', json={'query': 'hi'},
+                      headers={'authorization': 'Bearer wrong'})
+    assert r.status_code == 401
+  with pytest.raises(openai.AuthenticationError):
+    openai.OpenAI(base_url=f'{base}/v1', api_key='wrong', max_retries=0).chat.completions.create(
+        model='router', messages=[{'role': 'user', 'content': 'hi'}])
+  r = httpx.post(f'{base}/v1/chat/completions', headers=auth(), json={
+      'model': 'router', 'messages': [{'role': 'user', 'content': QUERIES[0]}]})
+  assert UPSTREAM_KEY not in r.text and UPSTREAM_KEY not in str(r.headers)
+  assert UPSTREAM_KEY not in log_path.read_text() and TOKEN not in log_path.read_text()
+
+
+def test_metrics_text(served):
+  text = httpx.get(f'{served[0]}/metrics', headers=auth()).text
+  for name in ('entrorouter_requests_total', 'entrorouter_routes_total',
+               'entrorouter_upstream_errors_total', 'entrorouter_request_latency_seconds_bucket',
+               'entrorouter_routing_latency_seconds_bucket', 'entrorouter_batch_size_bucket',
+               'entrorouter_upstream_latency_seconds_bucket'):
+    assert name in text
+  assert re.search(r'entrorouter_requests_total{endpoint="/v1/route",status="200"} [1-9]', text)
+
+
+def test_serve_cli_errors(workdir, tmp_path):
+  pool = tmp_path / 'pool.yaml'
+  pool.write_text('a: {price_in: 1, price_out: 1}\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
+                        f'--pool={pool}'], cwd=REPO_ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 2 and 'no base_url for' in out.stderr
+  out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
+                        f'--pool={pool}', '--auth_token_env=ER_UNSET_TOKEN'], cwd=REPO_ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and 'ER_UNSET_TOKEN' in out.stderr
+
+
+@pytest.mark.parametrize('entry, message', [
+    ({'price_in': 1, 'price_out': 1, 'base_url': 'localhost:8000/v1'}, 'field base_url'),
+    ({'price_in': 1, 'price_out': 1, 'base_url': 'http://x/v1', 'api_key_env': 'A-B'},
+     'field api_key_env'),
+    ({'price_in': 1, 'price_out': 1, 'upstream_model': ''}, 'field upstream_model'),
+])
+def test_pool_serving_keys_are_checked(tmp_path, entry, message):
+  path = tmp_path / 'pool.json'
+  path.write_text(json.dumps({'m': entry}))
+  with pytest.raises(readers.DataError, match=message):
+    readers.read_endpoints(path)
+
+
+def test_pool_serving_keys_read_and_ignored_by_training(tmp_path):
+  path = tmp_path / 'pool.yaml'
+  path.write_text('m: {price_in: 1, price_out: 2, base_url: "http://h:1/v1/", '
+                  'upstream_model: up, api_key_env: KEY}\n')
+  assert readers.read_endpoints(path)['m'] == readers.Endpoint('m', 'http://h:1/v1', 'up', 'KEY')
+  assert readers.read_pool(path) == [readers.ModelInfo('m', 1.0, 2.0)]
+
+
+# ================================================================ batcher ===
+def test_micro_batcher_batches_and_reports_errors():
+  calls = []
+
+  def fn(items):
+    calls.append(list(items))
+    if 'boom' in items:
+      raise ValueError('boom')
+    return [x * 2 for x in items]
+
+  async def go():
+    batcher = MicroBatcher(fn, max_batch=8, max_wait_ms=50)
+    await batcher.start()
+    results = await asyncio.gather(*[batcher.submit(i) for i in range(20)])
+    with pytest.raises(ValueError, match='boom'):
+      await batcher.submit('boom')
+    await batcher.stop()
+    return results
+
+  assert asyncio.run(go()) == [2 * i for i in range(20)]
+  sizes = [len(c) for c in calls[:-1]]
+  assert sum(sizes) == 20 and max(sizes) <= 8 and len(sizes) <= 4
+  with pytest.raises(ValueError, match='max_batch'):
+    MicroBatcher(fn, max_batch=0)
+
+
+# ============================================================== calibrate ===
+def test_calibrate_hits_the_target_and_route_uses_it(workdir, tmp_path):
+  work = tmp_path / 'run'
+  import shutil
+  shutil.copytree(workdir, work)
+  queries = tmp_path / 'traffic.jsonl'
+  data = [f'{QUERIES[i % 4]} #{i}' for i in range(60)]
+  queries.write_text(''.join(json.dumps({'query': q}) + '\n' for q in data))
+  router = router_lib.load_router(work)
+  success, c_bar = calibrate.estimates(router, work, data)
+  points = calibrate.sweep(router, data, success, c_bar)
+  costs = sorted(p['cost_per_query'] for p in points)
+  target = float(np.median(costs))
+
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.calibrate', f'--workdir={work}',
+                        f'--queries={queries}', f'--target_cost={target}'], cwd=REPO_ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  stored = json.loads((work / 'calibration.json').read_text())
+  assert json.loads(out.stdout) == stored
+  assert stored['expected']['cost_per_query'] <= target
+  best = max(p['accuracy'] for p in points if p['cost_per_query'] <= target)
+  assert stored['expected']['accuracy'] == pytest.approx(best)
+  lam = stored['cost_weight']
+  # The stored expectation is the router's own routing at that lambda on the sample.
+  choice = np.argmax(success - lam * c_bar, axis=1)
+  assert stored['expected']['cost_per_query'] == pytest.approx(
+      float(c_bar[np.arange(60), choice].mean() * router.c_ref))
+
+  calibrated = router_lib.load_router(work)
+  assert calibrated.default_cost_weight == pytest.approx(lam)
+  records = route_lib.route_records(calibrated, data)
+  assert [r['model'] for r in records] == [calibrated.model_names[j] for j in choice]
+
+  share = calibrate.calibrate(work, data, strong_share=0.0, store=False)
+  assert share['expected']['strong_share'] == 0.0
+  with pytest.raises(router_lib.RouterError, match='below what this router can reach'):
+    calibrate.calibrate(work, data, target_cost=costs[0] / 10, store=False)
+  with pytest.raises(router_lib.RouterError, match='exactly one'):
+    calibrate.calibrate(work, data, target_cost=1.0, strong_share=0.5, store=False)
+  (work / 'calibration.json').write_text('{"cost_weight": -2}')
+  with pytest.raises(router_lib.RouterError, match='cost_weight is -2'):
+    router_lib.load_router(work)
