@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 from absl import app, flags
 
-from entrorouter_jax import capability, paths, route as route_lib, router as router_lib
+from entrorouter_jax import paths, route as route_lib, router as router_lib
 from entrorouter_jax.policy import is_utility
 
 FLAGS = flags.FLAGS
@@ -43,16 +43,10 @@ def estimates(router: router_lib.Router, workdir, queries) -> tuple[np.ndarray, 
   """(success, c_bar) float[N, K]: what the router expects of each model on each query."""
   if is_utility(router.config):
     return tuple(np.asarray(a, np.float64) for a in router.scores(queries))
-  stage0 = router.stage0
-  if stage0 is None:
+  if router.stage0 is None:   # routing does not read Stage 0; its estimates do
     with (paths.as_path(workdir) / 'stage0.pkl').open('rb') as f:
-      stage0 = pickle.load(f)
-  anchor = router.config.anchor
-  p_hat, c_bar = capability.knn_estimates(
-      stage0['train_feats'], stage0['train_outcomes'], stage0['train_mask'],
-      stage0['train_cost_hat'], stage0['train_tasks'],
-      query_feats=stage0['space'].transform(list(queries)), query_tasks=None, k=anchor.k,
-      alpha=anchor.alpha, prior=anchor.prior, **capability.search_settings(anchor))
+      router.stage0 = pickle.load(f)
+  p_hat, c_bar = router.knn_table().estimates(router.features(queries))
   return np.asarray(p_hat, np.float64), np.asarray(c_bar, np.float64)
 
 

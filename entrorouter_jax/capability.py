@@ -94,6 +94,7 @@ class TfidfSpace:
   def fit(self, texts) -> 'TfidfSpace':
     """Fit the vocabulary, idf weights and SVD basis on training texts[N]."""
     texts = list(texts)
+    self._basis = None
     self.tfidf_ = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=self.min_df,
                                   max_features=self.max_features, dtype=np.float32)
     x = self.tfidf_.fit_transform(texts)
@@ -116,13 +117,21 @@ class TfidfSpace:
     """texts[Nq] -> float32[Nq, dim_] rows of unit norm (zero rows stay zero)."""
     if not hasattr(self, 'svd_'):
       raise RuntimeError('TfidfSpace.transform called before fit')
-    z = self.svd_.transform(self.tfidf_.transform(list(texts))).astype(np.float32)
+    if getattr(self, '_basis', None) is None:
+      # The SVD's projection as a C-ordered [terms, dim] matrix: a sparse row
+      # times it is ~500x faster than svd_.transform's product with the
+      # transposed view (3 ms -> 5 us per query), and gives the same numbers.
+      self._basis = np.ascontiguousarray(self.svd_.components_.T)
+    z = np.asarray(self.tfidf_.transform(list(texts)) @ self._basis, dtype=np.float32)
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     return z / np.maximum(norms, 1e-12)
 
   def fit_transform(self, texts) -> np.ndarray:
     texts = list(texts)
     return self.fit(texts).transform(texts)
+
+  def __getstate__(self):   # the basis is derived: rebuilt on first use, not pickled
+    return {k: v for k, v in self.__dict__.items() if k != '_basis'}
 
 
 # ------------------------------------------------------------ neighbours ---
@@ -217,62 +226,85 @@ def _top_cells(q, centroids, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
   return top, best
 
 
-def _ivf_neighbours(q, x, k: int, loo: bool, nprobe: int, block: int = 32) -> np.ndarray:
-  """int[Nq, k]: approximate neighbours, exact among a candidate set.
+class IvfIndex:
+  """The training side of the approximate search, built once: spherical k-means
+  cells over the rows and the rows sorted by cell.
 
-  The training rows are split into ivf_cells(N) spherical k-means cells; each
-  query's candidates are the rows of its `nprobe` most similar cells. Queries
-  are taken `block` at a time in cell order (neighbouring queries probe mostly
-  the same cells) and scored in one matmul against the union of their cells
-  (a superset of each one's own), so the work is blocked matmuls of
-  ~N_q x N x (a few) nprobe / cells dot products instead of N_q x N. A true
-  neighbour is missed only when it lies outside the probed cells;
-  benchmarks/run.py measures the recall against exact. A block whose cells
-  hold fewer than k + 1 rows is searched exactly.
+  The training rows are split into ivf_cells(N) cells; each query's candidates
+  are the rows of its `nprobe` most similar cells. Queries are taken `block` at
+  a time in cell order (neighbouring queries probe mostly the same cells) and
+  scored in one matmul against the union of their cells (a superset of each
+  one's own), so the work is blocked matmuls of ~N_q x N x (a few) nprobe /
+  cells dot products instead of N_q x N. A true neighbour is missed only when
+  it lies outside the probed cells; benchmarks/run.py measures the recall
+  against exact. A block whose cells hold fewer than k + 1 rows is searched
+  exactly.
   """
-  n = len(x)
-  cells = ivf_cells(n)
-  nprobe = min(int(nprobe), cells)
+
+  def __init__(self, x, nprobe: int, centroids=None, x_cell=None):
+    self.x = x
+    self.cells = ivf_cells(len(x))
+    self.nprobe = min(int(nprobe), self.cells)
+    self.centroids = spherical_kmeans(x, self.cells) if centroids is None else centroids
+    x_cell = _nearest_cell(x, self.centroids) if x_cell is None else x_cell
+    self.by_cell = np.argsort(x_cell, kind='stable')
+    self.x_sorted = x[self.by_cell]   # each cell's rows contiguous: matmuls on views, no gathers
+    self.bounds = np.searchsorted(x_cell[self.by_cell], np.arange(self.cells + 1))
+
+  def search(self, q, k: int, loo: bool = False, probes=None, block: int = 32) -> np.ndarray:
+    """int[Nq, k]; `loo`: q is the training rows, none its own neighbour.
+    `probes`: _top_cells(q, ...) where the caller has it already."""
+    probes, q_cell = probes if probes is not None else _top_cells(q, self.centroids,
+                                                                  self.nprobe)
+    by_cell, x_sorted, bounds = self.by_cell, self.x_sorted, self.bounds
+    order = np.argsort(q_cell, kind='stable')
+    out = np.empty((len(q), k), np.int64)
+    for start in range(0, len(q), block):
+      rows = np.sort(order[start:start + block])
+      probe = np.unique(probes[rows])
+      if bounds[probe + 1].sum() - bounds[probe].sum() < k + 1:
+        probe = np.arange(self.cells)
+      qb = q[rows]
+      sims = np.concatenate([qb @ x_sorted[bounds[j]:bounds[j + 1]].T for j in probe], axis=1)
+      cand = np.concatenate([by_cell[bounds[j]:bounds[j + 1]] for j in probe])
+      # Candidates in index order, so that ties go to the lowest index as in exact.
+      by_index = np.argsort(cand, kind='stable')
+      cand, sims = cand[by_index], sims[:, by_index]
+      if loo:  # a row is never its own neighbour
+        own = np.searchsorted(cand, rows)
+        sims[np.arange(len(rows)), own] = -np.inf
+      out[rows] = cand[_top_k(sims, k)]
+    return out
+
+
+def _ivf_neighbours(q, x, k: int, loo: bool, nprobe: int) -> np.ndarray:
+  """int[Nq, k]: approximate neighbours, exact among a candidate set (IvfIndex)."""
+  if not loo:
+    return IvfIndex(x, nprobe).search(q, k)
+  cells = ivf_cells(len(x))
   centroids = spherical_kmeans(x, cells)
-  probes, q_cell = _top_cells(q, centroids, nprobe)
-  x_cell = q_cell if loo else _nearest_cell(x, centroids)
-  by_cell = np.argsort(x_cell, kind='stable')
-  x_sorted = x[by_cell]         # each cell's rows contiguous: matmuls on views, no gathers
-  bounds = np.searchsorted(x_cell[by_cell], np.arange(cells + 1))
-  order = np.argsort(q_cell, kind='stable')
-  out = np.empty((len(q), k), np.int64)
-  for start in range(0, len(q), block):
-    rows = np.sort(order[start:start + block])
-    probe = np.unique(probes[rows])
-    if bounds[probe + 1].sum() - bounds[probe].sum() < k + 1:
-      probe = np.arange(cells)
-    qb = q[rows]
-    sims = np.concatenate([qb @ x_sorted[bounds[j]:bounds[j + 1]].T for j in probe], axis=1)
-    cand = np.concatenate([by_cell[bounds[j]:bounds[j + 1]] for j in probe])
-    # Candidates in index order, so that ties go to the lowest index as in exact.
-    by_index = np.argsort(cand, kind='stable')
-    cand, sims = cand[by_index], sims[:, by_index]
-    if loo:  # a row is never its own neighbour
-      own = np.searchsorted(cand, rows)
-      sims[np.arange(len(rows)), own] = -np.inf
-    out[rows] = cand[_top_k(sims, k)]
-  return out
+  probes = _top_cells(x, centroids, min(int(nprobe), cells))
+  return IvfIndex(x, nprobe, centroids, x_cell=probes[1]).search(x, k, loo=True, probes=probes)
+
+
+def _resolve_search(search: str, nprobe: int, n: int) -> str:
+  if search not in SEARCHES:
+    raise ValueError(f'search must be one of {SEARCHES}, got {search!r}')
+  if nprobe < 1:
+    raise ValueError(f'nprobe must be >= 1, got {nprobe}')
+  if search == 'auto':
+    return 'exact' if n <= EXACT_MAX_ROWS else 'ivf'
+  return search
 
 
 def neighbours(q, x, k: int, loo: bool, search: str = 'auto', nprobe: int = 8) -> np.ndarray:
   """int[Nq, k] training-row indices of each query's k nearest neighbours.
 
   search: 'exact' (ties to the lowest index), 'ivf' (approximate: exact within
-  the k-means cells nearest each query's, see _ivf_neighbours), or 'auto'
+  the k-means cells nearest each query's, see IvfIndex), or 'auto'
   (exact up to EXACT_MAX_ROWS training rows, ivf above).
   """
-  if search not in SEARCHES:
-    raise ValueError(f'search must be one of {SEARCHES}, got {search!r}')
-  if nprobe < 1:
-    raise ValueError(f'nprobe must be >= 1, got {nprobe}')
-  if search == 'auto':
-    search = 'exact' if len(x) <= EXACT_MAX_ROWS else 'ivf'
-  if search == 'exact':
+  if _resolve_search(search, nprobe, len(x)) == 'exact':
     return _exact_neighbours(q, x, k, loo)
   return _ivf_neighbours(q, x, k, loo, nprobe)
 
@@ -326,77 +358,113 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
   c_bar = mean of train_cost_hat over the k neighbours (m's training mean if
   there is no neighbour at all, i.e. N = 1 in leave-one-out).
   """
-  if prior not in PRIORS:
-    raise ValueError(f'prior must be one of {PRIORS}, got {prior!r}')
-  if alpha < 0 or not math.isfinite(alpha):
-    raise ValueError(f'alpha must be finite and >= 0, got {alpha}')
-  if k < 1:
-    raise ValueError(f'k must be >= 1, got {k}')
-  x = np.ascontiguousarray(train_feats, dtype=np.float32)
-  y = np.asarray(train_outcomes, dtype=np.float64)
-  mask = np.asarray(train_mask, dtype=bool)
-  cost = np.asarray(train_cost_hat, dtype=np.float64)
-  n, num_models = y.shape
-  if x.ndim != 2 or len(x) != n or mask.shape != y.shape or cost.shape != y.shape:
-    raise ValueError(f'train_feats {x.shape}, train_outcomes {y.shape}, train_mask '
-                     f'{mask.shape}, train_cost_hat {cost.shape}: expected [N, D] and [N, K]')
-  if n == 0:
-    raise ValueError('no training rows')
-  loo = query_feats is None
-  if loo:
-    q = x
-    if query_tasks is not None:
-      raise ValueError('query_tasks given without query_feats (leave-one-out uses train_tasks)')
-  else:
+  if query_feats is None and query_tasks is not None:
+    raise ValueError('query_tasks given without query_feats (leave-one-out uses train_tasks)')
+  table = KnnTable(train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, k=k,
+                   alpha=alpha, prior=prior, search=search, nprobe=nprobe)
+  if query_feats is None:
+    return table.leave_one_out()
+  return table.estimates(query_feats, query_tasks)
+
+
+class KnnTable:
+  """The training side of `knn_estimates`, checked and prepared once: what
+  routing keeps to estimate new queries without redoing it per call (the
+  float64 tables, the priors' sums and, for ivf, the k-means cells)."""
+
+  def __init__(self, train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, *,
+               k: int = 50, alpha: float = 5.0, prior: str = 'task', search: str = 'exact',
+               nprobe: int = 8):
+    if prior not in PRIORS:
+      raise ValueError(f'prior must be one of {PRIORS}, got {prior!r}')
+    if alpha < 0 or not math.isfinite(alpha):
+      raise ValueError(f'alpha must be finite and >= 0, got {alpha}')
+    if k < 1:
+      raise ValueError(f'k must be >= 1, got {k}')
+    x = np.ascontiguousarray(train_feats, dtype=np.float32)
+    y = np.asarray(train_outcomes, dtype=np.float64)
+    mask = np.asarray(train_mask, dtype=bool)
+    cost = np.asarray(train_cost_hat, dtype=np.float64)
+    n, num_models = y.shape
+    if x.ndim != 2 or len(x) != n or mask.shape != y.shape or cost.shape != y.shape:
+      raise ValueError(f'train_feats {x.shape}, train_outcomes {y.shape}, train_mask '
+                       f'{mask.shape}, train_cost_hat {cost.shape}: expected [N, D] and [N, K]')
+    if n == 0:
+      raise ValueError('no training rows')
+    if not np.isfinite(x).all():
+      raise ValueError('features must be finite')
+    self.y_obs = np.where(mask, y, 0.0)  # missing cells contribute nothing to any sum
+    self.m_obs = mask.astype(np.float64)
+    if not (np.isfinite(self.y_obs).all() and np.isfinite(cost).all()):
+      raise ValueError('observed outcomes and all costs must be finite')
+    self.x, self.cost, self.n, self.num_models = x, cost, n, num_models
+    self.k, self.alpha, self.prior = k, alpha, prior
+    self.search = _resolve_search(search, nprobe, n)
+    self.nprobe = nprobe
+    self.all_sum, self.all_cnt = self.y_obs.sum(axis=0), self.m_obs.sum(axis=0)
+    if prior == 'task':
+      self.train_ids, self.vocab = _task_ids(train_tasks, n)
+      self.t_sum = np.zeros((len(self.vocab) + 1, num_models))  # last row: unknown task
+      self.t_cnt = np.zeros_like(self.t_sum)
+      np.add.at(self.t_sum, self.train_ids, self.y_obs)  # id -1 lands on the unknown row
+      np.add.at(self.t_cnt, self.train_ids, self.m_obs)
+      self.t_sum[-1] = self.t_cnt[-1] = 0.0  # an unknown task pools nothing: the global mean
+    self._index = None
+
+  def _priors(self, num_q, own_sum, own_cnt, q_ids):
+    """prior(m) float[Nq, K], each query's own cell (leave-one-out) taken out."""
+    # A model never observed falls back to the mean of every observed cell (0.5 if none).
+    pooled = _safe_div(self.all_sum.sum() - own_sum.sum(axis=1, keepdims=True),
+                       self.all_cnt.sum() - own_cnt.sum(axis=1, keepdims=True), 0.5)
+    glob = _safe_div(self.all_sum - own_sum, self.all_cnt - own_cnt, pooled)
+    glob = np.broadcast_to(glob, (num_q, self.num_models))
+    if self.prior == 'task':
+      return _safe_div(self.t_sum[q_ids] - own_sum, self.t_cnt[q_ids] - own_cnt, glob)
+    return glob
+
+  def _tables(self, idx_all, prior_hat, num_q):
+    """(p_hat, c_bar) float32[Nq, K] from the neighbours int[Nq, k] (None: none)."""
+    nbr_sum = np.zeros((num_q, self.num_models))
+    nbr_cnt = np.zeros((num_q, self.num_models))
+    c_bar = np.broadcast_to(self.cost.mean(axis=0), (num_q, self.num_models)).copy()
+    if idx_all is not None:
+      chunk = max(1, _BLOCK_CELLS // (idx_all.shape[1] * self.num_models))
+      for start in range(0, num_q, chunk):
+        idx = idx_all[start:start + chunk]
+        nbr_sum[start:start + chunk] = self.y_obs[idx].sum(axis=1)
+        nbr_cnt[start:start + chunk] = self.m_obs[idx].sum(axis=1)
+        c_bar[start:start + chunk] = self.cost[idx].mean(axis=1)
+    # alpha = 0 with no observed neighbour would be 0/0: fall back to the prior.
+    p_hat = _safe_div(nbr_sum + self.alpha * prior_hat, nbr_cnt + self.alpha, prior_hat)
+    return p_hat.astype(np.float32), c_bar.astype(np.float32)
+
+  def leave_one_out(self) -> tuple[np.ndarray, np.ndarray]:
+    """(p_hat, c_bar) of every training row, none its own neighbour."""
+    q_ids = self.train_ids if self.prior == 'task' else None
+    prior_hat = self._priors(self.n, self.y_obs, self.m_obs, q_ids)
+    k_eff = min(self.k, self.n - 1)
+    idx = neighbours(self.x, self.x, k_eff, True, self.search, self.nprobe) if k_eff else None
+    return self._tables(idx, prior_hat, self.n)
+
+  def estimates(self, query_feats, query_tasks=None) -> tuple[np.ndarray, np.ndarray]:
+    """(p_hat, c_bar) of new queries float[Nq, D] (tasks [Nq] or None: unknown)."""
     q = np.ascontiguousarray(query_feats, dtype=np.float32)
-    if q.ndim != 2 or q.shape[1] != x.shape[1]:
-      raise ValueError(f'query_feats {q.shape} do not match train_feats {x.shape}')
-  if not (np.isfinite(x).all() and np.isfinite(q).all()):
-    raise ValueError('features must be finite')
-  num_q = len(q)
-  y_obs = np.where(mask, y, 0.0)  # missing cells contribute nothing to any sum
-  m_obs = mask.astype(np.float64)
-  if not (np.isfinite(y_obs).all() and np.isfinite(cost).all()):
-    raise ValueError('observed outcomes and all costs must be finite')
-
-  # ---- priors [Nq, K]; in leave-one-out each row's own cell is subtracted.
-  own_sum = y_obs if loo else np.zeros((1, num_models))
-  own_cnt = m_obs if loo else np.zeros((1, num_models))
-  all_sum, all_cnt = y_obs.sum(axis=0), m_obs.sum(axis=0)
-  # A model never observed falls back to the mean of every observed cell (0.5 if none).
-  pooled = _safe_div(all_sum.sum() - own_sum.sum(axis=1, keepdims=True),
-                     all_cnt.sum() - own_cnt.sum(axis=1, keepdims=True), 0.5)
-  glob = _safe_div(all_sum - own_sum, all_cnt - own_cnt, pooled)
-  glob = np.broadcast_to(glob, (num_q, num_models))
-  if prior == 'task':
-    train_ids, vocab = _task_ids(train_tasks, n)
-    q_ids = train_ids if loo else _task_ids(query_tasks, num_q, vocab)[0]
-    t_sum = np.zeros((len(vocab) + 1, num_models))  # last row: unknown task
-    t_cnt = np.zeros_like(t_sum)
-    np.add.at(t_sum, train_ids, y_obs)  # id -1 lands on the unknown row
-    np.add.at(t_cnt, train_ids, m_obs)
-    t_sum[-1] = t_cnt[-1] = 0.0  # an unknown task pools nothing: use the global mean
-    prior_hat = _safe_div(t_sum[q_ids] - own_sum, t_cnt[q_ids] - own_cnt, glob)
-  else:
-    prior_hat = glob
-
-  # ---- neighbour sums, a block of queries at a time (memory ~ chunk x k x K).
-  k_eff = min(k, n - 1 if loo else n)
-  nbr_sum = np.zeros((num_q, num_models))
-  nbr_cnt = np.zeros((num_q, num_models))
-  c_bar = np.broadcast_to(cost.mean(axis=0), (num_q, num_models)).copy()
-  if k_eff > 0:
-    idx_all = neighbours(q, x, k_eff, loo, search, nprobe)
-    chunk = max(1, _BLOCK_CELLS // (k_eff * num_models))
-    for start in range(0, num_q, chunk):
-      idx = idx_all[start:start + chunk]
-      nbr_sum[start:start + chunk] = y_obs[idx].sum(axis=1)
-      nbr_cnt[start:start + chunk] = m_obs[idx].sum(axis=1)
-      c_bar[start:start + chunk] = cost[idx].mean(axis=1)
-
-  # alpha = 0 with no observed neighbour would be 0/0: fall back to the prior.
-  p_hat = _safe_div(nbr_sum + alpha * prior_hat, nbr_cnt + alpha, prior_hat)
-  return p_hat.astype(np.float32), c_bar.astype(np.float32)
+    if q.ndim != 2 or q.shape[1] != self.x.shape[1]:
+      raise ValueError(f'query_feats {q.shape} do not match train_feats {self.x.shape}')
+    if not np.isfinite(q).all():
+      raise ValueError('features must be finite')
+    num_q = len(q)
+    q_ids = (_task_ids(query_tasks, num_q, self.vocab)[0] if self.prior == 'task' else None)
+    zeros = np.zeros((1, self.num_models))
+    prior_hat = self._priors(num_q, zeros, zeros, q_ids)
+    k_eff = min(self.k, self.n)
+    if self.search == 'exact':
+      idx = _exact_neighbours(q, self.x, k_eff, False)
+    else:
+      if self._index is None:
+        self._index = IvfIndex(self.x, self.nprobe)
+      idx = self._index.search(q, k_eff)
+    return self._tables(idx, prior_hat, num_q)
 
 
 # --------------------------------------------------------------- wrapper ---

@@ -69,6 +69,7 @@ class EncoderSpace:
                cache: str = '', batch_size: int = 64):
     self.checkpoint, self.max_len, self.truncate = checkpoint, int(max_len), truncate
     self.cache, self.batch_size = cache, int(batch_size)
+    self.disk_cache = True     # data sets: embed once; routing turns it off (`for_routing`)
     self._space = None
 
   def __getstate__(self):
@@ -102,7 +103,7 @@ class EncoderSpace:
   def transform(self, texts) -> np.ndarray:
     texts = [str(t) for t in texts]
     path = None
-    if len(texts) >= _MIN_CACHED:
+    if len(texts) >= _MIN_CACHED and getattr(self, 'disk_cache', True):
       path = cache_dir(self.cache) / 'embeddings' / f'{self._key(texts)}.npy'
       if path.is_file():
         out = np.load(path)
@@ -143,6 +144,15 @@ class ConcatSpace:
 
   def fit_transform(self, texts) -> np.ndarray:
     return self.fit(texts).transform(texts)
+
+
+def for_routing(space):
+  """`space` with the encoder's disk cache off: routed batches are new texts,
+  and a server would write a cache file per batch that is never read again."""
+  for part in getattr(space, 'spaces', [space]):
+    if isinstance(part, EncoderSpace):
+      part.disk_cache = False
+  return space
 
 
 def make_space(config):

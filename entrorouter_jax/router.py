@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import capability, paths, sharding, state as state_lib
+from entrorouter_jax import capability, features, paths, sharding, state as state_lib
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
 
 
@@ -51,6 +51,7 @@ class Router:
   forward: object
   stage0: Optional[dict] = None  # query space + training table, where routing needs them
   calibration: Optional[dict] = None  # DIR/calibration.json: {'cost_weight'} or {'threshold'}
+  _knn: Optional[capability.KnnTable] = dataclasses.field(default=None, repr=False)
 
   @property
   def needs_stage0(self) -> bool:
@@ -67,13 +68,18 @@ class Router:
     if not self.needs_stage0:
       zeros = np.zeros((len(queries), k), np.float32)
       return zeros, zeros
-    s0 = self.stage0
     feats = self.features(queries) if feats is None else feats
-    return capability.knn_estimates(
-        s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
-        s0['train_tasks'], query_feats=feats, query_tasks=None, k=self.config.anchor.k,
-        alpha=self.config.anchor.alpha, prior=self.config.anchor.prior,
-        **capability.search_settings(self.config.anchor))
+    return self.knn_table().estimates(feats)
+
+  def knn_table(self) -> capability.KnnTable:
+    """Stage 0's training table, prepared once for routing's kNN estimates."""
+    if self._knn is None:
+      s0, anchor = self.stage0, self.config.anchor
+      self._knn = capability.KnnTable(
+          s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
+          s0['train_tasks'], k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
+          **capability.search_settings(anchor))
+    return self._knn
 
   def _run(self, queries: Sequence[str], cost_weight: Optional[float], tables, feats) -> dict:
     queries = list(queries)
@@ -113,6 +119,23 @@ class Router:
       raise RouterError('scores() needs a router with model.head=utility')
     out = self._run(queries, None, tables, feats)
     return out['success'], out['c_bar']
+
+  def warm_up(self, max_batch: int) -> int:
+    """Routes dummy queries at every shape up to `max_batch` queries can hit (the
+    power-of-two batch buckets x the encoders' 32-token width buckets), so that
+    no later call waits for a compile. Returns the number of calls made."""
+    max_tokens = max(int(self.config.anchor.get('encoder_max_len', 0)),
+                     int(self.config.data.max_len))
+    words = [max(1, w - 16) for w in range(32, max_tokens + 1, 32)] + [2 * max_tokens]
+    sizes, n = [], 1
+    while n < max_batch:
+      sizes.append(n)
+      n *= 2
+    sizes.append(max_batch)
+    for size in sizes:
+      for length in words:
+        self.probs([' '.join(['the'] * length)] * size)
+    return len(sizes) * len(words)
 
   @property
   def default_cost_weight(self) -> float:
@@ -189,6 +212,7 @@ def load_router(workdir, mesh=None) -> Router:
     if 'train_feats' not in stage0:
       raise RouterError(f'{workdir}/stage0.pkl lacks the training table that routing '
                         'needs; retrain with this version')
+    features.for_routing(stage0['space'])
   return Router(config=config, tokenizer=tok, model_names=names, strongest=info['strongest'],
                 c_ref=info['c_ref'], model_costs=np.asarray(info['model_costs']),
                 params=params, mesh=mesh, forward=make_forward(config, model_graphdef, mesh),

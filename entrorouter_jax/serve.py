@@ -195,14 +195,9 @@ class RoutingService:
         out[i] = p
     return out
 
-  def warm_up(self) -> None:
-    """Compiles the forward for every batch bucket up to max_batch."""
-    n = 1
-    while True:
-      self.router.probs(['warm-up query'] * n)
-      if n >= self.settings.max_batch:
-        break
-      n = min(2 * n, self.settings.max_batch)
+  def warm_up(self) -> int:
+    """Compiles every shape a batch of up to max_batch requests can hit."""
+    return self.router.warm_up(self.settings.max_batch)
 
   def cost_weight_for(self, requested) -> Optional[float]:
     if requested is None:
@@ -313,9 +308,9 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
         max_connections=512, max_keepalive_connections=64))
     if warm_up:
       started = time.perf_counter()
-      await service.batcher.run_alone(service.warm_up)
-      log.info('router warmed up (batches up to %d) in %.1f s', settings.max_batch,
-               time.perf_counter() - started)
+      calls = await service.batcher.run_alone(service.warm_up)
+      log.info('router warmed up (%d shapes, batches up to %d) in %.1f s', calls,
+               settings.max_batch, time.perf_counter() - started)
     state['ready'] = True
     try:
       yield

@@ -327,3 +327,45 @@ def test_search_settings_are_checked():
     capability.neighbours(x, x, 5, True, 'faiss')
   with pytest.raises(ValueError, match='nprobe must be >= 1'):
     capability.neighbours(x, x, 5, True, 'ivf', nprobe=0)
+
+
+@pytest.mark.parametrize('search', ['exact', 'ivf'])
+def test_knn_table_prepared_once_gives_the_same_estimates(search, monkeypatch):
+  from entrorouter_jax import capability
+  x = _clustered(1500, seed=4)
+  rng = np.random.default_rng(1)
+  y = (rng.random((1500, 3)) < 0.5).astype(np.float64)
+  mask = rng.random((1500, 3)) < 0.9
+  cost = rng.random((1500, 3))
+  tasks = [f't{i % 3}' for i in range(1500)]
+  q = _clustered(40, seed=5)
+  table = capability.KnnTable(x, y, mask, cost, tasks, k=15, prior='task', search=search,
+                              nprobe=4)
+  built = []
+  real_index = capability.IvfIndex
+  monkeypatch.setattr(capability, 'IvfIndex',
+                      lambda *a, **kw: built.append(1) or real_index(*a, **kw))
+  for rows in (slice(0, 1), slice(0, 40), slice(5, 9)):
+    want = knn_estimates(x, y, mask, cost, tasks, query_feats=q[rows],
+                         query_tasks=['t1'] * len(q[rows]), k=15, prior='task', search=search,
+                         nprobe=4)
+    got = table.estimates(q[rows], ['t1'] * len(q[rows]))
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+  # The table's own cells are built once; each knn_estimates call builds its own.
+  assert len(built) == (4 if search == 'ivf' else 0)
+  np.testing.assert_array_equal(table.leave_one_out()[0],
+                                knn_estimates(x, y, mask, cost, tasks, k=15, prior='task',
+                                              search=search, nprobe=4)[0])
+  with pytest.raises(ValueError, match='do not match'):
+    table.estimates(q[:, :5])
+
+
+def test_tfidf_projection_matches_the_svd_and_is_not_pickled():
+  corpus = TEXTS + NEAR
+  space = TfidfSpace(dim=8, min_df=1).fit(corpus)
+  z = space.transform(corpus)
+  ref = space.svd_.transform(space.tfidf_.transform(corpus))
+  ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+  np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
+  assert '_basis' not in pickle.loads(pickle.dumps(space)).__dict__

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import REPO_ROOT, kill_then_rerun
 from configs import rl as rl_config
-from entrorouter_jax import (baselines, features, policy, route, router as router_lib, sharding,
-                             suite, train)
+from entrorouter_jax import (baselines, capability, features, policy, route, router as router_lib,
+                             sharding, suite, train)
 from entrorouter_jax.data import pipeline
 
 
@@ -109,6 +109,13 @@ def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
   monkeypatch.setattr(other, '_backbone_space', lambda: FakeBackbone())
   other.transform(texts)                           # another encoder: another key
   assert calls == [80, 10, 10, 80]
+  # Routing turns the disk cache off: its batches are new texts.
+  routed = features.for_routing(features.ConcatSpace([capability.TfidfSpace(), other]))
+  assert routed.spaces[1].disk_cache is False
+  files = len(list((tmp_path / 'cache' / 'embeddings').glob('*.npy')))
+  other.transform([t + ' (new)' for t in texts])
+  assert calls == [80, 10, 10, 80, 80]
+  assert len(list((tmp_path / 'cache' / 'embeddings').glob('*.npy'))) == files
 
 
 def test_members_never_train_on_their_own_fold(tmp_path):

@@ -488,3 +488,19 @@ def test_calibrate_hits_the_target_and_route_uses_it(workdir, tmp_path):
   (work / 'calibration.json').write_text('{"cost_weight": -2}')
   with pytest.raises(router_lib.RouterError, match='cost_weight is -2'):
     router_lib.load_router(work)
+
+
+def test_router_warm_up_covers_every_batch_and_width_bucket(workdir, monkeypatch):
+  router = router_lib.load_router(workdir)
+  shapes = []
+  real = router.probs
+  monkeypatch.setattr(router, 'probs', lambda q, *a, **kw: shapes.append(
+      (len(q), len(q[0].split()))) or real(q, *a, **kw))
+  calls = router.warm_up(6)
+  assert calls == len(shapes)
+  sizes = sorted({n for n, _ in shapes})
+  assert sizes == [1, 2, 4, 6]
+  lengths = sorted({w for _, w in shapes})
+  # One text per 32-token width bucket up to the longest the router reads, and one longer.
+  max_tokens = max(router.config.anchor.encoder_max_len, router.config.data.max_len)
+  assert lengths[-1] > max_tokens and len(lengths) == max_tokens // 32 + 1
