@@ -71,7 +71,7 @@ ROUTER_MODEL = 'router'
 # Upstream statuses after which a routed request tries the next model: the
 # model is down, overloaded or misconfigured. Other 4xx are the request's own
 # fault and are passed back as they are.
-RETRY_STATUSES = frozenset({401, 403, 404, 408, 409, 429}) | frozenset(range(500, 600))
+RETRY_STATUSES = frozenset({401, 403, 404, 408, 429}) | frozenset(range(500, 600))
 ROUTE_ON = ('last_user', 'conversation')
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 
@@ -319,10 +319,15 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       await state['client'].aclose()
       await service.batcher.stop()
 
-  def fail(endpoint: str, e: RequestError, started: float):
-    metrics.requests.labels(endpoint, str(e.status)).inc()
+  def counted(endpoint: str, status: int, started: float) -> None:
+    metrics.requests.labels(endpoint, str(status)).inc()
     metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-    return JSONResponse(error_body(e.message, e.kind, e.param, e.code), status_code=e.status)
+
+  def fail(endpoint: str, e: RequestError, started: float, headers=None, **extra):
+    """The OpenAI-style error reply (plus `extra` top-level fields), counted."""
+    counted(endpoint, e.status, started)
+    return JSONResponse({**error_body(e.message, e.kind, e.param, e.code), **extra},
+                        status_code=e.status, headers=headers)
 
   def authorize(request) -> None:
     if settings.auth_token is None:
@@ -387,8 +392,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       decision = await service.decide(text, body.get('cost_weight'))
     except RequestError as e:
       return fail('/v1/route', e, started)
-    metrics.requests.labels('/v1/route', '200').inc()
-    metrics.latency.labels('/v1/route').observe(time.perf_counter() - started)
+    counted('/v1/route', 200, started)
     out = {'model': decision.model, 'probs': decision.probs, 'cost_weight': decision.cost_weight,
            'ranking': decision.ranking}
     if decision.threshold is not None:
@@ -490,14 +494,12 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
         elif upstream.status_code >= 400:  # the request's own fault: the upstream's answer
           content = await upstream.aread()
           await upstream.aclose()
-          metrics.requests.labels(endpoint, str(upstream.status_code)).inc()
-          metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+          counted(endpoint, upstream.status_code, started)
           return Response(content, status_code=upstream.status_code,
                           media_type=upstream.headers.get('content-type', 'application/json'),
                           headers=reply_headers(name, decision, failures))
         elif stream:
-          metrics.requests.labels(endpoint, '200').inc()
-          metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+          counted(endpoint, 200, started)
           return StreamingResponse(relay_stream(upstream, name), media_type='text/event-stream',
                                    headers=reply_headers(name, decision, failures))
         else:
@@ -511,8 +513,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
           else:
             data['model'] = name
             data['entrorouter'] = about(name, decision, failures)
-            metrics.requests.labels(endpoint, '200').inc()
-            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            counted(endpoint, 200, started)
             return JSONResponse(data, headers=reply_headers(name, decision, failures))
           finally:
             await upstream.aclose()
@@ -523,11 +524,9 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
     e = RequestError(502, 'every upstream tried failed: ' + ', '.join(
         f"{f['model']} ({f['error']})" for f in failures), None, 'upstream_error',
         'upstream_unavailable')
-    response = fail(endpoint, e, started)
-    body = json.loads(response.body)
-    body['entrorouter'] = about(failures[-1]['model'], decision, failures)
-    return JSONResponse(body, status_code=502,
-                        headers=reply_headers(failures[-1]['model'], decision, failures))
+    last = failures[-1]['model']
+    return fail(endpoint, e, started, entrorouter=about(last, decision, failures),
+                headers=reply_headers(last, decision, failures))
 
   return Starlette(routes=[
       Route('/healthz', healthz, methods=['GET']),

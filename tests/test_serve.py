@@ -504,3 +504,18 @@ def test_router_warm_up_covers_every_batch_and_width_bucket(workdir, monkeypatch
   # One text per 32-token width bucket up to the longest the router reads, and one longer.
   max_tokens = max(router.config.anchor.encoder_max_len, router.config.data.max_len)
   assert lengths[-1] > max_tokens and len(lengths) == max_tokens // 32 + 1
+
+
+def test_all_upstreams_down_reply_names_the_model_tried_last(served):
+  base, upstreams, names, _ = served
+  for n in names:
+    upstreams.mode[slug(n)] = 'down'
+  try:
+    r = httpx.post(f'{base}/v1/chat/completions', headers=auth(), json={
+        'model': names[1], 'messages': [{'role': 'user', 'content': 'hi'}]})
+  finally:
+    upstreams.mode.clear()
+  assert r.status_code == 502 and 'headers' not in r.json()
+  assert r.headers['x-entrorouter-model'] == names[1]
+  assert r.json()['entrorouter'] == {'model': names[1], 'routed': False, 'cost_weight': None,
+                                     'fallbacks': [{'model': names[1], 'error': 'http_503'}]}
