@@ -6,6 +6,8 @@ The pool file is the training pool file with three more keys per model (see
 README "Serving"):
   gpt-4o:   {price_in: 2.5, price_out: 10, base_url: https://api.openai.com/v1,
              upstream_model: gpt-4o, api_key_env: OPENAI_API_KEY}
+Router models without a base_url are not served: routing picks the best of the
+others.
 
 Endpoints
   POST /v1/chat/completions  OpenAI's chat API. "model": "router" routes on the
@@ -174,8 +176,12 @@ class Decision:
 class RoutingService:
   """The router behind a micro-batcher: text -> Decision."""
 
-  def __init__(self, router: router_lib.Router, settings: Settings, metrics: Metrics):
+  def __init__(self, router: router_lib.Router, settings: Settings, metrics: Metrics,
+               served: Optional[list] = None):
     self.router, self.settings, self.metrics = router, settings, metrics
+    # The models requests may go to (those the pool gives an endpoint): routing
+    # picks the best of them.
+    self.served = np.array([n in (served or router.model_names) for n in router.model_names])
     self.batcher = MicroBatcher(self._route_batch, settings.max_batch, settings.max_wait_ms,
                                 on_batch=self._observe_batch)
 
@@ -218,12 +224,13 @@ class RoutingService:
     self.metrics.routing_latency.observe(time.perf_counter() - started)
     names = self.router.model_names
     threshold = None if self.router.moves_with_cost_weight else self.router.default_threshold
-    first, _ = choose(probs[None], self.router.model_costs,
+    served = np.where(self.served, probs, -1.0)   # never eligible
+    first, _ = choose(served[None], self.router.model_costs,
                       threshold if threshold is not None else 1.0)
     first = int(first[0])
     # Best first; ties to the cheaper model.
-    order = sorted(range(len(names)), key=lambda j: (-float(probs[j]),
-                                                     float(self.router.model_costs[j])))
+    order = sorted(np.flatnonzero(self.served), key=lambda j: (
+        -float(probs[j]), float(self.router.model_costs[j])))
     order.remove(first)
     ranking = [names[first]] + [names[j] for j in order]
     self.metrics.routes.labels(names[first]).inc()
@@ -291,12 +298,20 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
 
   settings = settings or Settings()
   settings.check()
-  missing = [n for n in router.model_names if n not in endpoints or not endpoints[n].base_url]
-  if missing:
-    raise ValueError(f'the pool gives no base_url for {missing}; expected one per model of '
-                     f'the router ({router.model_names})')
-  metrics = Metrics(router.model_names, settings.max_batch)
-  service = RoutingService(router, settings, metrics)
+  served = [n for n in router.model_names if n in endpoints and endpoints[n].base_url]
+  if not served:
+    raise ValueError(f'the pool gives no base_url for any model of the router; expected one '
+                     f'for some of {router.model_names}')
+  unserved = [n for n in router.model_names if n not in served]
+  if unserved:
+    log.warning('the pool gives no base_url for %s: routing picks among %s only', unserved,
+                served)
+  unknown = sorted(set(endpoints) - set(router.model_names))
+  if unknown:
+    log.warning('pool models %s are not among the router\'s %s: not served', unknown,
+                router.model_names)
+  metrics = Metrics(served, settings.max_batch)
+  service = RoutingService(router, settings, metrics, served)
   state = {'ready': False, 'client': None}
 
   @contextlib.asynccontextmanager
@@ -365,7 +380,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
   async def healthz(_request):
     if not state['ready']:
       return JSONResponse({'status': 'starting'}, status_code=503)
-    return JSONResponse({'status': 'ok', 'models': router.model_names})
+    return JSONResponse({'status': 'ok', 'models': served})
 
   async def metrics_endpoint(request):
     started = time.perf_counter()
@@ -452,7 +467,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       model = body.get('model')
       if not isinstance(model, str) or not model:
         raise RequestError(400, f'model is {model!r}; expected "router" or one of the pool '
-                           f'models {router.model_names}', 'model')
+                           f'models {served}', 'model')
       text = conversation_text(body.get('messages'), settings.route_on)
       stream = body.get('stream', False)
       if not isinstance(stream, bool):
@@ -463,14 +478,14 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
         if settings.fallback == 'none':
           candidates = candidates[:1]
         candidates = candidates[:settings.max_attempts]
-      elif model in endpoints and model in router.model_names:
+      elif model in served:
         if 'cost_weight' in body:
           raise RequestError(400, f'cost_weight applies to "model": "router" only; model is '
                              f'{model!r}', 'cost_weight')
         decision, candidates = None, [model]
       else:
         raise RequestError(404, f'model {model!r} is not served here; expected "router" or '
-                           f'one of {router.model_names}', 'model', 'invalid_request_error',
+                           f'one of {served}', 'model', 'invalid_request_error',
                            'model_not_found')
     except RequestError as e:
       return fail(endpoint, e, started)

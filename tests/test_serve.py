@@ -390,7 +390,7 @@ def test_serve_cli_errors(workdir, tmp_path):
   out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
                         f'--pool={pool}'], cwd=REPO_ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
-  assert out.returncode == 2 and 'no base_url for' in out.stderr
+  assert out.returncode == 2 and 'no base_url for any model' in out.stderr
   out = subprocess.run([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
                         f'--pool={pool}', '--auth_token_env=ER_UNSET_TOKEN'], cwd=REPO_ROOT,
                        env=env, capture_output=True, text=True, timeout=300)
@@ -519,3 +519,23 @@ def test_all_upstreams_down_reply_names_the_model_tried_last(served):
   assert r.headers['x-entrorouter-model'] == names[1]
   assert r.json()['entrorouter'] == {'model': names[1], 'routed': False, 'cost_weight': None,
                                      'fallbacks': [{'model': names[1], 'error': 'http_503'}]}
+
+
+def test_a_pool_serving_some_models_routes_among_those(workdir):
+  from starlette.testclient import TestClient
+  from entrorouter_jax import serve
+  router = router_lib.load_router(workdir)
+  probs = router.probs(QUERIES)
+  favourite = router.model_names[int(np.bincount(probs.argmax(1)).argmax())]
+  served = [n for n in router.model_names if n != favourite][:3]
+  endpoints = {n: readers.Endpoint(n, 'http://127.0.0.1:9/v1') for n in served}
+  app = serve.create_app(router, endpoints, serve.Settings(max_wait_ms=0), warm_up=False)
+  with TestClient(app) as http:
+    assert http.get('/healthz').json()['models'] == served
+    for query, p in zip(QUERIES, probs):
+      got = http.post('/v1/route', json={'query': query}).json()
+      want = max(served, key=lambda n: p[router.model_names.index(n)])
+      assert got['model'] == want and sorted(got['ranking']) == sorted(served)
+    r = http.post('/v1/chat/completions', json={
+        'model': favourite, 'messages': [{'role': 'user', 'content': 'hi'}]})
+    assert r.status_code == 404 and r.json()['error']['param'] == 'model'
