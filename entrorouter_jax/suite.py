@@ -33,7 +33,9 @@ query id (80% train / 10% validation / 10% test). Formats without costs
 Writes DIR/suite.json (the figures), DIR/suite.md (the tables), DIR/suite_info.json
 (timings, sizes, the recipe) and, with --ablations, DIR/ablations.json: the recipe with
 one part changed at a time, beside the Trust-Region-Collapse diagnostics.
-Runs resume: a seed whose training finished is only re-scored.
+Runs resume: a seed already scored with the same config is read back from
+its seed folder (suite_scores.pkl), and one whose training finished is only
+re-scored.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from entrorouter_jax import router as router_lib
 from entrorouter_jax.data import sources
 from entrorouter_jax.policy import is_utility
 
-log = logging.getLogger(__name__)
+log = logging.getLogger('entrorouter_jax.suite')  # not __name__: '__main__' under python -m
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('ENTROROUTER_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -417,9 +419,18 @@ def run_dataset(config, ds: Dataset, workdir: pathlib.Path, seeds: int, counts_s
   for seed in range(seeds):
     cfg = apply_overrides(base, {'seed': seed})
     seed_dir = workdir / f'seed{seed}'
-    log.info('suite: %s, seed %d -> %s', ds.name, seed, seed_dir)
-    train.train_and_evaluate(cfg, seed_dir)
-    rules, diag, test, strongest, n_train = evaluate_seed(cfg, seed_dir, seed, with_baselines)
+    key = _scored_key(cfg, with_baselines)   # before training, which may fill in defaults
+    scored = _scored_seed(key, seed_dir)
+    if scored is not None:
+      print(f'suite: {ds.name}, seed {seed}: scored before, read from {seed_dir / SCORED}',
+            flush=True)
+      rules, diag, strongest, n_train = scored
+      test = sources.load_splits(cfg.data, ('test',))[1]['test']
+    else:
+      log.info('suite: %s, seed %d -> %s', ds.name, seed, seed_dir)
+      train.train_and_evaluate(cfg, seed_dir)
+      rules, diag, test, strongest, n_train = evaluate_seed(cfg, seed_dir, seed, with_baselines)
+      _store_scored_seed(key, seed_dir, (rules, diag, strongest, n_train))
     per_seed.append(rules)
     diags.append(diag)
   counts = metrics.bootstrap_counts(test.num_queries, bootstrap, counts_seed)
@@ -428,6 +439,34 @@ def run_dataset(config, ds: Dataset, workdir: pathlib.Path, seeds: int, counts_s
           'models': test.num_models, 'seeds': seeds, 'seconds': round(time.time() - started, 1)}
   diag = {k: float(np.mean([d[k] for d in diags])) for k in diags[0]}
   return methods, info, diag
+
+
+SCORED = 'suite_scores.pkl'
+
+
+def _scored_key(cfg, with_baselines: bool) -> str:
+  return json.dumps({'config': json.loads(cfg.to_json_best_effort()),
+                     'baselines': bool(with_baselines)}, sort_keys=True)
+
+
+def _scored_seed(key: str, seed_dir: pathlib.Path):
+  """A seed's routing rules and diagnostics from an earlier run of the same
+  config (seed_dir/suite_scores.pkl), or None."""
+  path = seed_dir / SCORED
+  if not path.is_file():
+    return None
+  try:
+    with path.open('rb') as f:
+      stored = pickle.load(f)
+  except (OSError, pickle.UnpicklingError, EOFError):
+    return None
+  if not isinstance(stored, dict) or stored.get('key') != key:
+    return None
+  return stored['scored']
+
+
+def _store_scored_seed(key: str, seed_dir: pathlib.Path, scored) -> None:
+  paths.write_atomic(seed_dir / SCORED, pickle.dumps({'key': key, 'scored': scored}))
 
 
 def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int = 1000,

@@ -42,7 +42,7 @@ from entrorouter_jax.state import (TrainingError, abstract_train_state,  # noqa:
                                    load_tokenizer, make_optimizer)
 from entrorouter_jax.writers import MetricsWriter
 
-log = logging.getLogger(__name__)
+log = logging.getLogger('entrorouter_jax.train')  # not __name__: '__main__' under python -m
 
 STAGES = ('sft', 'rl')
 # Folds of the training queries when one member holds one out (model.members = 1

@@ -74,10 +74,13 @@ def test_suite_cli_writes_the_contract_and_resumes(tmp_path):
   info = json.loads((workdir / 'suite_info.json').read_text())
   assert info['datasets']['tiny']['train'] == 240 and info['datasets']['tiny']['test'] == 100
 
-  # A rerun only re-scores the finished seeds: no step trained, the same figures.
+  # A rerun reads the scored seeds back (seed1), or re-scores a finished one
+  # whose scores are gone (seed0): no step trained, the same figures.
   logs = {s: (workdir / 'tiny' / s / 'metrics.jsonl').read_text() for s in ('seed0', 'seed1')}
+  (workdir / 'tiny' / 'seed0' / suite.SCORED).unlink()
   again = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-3000:]
+  assert 'seed 1: scored before' in again.stdout and 'seed 0: scored before' not in again.stdout
   assert json.loads((workdir / 'suite.json').read_text()) == results
   for seed, log in logs.items():
     assert (workdir / 'tiny' / seed / 'metrics.jsonl').read_text() == log
