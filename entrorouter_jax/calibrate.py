@@ -95,21 +95,18 @@ def pick(points: list[dict], target_cost: Optional[float] = None,
   if target_cost is not None:
     if not np.isfinite(target_cost) or target_cost <= 0:
       raise router_lib.RouterError(f'--target_cost={target_cost}; expected dollars per query > 0')
-    ok = [p for p in points if p['cost_per_query'] <= target_cost]
-    if not ok:
-      cheapest = min(p['cost_per_query'] for p in points)
-      raise router_lib.RouterError(
-          f'--target_cost={target_cost:g} is below what this router can reach on these '
-          f'queries (cheapest: ${cheapest:.6g} per query); expected a target >= that')
+    key, limit, flag, least_is = ('cost_per_query', target_cost, '--target_cost',
+                                  'the cheapest it can reach is ${:.6g} per query')
   else:
     if not 0.0 <= strong_share <= 1.0:
       raise router_lib.RouterError(f'--strong_share={strong_share}; expected a fraction in [0, 1]')
-    ok = [p for p in points if p['strong_share'] <= strong_share]
-    if not ok:
-      least = min(p['strong_share'] for p in points)
-      raise router_lib.RouterError(
-          f'--strong_share={strong_share:g} cannot be met on these queries (the least this '
-          f'router sends to the strongest model is {least:.4f}); expected a share >= that')
+    key, limit, flag, least_is = ('strong_share', strong_share, '--strong_share',
+                                  'the least it sends to the strongest model is {:.4f}')
+  ok = [p for p in points if p[key] <= limit]
+  if not ok:
+    least = least_is.format(min(p[key] for p in points))
+    raise router_lib.RouterError(f'{flag}={limit:g} is below what this router can reach on '
+                                 f'these queries ({least}); expected a target >= that')
   return max(ok, key=lambda p: (p['accuracy'], -p['cost_per_query']))
 
 
