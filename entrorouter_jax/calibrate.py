@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import pickle
 import sys
 from typing import Optional
 
@@ -44,8 +43,7 @@ def estimates(router: router_lib.Router, workdir, queries) -> tuple[np.ndarray, 
   if is_utility(router.config):
     return tuple(np.asarray(a, np.float64) for a in router.scores(queries))
   if router.stage0 is None:   # routing does not read Stage 0; its estimates do
-    with (paths.as_path(workdir) / 'stage0.pkl').open('rb') as f:
-      router.stage0 = pickle.load(f)
+    router.stage0 = router_lib.load_stage0(workdir)
   p_hat, c_bar = router.knn_table().estimates(router.features(queries))
   return np.asarray(p_hat, np.float64), np.asarray(c_bar, np.float64)
 

@@ -14,11 +14,11 @@ Knobs along the cost/quality curve, at routing time:
                    whole cost/quality curve; also for a lambda-conditioned router
   --threshold=T    in (0, 1]: the cheapest model whose probability is at least
                    T x the top probability (1 = the router's own choice)
-Without either, the router routes at the cost weight (or threshold) that
-`python -m entrorouter_jax.calibrate` stored in DIR/calibration.json, else at
-its trained cost weight.
   --fallback_model=NAME --min_confidence=P: when the top probability is below P,
                    route to NAME instead (say, the strongest model).
+Without --cost_weight or --threshold, the router routes at the cost weight (or
+threshold) that `python -m entrorouter_jax.calibrate` stored in
+DIR/calibration.json, else at its trained cost weight.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from entrorouter_jax import capability, features, paths, sharding, state as state_lib
+from entrorouter_jax.layers import bucket
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
 
 
@@ -127,11 +128,8 @@ class Router:
     max_tokens = max(int(self.config.anchor.get('encoder_max_len', 0)),
                      int(self.config.data.max_len))
     words = [max(1, w - 16) for w in range(32, max_tokens + 1, 32)] + [2 * max_tokens]
-    sizes, n = [], 1
-    while n < max_batch:
-      sizes.append(n)
-      n *= 2
-    sizes.append(max_batch)
+    # A batch of n rows is padded to bucket(n) rows (policy.batched, the encoder).
+    sizes = sorted({bucket(n) for n in range(1, max_batch + 1)})
     for size in sizes:
       for length in words:
         self.probs([' '.join(['the'] * length)] * size)
@@ -205,18 +203,24 @@ def load_router(workdir, mesh=None) -> Router:
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
   model_graphdef, params = nnx.split(nnx.merge(graphdef, restored['state']['nnx'])[0])
-  stage0 = None
-  if needs_stage0(config):
-    with (workdir / 'stage0.pkl').open('rb') as f:
-      stage0 = pickle.load(f)
-    if 'train_feats' not in stage0:
-      raise RouterError(f'{workdir}/stage0.pkl lacks the training table that routing '
-                        'needs; retrain with this version')
-    features.for_routing(stage0['space'])
+  stage0 = load_stage0(workdir) if needs_stage0(config) else None
   return Router(config=config, tokenizer=tok, model_names=names, strongest=info['strongest'],
                 c_ref=info['c_ref'], model_costs=np.asarray(info['model_costs']),
                 params=params, mesh=mesh, forward=make_forward(config, model_graphdef, mesh),
                 stage0=stage0, calibration=read_calibration(workdir))
+
+
+def load_stage0(workdir) -> dict:
+  """DIR/stage0.pkl, ready for routing new queries: the query space (its encoder
+  without a disk cache) and the training table of the kNN estimates."""
+  workdir = paths.as_path(workdir)
+  with (workdir / 'stage0.pkl').open('rb') as f:
+    stage0 = pickle.load(f)
+  if 'train_feats' not in stage0:
+    raise RouterError(f'{workdir}/stage0.pkl lacks the training table that routing '
+                      'needs; retrain with this version')
+  features.for_routing(stage0['space'])
+  return stage0
 
 
 def read_calibration(workdir) -> Optional[dict]:

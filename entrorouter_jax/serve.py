@@ -201,10 +201,6 @@ class RoutingService:
         out[i] = p
     return out
 
-  def warm_up(self) -> int:
-    """Compiles every shape a batch of up to max_batch requests can hit."""
-    return self.router.warm_up(self.settings.max_batch)
-
   def cost_weight_for(self, requested) -> Optional[float]:
     if requested is None:
       return self.router.default_cost_weight if self.router.moves_with_cost_weight else None
@@ -223,10 +219,11 @@ class RoutingService:
     probs = await self.batcher.submit((text, lam))
     self.metrics.routing_latency.observe(time.perf_counter() - started)
     names = self.router.model_names
+    # Routers that lambda moves take their top model; the others the threshold rule.
     threshold = None if self.router.moves_with_cost_weight else self.router.default_threshold
     served = np.where(self.served, probs, -1.0)   # never eligible
     first, _ = choose(served[None], self.router.model_costs,
-                      threshold if threshold is not None else 1.0)
+                      1.0 if threshold is None else threshold)
     first = int(first[0])
     # Best first; ties to the cheaper model.
     order = sorted(np.flatnonzero(self.served), key=lambda j: (
@@ -323,7 +320,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
         max_connections=512, max_keepalive_connections=64))
     if warm_up:
       started = time.perf_counter()
-      calls = await service.batcher.run_alone(service.warm_up)
+      calls = await service.batcher.run_alone(router.warm_up, settings.max_batch)
       log.info('router warmed up (%d shapes, batches up to %d) in %.1f s', calls,
                settings.max_batch, time.perf_counter() - started)
     state['ready'] = True
