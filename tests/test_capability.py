@@ -295,6 +295,19 @@ def test_ivf_search_finds_the_exact_neighbours(loo):
   np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
 
 
+@pytest.mark.parametrize('loo', [True, False])
+def test_ivf_search_breaks_ties_between_duplicates_like_exact(loo):
+  # Duplicated rows tie exactly; they share a cell, where rows keep index order,
+  # so probing every cell returns exact's neighbours, the lowest index first.
+  from entrorouter_jax import capability
+  base = _clustered(400, seed=6)
+  x = np.concatenate([base, base[:150], base[:60]])   # rows with 1 or 2 twins
+  q = x if loo else np.concatenate([base[:30], _clustered(30, seed=7)])
+  exact = capability.neighbours(q, x, 12, loo, 'exact')
+  everything = capability.neighbours(q, x, 12, loo, 'ivf', nprobe=capability.ivf_cells(len(x)))
+  np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
+
+
 def test_ivf_estimates_are_close_to_exact_and_auto_switches(monkeypatch):
   from entrorouter_jax import capability
   x = _clustered(2000, seed=2)
