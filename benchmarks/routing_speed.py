@@ -60,11 +60,14 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
   start = time.perf_counter()
   router = router_lib.load_router(workdir)
   load_s = time.perf_counter() - start
-  queries = _queries(router, 32 + calls + 4 * 256)
+  queries = _queries(router, calls + 4 * 256)
+  # Distinct texts for every timed call: routing keeps no embedding cache.
+  singles = queries[:calls]
+  batches = [queries[calls + r * 256:calls + (r + 1) * 256] for r in range(4)]
   router.warm_up(64)       # compile every shape a query or a batch of <= 64 can hit
-  router.probs(queries[-256:])
+  router.probs(batches[-1])
   one, feats_t, table_t = [], [], []
-  for q in queries[32:32 + calls]:
+  for q in singles:
     t0 = time.perf_counter()
     feats = router.features([q])
     t1 = time.perf_counter()
@@ -76,9 +79,9 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
     feats_t.append(t1 - t0)
     table_t.append(t2 - t1)
   batch_t = []
-  for r in range(3):      # new texts each time: routing keeps no embedding cache
+  for batch in batches[:3]:
     t0 = time.perf_counter()
-    router.probs(queries[32 + calls + r * 256:32 + calls + (r + 1) * 256])
+    router.probs(batch)
     batch_t.append(time.perf_counter() - t0)
   ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
   out = [{'figure': 'route', 'batch': 1, 'space': router.config.anchor.space,
