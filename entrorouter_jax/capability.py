@@ -135,11 +135,12 @@ class TfidfSpace:
 
 
 # ------------------------------------------------------------ neighbours ---
-def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
-  """Indices int[b, k] (ascending) of the k largest entries of each row of sims[b, N].
+def _top_k(sims: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.ndarray:
+  """Column indices int[b, k] (ascending) of the k largest entries of each row of sims[b, N].
 
-  Ties at the k-th value go to the lowest training index, so the set is fully
-  determined by the similarities (duplicate texts tie exactly).
+  Ties at the k-th value go to the lowest label (labels int[N], distinct; by
+  default the column index), so the set is fully determined by the
+  similarities and labels (duplicate texts tie exactly).
   """
   b, n = sims.shape
   # Candidates: entries >= the k-th largest of every 8th column, a lower bound
@@ -157,12 +158,14 @@ def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
   cand = np.full((b, int(counts.max())), -np.inf, dtype=sims.dtype)
   cand[rows, np.arange(len(flat)) - starts[rows]] = vals
   kth = np.partition(cand, cand.shape[1] - k, axis=1)[:, cand.shape[1] - k]
-  above, tied = vals > kth[rows], vals == kth[rows]
-  # Fill each row up to k with its tied candidates in index order.
-  need = k - np.bincount(rows, weights=above, minlength=b).astype(np.int64)
-  tied_before = np.cumsum(tied) - tied  # tied candidates earlier in the flat order
-  tied_rank = tied_before - tied_before[starts][rows] + 1  # 1-based within the row
-  keep = above | (tied & (tied_rank <= need[rows]))
+  keep = vals > kth[rows]
+  # Fill each row up to k with its tied candidates, lowest label first.
+  need = k - np.bincount(rows, weights=keep, minlength=b).astype(np.int64)
+  tied = np.flatnonzero(vals == kth[rows])
+  tied = tied[np.lexsort((cols[tied] if labels is None else labels[cols[tied]], rows[tied]))]
+  tied_rows = rows[tied]
+  rank = np.arange(len(tied)) - np.searchsorted(tied_rows, tied_rows)  # 0-based within the row
+  keep[tied[rank < need[tied_rows]]] = True
   return cols[keep].reshape(b, k)
 
 
@@ -233,12 +236,17 @@ class IvfIndex:
   The training rows are split into ivf_cells(N) cells; each query's candidates
   are the rows of its `nprobe` most similar cells. Queries are taken `block` at
   a time in cell order (neighbouring queries probe mostly the same cells) and
-  scored in one matmul against the union of their cells (a superset of each
-  one's own), so the work is blocked matmuls of ~N_q x N x (a few) nprobe /
-  cells dot products instead of N_q x N. A true neighbour is missed only when
-  it lies outside the probed cells; benchmarks/run.py measures the recall
-  against exact. A block whose cells hold fewer than k + 1 rows is searched
-  exactly.
+  every query of a block is scored against the union of the block's cells (a
+  superset of its own), so the work is ~N_q x N x (a few) nprobe / cells dot
+  products instead of N_q x N. A true neighbour is missed only when it lies
+  outside the probed cells; benchmarks/run.py measures the recall against
+  exact. A block whose cells hold fewer than k + 1 rows is searched exactly.
+
+  The dot products are taken cell by cell for `group` consecutive blocks at a
+  time: each cell's rows are read once and scored in one matmul against all of
+  the group's blocks that probe it, instead of once per block (on CPU, a
+  32-row matmul streaming a cell from memory runs at a fraction of the rate of
+  a few-hundred-row one). The candidates and results are the same.
   """
 
   def __init__(self, x, nprobe: int, centroids=None, x_cell=None):
@@ -246,35 +254,77 @@ class IvfIndex:
     self.cells = ivf_cells(len(x))
     self.nprobe = min(int(nprobe), self.cells)
     self.centroids = spherical_kmeans(x, self.cells) if centroids is None else centroids
-    x_cell = _nearest_cell(x, self.centroids) if x_cell is None else x_cell
-    self.by_cell = np.argsort(x_cell, kind='stable')
+    self.x_cell = _nearest_cell(x, self.centroids) if x_cell is None else x_cell
+    self.by_cell = np.argsort(self.x_cell, kind='stable')
     self.x_sorted = x[self.by_cell]   # each cell's rows contiguous: matmuls on views, no gathers
-    self.bounds = np.searchsorted(x_cell[self.by_cell], np.arange(self.cells + 1))
+    self.bounds = np.searchsorted(self.x_cell[self.by_cell], np.arange(self.cells + 1))
+    self.sizes = np.diff(self.bounds)
+    self.rank = np.empty(len(x), np.int64)  # row i sits at x_sorted[rank[i]]
+    self.rank[self.by_cell] = np.arange(len(x))
 
-  def search(self, q, k: int, loo: bool = False, probes=None, block: int = 32) -> np.ndarray:
-    """int[Nq, k]; `loo`: q is the training rows, none its own neighbour.
-    `probes`: _top_cells(q, ...) where the caller has it already."""
+  def search(self, q, k: int, loo: bool = False, probes=None, block: int = 32,
+             group: int = 16) -> np.ndarray:
+    """int[Nq, k] (each row ascending); `loo`: q is the training rows, none its
+    own neighbour. `probes`: _top_cells(q, ...) where the caller has it already."""
     probes, q_cell = probes if probes is not None else _top_cells(q, self.centroids,
                                                                   self.nprobe)
-    by_cell, x_sorted, bounds = self.by_cell, self.x_sorted, self.bounds
     order = np.argsort(q_cell, kind='stable')
     out = np.empty((len(q), k), np.int64)
+    pending, cells_held = [], 0
     for start in range(0, len(q), block):
       rows = np.sort(order[start:start + block])
       probe = np.unique(probes[rows])
-      if bounds[probe + 1].sum() - bounds[probe].sum() < k + 1:
+      if self.sizes[probe].sum() < k + 1:
         probe = np.arange(self.cells)
-      qb = q[rows]
-      sims = np.concatenate([qb @ x_sorted[bounds[j]:bounds[j + 1]].T for j in probe], axis=1)
-      cand = np.concatenate([by_cell[bounds[j]:bounds[j + 1]] for j in probe])
-      # Candidates in index order, so that ties go to the lowest index as in exact.
-      by_index = np.argsort(cand, kind='stable')
-      cand, sims = cand[by_index], sims[:, by_index]
-      if loo:  # a row is never its own neighbour
-        own = np.searchsorted(cand, rows)
-        sims[np.arange(len(rows)), own] = -np.inf
-      out[rows] = cand[_top_k(sims, k)]
+      held = len(rows) * int(self.sizes[probe].sum())
+      if pending and (len(pending) == group or cells_held + held > _BLOCK_CELLS):
+        self._search_group(q, pending, k, loo, out)
+        pending, cells_held = [], 0
+      pending.append((rows, probe))
+      cells_held += held
+    if pending:
+      self._search_group(q, pending, k, loo, out)
     return out
+
+  def _search_group(self, q, blocks, k: int, loo: bool, out) -> None:
+    """Fills out[rows] for a group of (rows, probed cells) blocks."""
+    sizes, bounds = self.sizes, self.bounds
+    lengths = np.array([len(rows) for rows, _ in blocks])
+    first_row = np.cumsum(lengths) - lengths   # each block's first row in qg
+    qg = q[np.concatenate([rows for rows, _ in blocks])]
+    # sims[b][:, offsets[b][i]:...] holds block b's scores against its i-th cell.
+    sims = [np.empty((len(rows), int(sizes[p].sum())), np.float32) for rows, p in blocks]
+    offsets = [np.cumsum(sizes[p]) - sizes[p] for _, p in blocks]
+    # (cell, block, position of the cell in the block's list), grouped by cell.
+    cell = np.concatenate([p for _, p in blocks])
+    blk = np.repeat(np.arange(len(blocks)), [len(p) for _, p in blocks])
+    pos = np.concatenate([np.arange(len(p)) for _, p in blocks])
+    by = np.argsort(cell, kind='stable')
+    cell, blk, pos = cell[by], blk[by], pos[by]
+    cuts = np.flatnonzero(np.diff(cell)) + 1
+    for j, c_blk, c_pos in zip(cell[np.r_[0, cuts]], np.split(blk, cuts), np.split(pos, cuts)):
+      if sizes[j] == 0:
+        continue
+      if c_blk[-1] - c_blk[0] + 1 == len(c_blk):   # consecutive blocks: a view of qg
+        qj = qg[first_row[c_blk[0]]:first_row[c_blk[-1]] + lengths[c_blk[-1]]]
+      else:
+        qj = qg[np.concatenate([np.arange(first_row[b], first_row[b] + lengths[b])
+                                for b in c_blk])]
+      scores = qj @ self.x_sorted[bounds[j]:bounds[j + 1]].T
+      row = 0
+      for b, i in zip(c_blk, c_pos):
+        col = offsets[b][i]
+        sims[b][:, col:col + sizes[j]] = scores[row:row + lengths[b]]
+        row += lengths[b]
+    for (rows, probe), sb, off in zip(blocks, sims, offsets):
+      cand = np.concatenate([self.by_cell[bounds[j]:bounds[j + 1]] for j in probe])
+      if loo:  # a row is never its own neighbour (where its cell is probed)
+        own = self.x_cell[rows]
+        at = np.minimum(np.searchsorted(probe, own), len(probe) - 1)
+        hit = np.flatnonzero(probe[at] == own)
+        sb[hit, (off[at] + self.rank[rows] - bounds[own])[hit]] = -np.inf
+      # Ties go to the lowest training index, as in exact search.
+      out[rows] = np.sort(cand[_top_k(sb, k, labels=cand)], axis=1)
 
 
 def _ivf_neighbours(q, x, k: int, loo: bool, nprobe: int) -> np.ndarray:
@@ -393,11 +443,14 @@ class KnnTable:
       raise ValueError('no training rows')
     if not np.isfinite(x).all():
       raise ValueError('features must be finite')
-    self.y_obs = np.where(mask, y, 0.0)  # missing cells contribute nothing to any sum
-    self.m_obs = mask.astype(np.float64)
+    # Per training row, side by side so that a neighbour list is gathered once:
+    # observed outcomes (missing cells contribute nothing to any sum), the
+    # observation mask and the normalised costs.
+    self.per_row = np.concatenate([np.where(mask, y, 0.0), mask, cost], axis=1)
+    self.y_obs, self.m_obs, self.cost = np.split(self.per_row, 3, axis=1)
     if not (np.isfinite(self.y_obs).all() and np.isfinite(cost).all()):
       raise ValueError('observed outcomes and all costs must be finite')
-    self.x, self.cost, self.n, self.num_models = x, cost, n, num_models
+    self.x, self.n, self.num_models = x, n, num_models
     self.k, self.alpha, self.prior = k, alpha, prior
     self.search = _resolve_search(search, nprobe, n)
     self.nprobe = nprobe
@@ -428,12 +481,13 @@ class KnnTable:
     nbr_cnt = np.zeros((num_q, self.num_models))
     c_bar = np.broadcast_to(self.cost.mean(axis=0), (num_q, self.num_models)).copy()
     if idx_all is not None:
-      chunk = max(1, _BLOCK_CELLS // (idx_all.shape[1] * self.num_models))
+      chunk = max(1, _BLOCK_CELLS // (idx_all.shape[1] * self.per_row.shape[1]))
       for start in range(0, num_q, chunk):
         idx = idx_all[start:start + chunk]
-        nbr_sum[start:start + chunk] = self.y_obs[idx].sum(axis=1)
-        nbr_cnt[start:start + chunk] = self.m_obs[idx].sum(axis=1)
-        c_bar[start:start + chunk] = self.cost[idx].mean(axis=1)
+        sums = self.per_row[idx].sum(axis=1)
+        nbr_sum[start:start + chunk], nbr_cnt[start:start + chunk], cost_sum = np.split(
+            sums, 3, axis=1)
+        c_bar[start:start + chunk] = cost_sum / idx.shape[1]
     # alpha = 0 with no observed neighbour would be 0/0: fall back to the prior.
     p_hat = _safe_div(nbr_sum + self.alpha * prior_hat, nbr_cnt + self.alpha, prior_hat)
     return p_hat.astype(np.float32), c_bar.astype(np.float32)
