@@ -274,9 +274,10 @@ class IvfIndex:
     for start in range(0, len(q), block):
       rows = np.sort(order[start:start + block])
       probe = np.unique(probes[rows])
-      if self.sizes[probe].sum() < k + 1:
-        probe = np.arange(self.cells)
-      held = len(rows) * int(self.sizes[probe].sum())
+      candidates = int(self.sizes[probe].sum())
+      if candidates < k + 1:
+        probe, candidates = np.arange(self.cells), len(self.x)
+      held = len(rows) * candidates
       if pending and (len(pending) == group or cells_held + held > _BLOCK_CELLS):
         self._search_group(q, pending, k, loo, out)
         pending, cells_held = [], 0

@@ -272,6 +272,12 @@ def _clustered(n, dim=16, clusters=30, seed=0):
                + 0.4 * rng.normal(size=(n, dim))).astype(np.float32)
 
 
+def _on_grid(x):
+  """x rounded to a 1/16 grid: every dot product is then exact in float32,
+  whatever order a matmul kernel sums in, so equal rows tie exactly."""
+  return np.round(x * 16) / 16
+
+
 def _recall(exact, approx):
   return np.mean([len(np.intersect1d(e, a)) / len(e) for e, a in zip(exact, approx)])
 
@@ -299,10 +305,10 @@ def test_ivf_search_finds_the_exact_neighbours(loo):
 def test_ivf_search_is_the_same_whatever_the_grouping_of_blocks(loo, monkeypatch):
   # Scoring cell by cell across a group of blocks (and the memory cap that
   # closes a group early) must give each block exactly what it gets alone.
-  # Coordinates on a 1/16 grid: dot products are exact whatever the matmul shape.
+  # Grid features: dot products are exact whatever the matmul shape.
   from entrorouter_jax import capability
-  x = np.round(_clustered(1500, seed=3) * 16) / 16
-  q = x if loo else np.round(_clustered(300, seed=4) * 16) / 16
+  x = _on_grid(_clustered(1500, seed=3))
+  q = x if loo else _on_grid(_clustered(300, seed=4))
   cells = capability.ivf_cells(len(x))
   centroids = capability.spherical_kmeans(x, cells)
   probes = capability._top_cells(q, centroids, 3)
@@ -319,13 +325,12 @@ def test_ivf_search_is_the_same_whatever_the_grouping_of_blocks(loo, monkeypatch
 @pytest.mark.parametrize('loo', [True, False])
 def test_ivf_search_breaks_ties_between_duplicates_like_exact(loo):
   # Duplicated rows tie; probing every cell must then return exact's
-  # neighbours, the lowest index first. Coordinates on a 1/16 grid make every
-  # dot product exact in float32, so twins tie exactly whatever order a matmul
-  # kernel sums in (the two searches use matmuls of different shapes).
+  # neighbours, the lowest index first. Grid features, so that twins tie
+  # exactly although the two searches use matmuls of different shapes.
   from entrorouter_jax import capability
-  base = np.round(_clustered(400, seed=6) * 16) / 16
+  base = _on_grid(_clustered(400, seed=6))
   x = np.concatenate([base, base[:150], base[:60]])   # rows with 1 or 2 twins
-  q = x if loo else np.concatenate([base[:30], np.round(_clustered(30, seed=7) * 16) / 16])
+  q = x if loo else np.concatenate([base[:30], _on_grid(_clustered(30, seed=7))])
   exact = capability.neighbours(q, x, 12, loo, 'exact')
   everything = capability.neighbours(q, x, 12, loo, 'ivf', nprobe=capability.ivf_cells(len(x)))
   np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
