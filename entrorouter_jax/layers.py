@@ -1,6 +1,6 @@
 """Pieces shared by every network of the package (model.py and the pretrained
-backbones): parameters named by logical axes, the attention mask value,
-pooling and the power-of-two row buckets of inference batches. Nothing here
+backbones): parameters named by logical axes, the attention mask value and
+softmax attention, pooling and the power-of-two row buckets of inference batches. Nothing here
 imports the rest of the package."""
 
 from __future__ import annotations
@@ -21,6 +21,29 @@ def param(rngs, init, shape, axes):
   """A float32 nnx.Param whose metadata names its logical axes (sharding.RULES)."""
   assert len(axes) == len(shape), (shape, axes)
   return nnx.Param(nnx.with_partitioning(init, axes)(rngs.params(), shape, jnp.float32))
+
+
+def attention(q, k, v, mask, scale: float) -> jax.Array:
+  """Softmax attention: q, k, v [B, L, H, D], mask bool[B, L] (True = a real key)
+  -> [B, L, H, D]; scores and softmax in float32 whatever the inputs' dtype.
+
+  jax.nn.dot_product_attention (cuDNN's fused kernel on GPUs where it applies),
+  except on the CPU: there its XLA path is slower, forward and backward, than
+  the same math written heads-major as two batched matmuls
+  (benchmarks/RESULTS.md, train steps).
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], scale=scale)
+  return heads_major_attention(q, k, v, mask, scale)
+
+
+def heads_major_attention(q, k, v, mask, scale: float) -> jax.Array:
+  """`attention` as two batched matmuls over [B, H, L, D] (its CPU path)."""
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))        # [B, H, L, D]
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
+  scores = scores + jnp.where(mask, 0.0, MASK_VALUE)[:, None, None, :]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
 
 
 def pool(hidden, mask, how: str) -> jax.Array:

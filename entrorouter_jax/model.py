@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from entrorouter_jax.layers import param
+from entrorouter_jax.layers import attention, param
 
 SIZES = {
     'tiny': dict(num_layers=2, d_model=64, num_heads=4, mlp_dim=256),
@@ -135,16 +135,17 @@ class Attention(nnx.Module):
   def __call__(self, x, mask):
     """x[B, L, E] (compute dtype), mask bool[B, L] (True = real key) -> [B, L, E]."""
     dt = self.dtype
-    proj = lambda w, b: jnp.einsum('ble,ehd->blhd', x, w[...].astype(dt)) + b[...].astype(dt)
+    (b, l, e), (_, h, d) = x.shape, self.wq.shape
+    rows = x.reshape(b * l, e)     # 2-D matmuls, as in Mlp
+    proj = lambda w, bias: ((rows @ w[...].astype(dt).reshape(e, h * d)).reshape(b, l, h, d)
+                            + bias[...].astype(dt))
     q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
     if self.rotary:
       positions = jnp.arange(x.shape[1])
       q, k = _rotary(q, positions), _rotary(k, positions)
-    # jax.nn.dot_product_attention: XLA's fused attention (cuDNN's on GPUs where
-    # it applies); the softmax runs in float32 whatever the compute dtype.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
-                                       scale=1.0 / math.sqrt(q.shape[-1]))
-    return jnp.einsum('blhd,hde->ble', out, self.wo[...].astype(dt)) + self.bo[...].astype(dt)
+    out = attention(q, k, v, mask, 1.0 / math.sqrt(d))
+    out = out.reshape(b * l, h * d) @ self.wo[...].astype(dt).reshape(h * d, e)
+    return out.reshape(b, l, e) + self.bo[...].astype(dt)
 
 
 class Mlp(nnx.Module):
@@ -159,9 +160,15 @@ class Mlp(nnx.Module):
     self.down = _linear(mlp_dim, d_model, ('mlp', 'embed'), dtype, rngs, use_bias=not swiglu)
 
   def __call__(self, x):
+    # As 2-D matmuls over rows = batch x positions: the kernels' gradients then
+    # contract one axis; XLA's CPU backend runs the same dot contracting
+    # (batch, position) far slower (benchmarks/RESULTS.md, train steps).
+    rows = x.reshape(-1, x.shape[-1])
     if self.kind == 'swiglu':
-      return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
-    return self.down(jax.nn.gelu(self.up(x)))
+      out = self.down(jax.nn.silu(self.gate(rows)) * self.up(rows))
+    else:
+      out = self.down(jax.nn.gelu(self.up(rows)))
+    return out.reshape(x.shape[:-1] + out.shape[-1:])
 
 
 class Block(nnx.Module):

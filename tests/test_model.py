@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from entrorouter_jax import model as model_lib
+from entrorouter_jax import layers, model as model_lib
 from entrorouter_jax.model import RouterModel, model_dims
 
 VOCAB, MAX_LEN, K = 97, 16, 5
@@ -43,6 +43,64 @@ def make_batch(batch=4, length=10, seed=0):
 def params_of(model):
   state = nnx.state(model, nnx.Param)
   return jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _np_attention(q, k, v, mask, scale):
+  """NumPy reference: softmax over each query's real keys, [B, L, H, D] in and out."""
+  scores = np.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  scores = np.where(mask[:, None, None, :], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def test_attention_matches_numpy_and_jax_dot_product_attention():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(3, 6, 2, 4)).astype(np.float32) for _ in range(3))
+  mask = np.arange(6)[None, :] < np.array([[6], [3], [1]])
+  want = _np_attention(q, k, v, mask, 0.5)
+  for fn in (layers.attention, layers.heads_major_attention):
+    np.testing.assert_allclose(fn(q, k, v, jnp.asarray(mask), 0.5), want, rtol=1e-5, atol=1e-6)
+  # The CPU path's gradients are jax.nn.dot_product_attention's.
+  weights = rng.normal(size=q.shape).astype(np.float32)
+  loss = lambda fn: lambda *qkv: (fn(*qkv) * weights).sum()
+  ours = jax.grad(loss(lambda *a: layers.heads_major_attention(*a, jnp.asarray(mask), 0.5)),
+                  argnums=(0, 1, 2))(q, k, v)
+  ref = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(
+      *a, mask=jnp.asarray(mask)[:, None, None, :], scale=0.5)), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_matches_numpy_reference():
+  """One encoder block (attention and GELU MLP, written as 2-D matmuls over
+  rows) against NumPy einsums on its own weights."""
+  with nnx.use_eager_sharding(False):
+    block = model_lib.Block(dict(d_model=8, num_heads=2, mlp_dim=16), rotary=False,
+                            mlp='gelu', dropout=0.0, dtype=jnp.float32, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(1)
+  for name in ('bq', 'bk', 'bv', 'bo'):   # non-zero biases, so their placement is checked
+    getattr(block.attn, name)[...] = rng.normal(size=getattr(block.attn, name).shape)
+  x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+  mask = np.arange(5)[None, :] < np.array([[5], [2]])
+  w = {n: np.asarray(getattr(block.attn, n)[...]) for n in
+       ('wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv', 'bo')}
+
+  def ln(y, mod):
+    mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+    return (y - mu) / np.sqrt(var + mod.epsilon) * np.asarray(mod.scale[...]) + np.asarray(
+        mod.bias[...])
+
+  h = ln(x, block.ln1)
+  q, k, v = (np.einsum('ble,ehd->blhd', h, w['w' + n]) + w['b' + n] for n in 'qkv')
+  att = np.einsum('blhd,hde->ble', _np_attention(q, k, v, mask, 1 / np.sqrt(4)), w['wo'])
+  x1 = x + att + w['bo']
+  up = ln(x1, block.ln2) @ np.asarray(block.mlp.up.kernel[...]) + np.asarray(
+      block.mlp.up.bias[...])
+  gelu = np.asarray(jax.nn.gelu(up))
+  want = x1 + gelu @ np.asarray(block.mlp.down.kernel[...]) + np.asarray(block.mlp.down.bias[...])
+  got = block(jnp.asarray(x), jnp.asarray(mask), True, None)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_model_dims_overrides_and_errors():
