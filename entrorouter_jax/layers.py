@@ -37,12 +37,15 @@ def attention(q, k, v, mask, scale: float) -> jax.Array:
   return heads_major_attention(q, k, v, mask, scale)
 
 
-def heads_major_attention(q, k, v, mask, scale: float) -> jax.Array:
-  """`attention` as two batched matmuls over [B, H, L, D] (its CPU path)."""
+def heads_major_attention(q, k, v, mask, scale: float, on_probs=None) -> jax.Array:
+  """`attention` as two batched matmuls over [B, H, L, D] (its CPU path);
+  `on_probs` (e.g. BERT's dropout) is applied to the attention probabilities."""
   q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))        # [B, H, L, D]
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32) * scale
   scores = scores + jnp.where(mask, 0.0, MASK_VALUE)[:, None, None, :]
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  if on_probs is not None:
+    probs = on_probs(probs)
   return jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2)
 
 

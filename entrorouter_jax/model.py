@@ -137,13 +137,9 @@ class Attention(nnx.Module):
     dt = self.dtype
     (b, l, e), (_, h, d) = x.shape, self.wq.shape
     rows = x.reshape(b * l, e)     # 2-D matmuls, as in Mlp
-    # q, k and v in one matmul: [B * L, E] @ [E, 3 * H * D].
-    w = jnp.concatenate([t[...].astype(dt).reshape(e, h * d)
-                         for t in (self.wq, self.wk, self.wv)], axis=1)
-    bias = jnp.concatenate([t[...].astype(dt).reshape(h * d)
-                            for t in (self.bq, self.bk, self.bv)])
-    q, k, v = jnp.split((rows @ w + bias).reshape(b, l, 3, h, d), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    proj = lambda w, bias: ((rows @ w[...].astype(dt).reshape(e, h * d)).reshape(b, l, h, d)
+                            + bias[...].astype(dt))
+    q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
     if self.rotary:
       positions = jnp.arange(x.shape[1])
       q, k = _rotary(q, positions), _rotary(k, positions)

@@ -42,7 +42,7 @@ from flax import nnx
 
 from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
 from entrorouter_jax.data.tokenizer import pad
-from entrorouter_jax.layers import MASK_VALUE, param, pool as _pool
+from entrorouter_jax.layers import heads_major_attention, param, pool as _pool
 
 # model_type values whose checkpoints use BERT's tensor names and layout.
 SUPPORTED_MODEL_TYPES = ('bert',)
@@ -160,20 +160,13 @@ class BertAttention(nnx.Module):
     """x[B, L, E] (compute dtype), mask bool[B, L] (True = real key) -> [B, L, E]."""
     dt = self.dtype
     (b, l, e), (_, h, d) = x.shape, self.wq.shape
-    rows = x.reshape(b * l, e)
-    # Projections as 2-D matmuls and attention heads-major ([B, H, L, D]): on
-    # XLA's CPU backend both run faster than the same einsums over [B, L, H, D].
-    proj = lambda w, bias: jnp.swapaxes(
-        ((rows @ w[...].astype(dt).reshape(e, h * d)) + bias[...].astype(dt).reshape(h * d)
-         ).reshape(b, l, h, d), 1, 2)
+    rows = x.reshape(b * l, e)     # 2-D matmuls and heads-major attention, as in model.py
+    proj = lambda w, bias: ((rows @ w[...].astype(dt).reshape(e, h * d)).reshape(b, l, h, d)
+                            + bias[...].astype(dt))
     q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
-    q = q * (1.0 / math.sqrt(d))
-    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    probs = self.drop(probs, deterministic=deterministic, rngs=rngs)
-    out = jnp.swapaxes(jnp.einsum('bhqk,bhkd->bhqd', probs, v), 1, 2).reshape(b * l, h * d)
-    out = out @ self.wo[...].astype(dt).reshape(h * d, e)
+    drop = lambda probs: self.drop(probs, deterministic=deterministic, rngs=rngs)
+    out = heads_major_attention(q, k, v, mask, 1.0 / math.sqrt(d), on_probs=drop)
+    out = out.reshape(b * l, h * d) @ self.wo[...].astype(dt).reshape(h * d, e)
     return out.reshape(b, l, e) + self.bo[...].astype(dt)
 
 
