@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from entrorouter_jax import capability, features, paths, sharding, state as state_lib
-from entrorouter_jax.layers import bucket
+from entrorouter_jax.layers import bucket, width_buckets
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
 
 
@@ -123,11 +123,11 @@ class Router:
 
   def warm_up(self, max_batch: int) -> int:
     """Routes dummy queries at every shape up to `max_batch` queries can hit (the
-    power-of-two batch buckets x the encoders' 32-token width buckets), so that
-    no later call waits for a compile. Returns the number of calls made."""
+    power-of-two batch buckets x the encoders' width buckets), so that no later
+    call waits for a compile. Returns the number of calls made."""
     max_tokens = max(int(self.config.anchor.get('encoder_max_len', 0)),
                      int(self.config.data.max_len))
-    words = [max(1, w - 16) for w in range(32, max_tokens + 1, 32)] + [2 * max_tokens]
+    words = warm_up_words(max_tokens)
     # A batch of n rows is padded to bucket(n) rows (policy.batched, the encoder).
     sizes = sorted({bucket(n) for n in range(1, max_batch + 1)})
     for size in sizes:
@@ -158,6 +158,14 @@ class Router:
   def moves_with_cost_weight(self) -> bool:
     """Whether lambda moves this router along its curve (utility head or lambda input)."""
     return is_utility(self.config) or bool(self.config.model.lambda_conditioned)
+
+
+def warm_up_words(max_tokens: int) -> list[int]:
+  """Words per dummy text of `Router.warm_up`: one text in every width bucket up
+  to `max_tokens` tokens (layers.width_buckets), and one longer than that. A
+  text of w - 4 words ('the the ...') is w - 4 to w - 1 tokens (one per word,
+  plus the tokenizer's markers): in bucket w, above the one below (<= w - 8)."""
+  return [max(1, w - 4) for w in width_buckets(max_tokens)] + [2 * max_tokens]
 
 
 def final_checkpoint(workdir, config) -> tuple:

@@ -182,6 +182,18 @@ def test_backbone_space_is_the_normalised_pooled_embedding(tiny_bert):
   np.testing.assert_allclose(again.transform(texts[3:]), feats[3:], rtol=1e-5, atol=1e-6)
 
 
+def test_warm_up_texts_fill_every_width_bucket(tiny_bert):
+  from entrorouter_jax import router
+  from entrorouter_jax.layers import width_bucket, width_buckets
+  tok = hf_encoder.HFTokenizer.load(tiny_bert)
+  for max_tokens in (64, 100, 128):
+    texts = [' '.join(['the'] * n) for n in router.warm_up_words(max_tokens)]
+    _, mask = tok.encode_batch(texts, 4 * max_tokens, 'left')
+    lengths = mask.sum(1)
+    assert [width_bucket(n, max_tokens) for n in lengths[:-1]] == width_buckets(max_tokens)
+    assert lengths[-1] > max_tokens
+
+
 def test_anchor_in_the_backbone_space(tmp_path, tiny_bert):
   config = backbone_config(tmp_path, 'hf_encoder', tiny_bert, freeze_backbone=True)
   config.anchor.space = 'backbone'

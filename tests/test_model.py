@@ -281,6 +281,27 @@ def test_dropout_only_when_not_deterministic():
   np.testing.assert_array_equal(plain(tokens, mask, deterministic=False), plain(tokens, mask))
 
 
+def test_erf_gelu_is_the_exact_gelu():
+  import math
+  import jax.numpy as jnp
+  from entrorouter_jax.layers import erf_gelu
+  x = np.linspace(-10, 10, 4001).astype(np.float32)
+  ref = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
+  got = np.asarray(erf_gelu(jnp.asarray(x)))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_width_buckets_waste_at_most_a_third_and_stop_at_the_cap():
+  from entrorouter_jax.layers import width_bucket, width_buckets
+  assert width_buckets(128) == [8, 16, 24, 32, 48, 64, 96, 128]
+  assert width_buckets(100)[-1] == 100 and width_buckets(512)[-3:] == [256, 384, 512]
+  for n in range(1, 513):
+    w = width_bucket(n, 512)
+    assert n <= w <= 512 and (n <= 16 or w <= 1.5 * n), (n, w)
+  assert width_bucket(600, 512) == 512
+
+
 def test_batched_pads_few_rows_to_their_power_of_two_bucket():
   import jax.numpy as jnp
   import ml_collections

@@ -25,6 +25,7 @@ from conftest import REPO_ROOT
 from configs import rl as rl_config
 from entrorouter_jax import calibrate, route as route_lib, router as router_lib, train
 from entrorouter_jax.batching import MicroBatcher
+from entrorouter_jax.layers import width_buckets
 from entrorouter_jax.data import readers
 
 openai = pytest.importorskip('openai')
@@ -501,9 +502,9 @@ def test_router_warm_up_covers_every_batch_and_width_bucket(workdir, monkeypatch
   sizes = sorted({n for n, _ in shapes})
   assert sizes == [1, 2, 4, 8]          # a batch of 5 or 6 is padded to 8 rows
   lengths = sorted({w for _, w in shapes})
-  # One text per 32-token width bucket up to the longest the router reads, and one longer.
+  # One text per width bucket up to the longest the router reads, and one longer.
   max_tokens = max(router.config.anchor.encoder_max_len, router.config.data.max_len)
-  assert lengths[-1] > max_tokens and len(lengths) == max_tokens // 32 + 1
+  assert lengths[-1] > max_tokens and len(lengths) == len(width_buckets(max_tokens)) + 1
 
 
 def test_all_upstreams_down_reply_names_the_model_tried_last(served):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from entrorouter_jax.layers import bucket
+from entrorouter_jax.layers import bucket, width_bucket
 from entrorouter_jax.layers import pool  # noqa: F401  (backbones.pool, the pooling of every backbone)
 
 # 'embeddings' has no text encoder at all: the policy reads Stage 0's frozen
@@ -154,11 +154,12 @@ class BackboneSpace:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(texts), desc='embedding queries', unit='query', disable=not progress,
                mininterval=2.0)
-    # Batches of similar length, cut to a multiple of 32 tokens (padding on the
-    # right never changes the real tokens' states): few shapes, little waste.
+    # Batches of similar length, cut to a width bucket (layers.width_bucket;
+    # padding on the right never changes the real tokens' states): few shapes,
+    # at most a third padding.
     for start in range(0, len(texts), self.batch_size):
       rows = order[start:start + self.batch_size]
-      width = min(self.max_len, max(32, -(-int(lengths[rows].max()) // 32) * 32))
+      width = width_bucket(int(lengths[rows].max()), self.max_len)
       # Rows padded to a power-of-two bucket: one query embeds one row, not a batch.
       pad = min(self.batch_size, bucket(len(rows))) - len(rows)
       b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])

@@ -39,7 +39,7 @@ from flax import nnx
 
 from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
 from entrorouter_jax.data import tokenizer as tokenizer_lib
-from entrorouter_jax.layers import MASK_VALUE, param, pool as _pool
+from entrorouter_jax.layers import MASK_VALUE, erf_gelu, param, pool as _pool
 
 _SUPPORTED_TYPES = ('llama', 'mistral', 'gemma')
 _ROPE_TYPES = ('default', 'linear', 'llama3')
@@ -207,7 +207,9 @@ def _rope(x, inv_freq):
 def _activation(name):
   if name == 'silu':
     return jax.nn.silu
-  return lambda x: jax.nn.gelu(x, approximate=name == 'gelu_pytorch_tanh')
+  if name == 'gelu_pytorch_tanh':
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  return erf_gelu
 
 
 class RMSNorm(nnx.Module):

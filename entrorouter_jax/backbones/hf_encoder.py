@@ -42,13 +42,13 @@ from flax import nnx
 
 from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
 from entrorouter_jax.data.tokenizer import pad
-from entrorouter_jax.layers import heads_major_attention, param, pool as _pool
+from entrorouter_jax.layers import erf_gelu, heads_major_attention, param, pool as _pool
 
 # model_type values whose checkpoints use BERT's tensor names and layout.
 SUPPORTED_MODEL_TYPES = ('bert',)
 # hidden_act -> activation (HF's 'gelu' is the exact erf form).
 _ACTIVATIONS = {
-    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu': erf_gelu,
     'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
