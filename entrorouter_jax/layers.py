@@ -35,8 +35,8 @@ def width_buckets(cap: int) -> list[int]:
 def erf_gelu(x):
   """The exact GELU, x * Phi(x) = x / 2 * (1 + erf(x / sqrt 2)), as PyTorch and
   Hugging Face compute it. jax.nn.gelu(approximate=False) goes through erfc,
-  which XLA:CPU evaluates ~5x slower than erf (~1 ms of a one-query MiniLM
-  forward); the two agree to float32 rounding in absolute terms."""
+  which XLA:CPU evaluates much more slowly than erf; the two agree to float32
+  rounding in absolute terms."""
   return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
