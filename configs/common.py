@@ -40,6 +40,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.truncate = 'right'            # 'right' keeps the start, 'left' keeps the end
   data.vocab_size = 2000             # sentencepiece vocabulary trained on the train split
   data.tokenizer = ''                # a given sentencepiece .model ('' = train one)
+  data.prefetch = 8                  # training batches the input pipeline prepares ahead
+  data.read_threads = 2              # threads preparing them (tokenizing, gathering tables)
 
   # --- the policy network (entrorouter_jax/model.py, entrorouter_jax/backbones/) ---
   config.model = model = ml_collections.ConfigDict()

@@ -445,17 +445,19 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
     log.info('%s: %d training queries: batch %d instead of %s.batch_size=%d (at most a '
              'quarter of the queries per batch)', label or stage, problem.train.num_queries,
              batch_size, stage, stage_cfg.batch_size)
+  read = dict(prefetch=config.data.get('prefetch', pipeline.PREFETCH),
+              read_threads=config.data.get('read_threads', pipeline.READ_THREADS))
   if problem.tokenizer is None:   # everything the step reads is in memory
     train = problem.train
     dataset = pipeline.make_table_dataset(
         dict(extras, features=problem.features['train'], outcomes=train.outcomes,
              outcome_mask=train.outcome_mask, costs=train.costs),
-        global_batch_size=batch_size, seed=seed)
+        global_batch_size=batch_size, seed=seed, **read)
   else:
     featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
                                    extras=extras)
     dataset = pipeline.make_dataset(problem.builder.as_data_source(split='train'), featurize,
-                                    global_batch_size=batch_size, seed=seed)
+                                    global_batch_size=batch_size, seed=seed, **read)
   iterator = iter(dataset)
   label = label or stage
   manager = _checkpoint_manager(workdir / 'checkpoints' / label, config)

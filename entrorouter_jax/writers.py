@@ -16,6 +16,7 @@ import logging
 import math
 import pathlib
 import shutil
+import sys
 import tempfile
 import time
 
@@ -107,14 +108,13 @@ class MetricsWriter:
 
   def _tensorboard(self, stage, step, record):
     if self._tb is None:
-      try:
-        from tensorboardX import SummaryWriter
-      except ImportError:   # TensorBoard output is optional; metrics.jsonl is not
+      summary_writer = _summary_writer_class()
+      if summary_writer is None:   # TensorBoard output is optional; metrics.jsonl is not
         self._tb = False
         return
       if self.remote:
         self._tb_local = tempfile.mkdtemp(prefix='entrorouter_tb_')
-      self._tb = SummaryWriter(self._tb_local or str(self._tb_dir))
+      self._tb = summary_writer(self._tb_local or str(self._tb_dir))
     if self._tb:
       for key, value in record.items():
         if key not in ('step', 'stage') and value is not None and math.isfinite(value):
@@ -127,6 +127,24 @@ class MetricsWriter:
     if self._tb_local:
       shutil.rmtree(self._tb_local, ignore_errors=True)
     self._tb, self._tb_local = None, None
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter (None when it is not installed), imported
+  without torch where torch is installed but not yet imported: tensorboardX
+  imports it only to accept torch tensors, which are never logged here, and
+  that import costs seconds at the start of every run."""
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None   # `import torch` raises ImportError meanwhile
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 def _local_files(folder):

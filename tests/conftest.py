@@ -1,12 +1,31 @@
-"""Shared test fixtures: where the real routing data lives, and CPU-only JAX."""
+"""Shared test fixtures: where the real routing data lives, a compilation cache
+for the session, and helpers for killed-and-resumed runs."""
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import pytest
+
+# One persistent XLA compilation cache for the whole session, shared with every
+# subprocess the tests start (they inherit the environment): the many tiny
+# end-to-end runs compile the same steps again and again, and identical
+# programs get identical executables either way. Set before jax is imported.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='entrorouter_jax_test_xla_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
+else:
+  _CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _CACHE:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(

@@ -1,6 +1,7 @@
 """The synthetic world, TFDS builders, tokenizer, splits and grain pipeline."""
 
 import pickle
+import time
 
 import ml_collections
 import numpy as np
@@ -221,6 +222,30 @@ def test_pipeline_iterator_state_restores(prepared):
   got = [next(fresh) for _ in range(2)]
   for x, y in zip(want, got):
     np.testing.assert_array_equal(x['index'], y['index'])
+
+
+class _CountingFeaturize(pipeline.Featurize):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.calls = 0
+
+  def map(self, record):
+    self.calls += 1
+    return super().map(record)
+
+
+def test_pipeline_prepares_only_a_few_batches_ahead(prepared):
+  """data.prefetch batches ahead (plus one per thread in flight), not grain's
+  default of hundreds, which would tokenize most of a short stage up front."""
+  source, tok = prepared
+  featurize = _CountingFeaturize(tok, 16)
+  it = iter(pipeline.make_dataset(source, featurize, global_batch_size=10, seed=0, prefetch=3,
+                                  read_threads=2))
+  next(it)
+  time.sleep(1.0)
+  assert 10 < featurize.calls <= 10 * (1 + 3 + 2), featurize.calls
+  with pytest.raises(ValueError, match='data.prefetch=0'):
+    pipeline.read_options(prefetch=0)
 
 
 def test_pipeline_two_processes_cover_each_query_once_per_epoch(prepared):

@@ -6,12 +6,17 @@ then reads and writes it like a bucket.
 """
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import fsspec
 import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from conftest import REPO_ROOT
 from entrorouter_jax import evaluate, paths
 from entrorouter_jax.data import tokenizer as tokenizer_lib
 from entrorouter_jax.writers import MetricsWriter
@@ -90,3 +95,24 @@ def test_tokenizer_and_results_on_a_bucket(bucket):
   path = evaluate.write_results(bucket, {'accuracy': 0.5})
   assert str(path) == f'{bucket}/eval/results.json'
   assert json.loads(path.read_text()) == {'accuracy': 0.5}
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when it can (seconds per run); the writer keeps
+  it out, writes its events, and leaves torch importable afterwards."""
+  script = textwrap.dedent(f"""
+      import pathlib, sys
+      from entrorouter_jax.writers import MetricsWriter
+      writer = MetricsWriter({str(tmp_path)!r})
+      writer.write('sft', 1, {{'loss': 1.5}}, ['a'])
+      writer.close()
+      assert 'torch' not in sys.modules, 'torch was imported'
+      events = list(pathlib.Path({str(tmp_path)!r}, 'tensorboard').iterdir())
+      assert len(events) == 1 and events[0].stat().st_size > 0, events
+      try:
+        import torch
+      except ImportError:
+        pass   # not installed: nothing more to check
+      """)
+  subprocess.run([sys.executable, '-c', script], check=True, cwd=REPO_ROOT,
+                 env=dict(os.environ, JAX_PLATFORMS='cpu'))

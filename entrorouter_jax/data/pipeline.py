@@ -22,6 +22,23 @@ import numpy as np
 
 from entrorouter_jax.data.tokenizer import Tokenizer
 
+PREFETCH = 8       # batches prepared ahead of the train step (data.prefetch)
+READ_THREADS = 2   # threads preparing them (data.read_threads)
+
+
+def read_options(prefetch: int = PREFETCH, threads: int = READ_THREADS) -> grain.ReadOptions:
+  """How far ahead, and with how many threads, the iterator prepares batches.
+
+  grain's defaults (16 threads, 500 elements ahead) suit reading small records
+  from remote disks; here every element is a whole batch, tokenized in Python
+  under the GIL, so they would prepare hundreds of batches at the start of
+  every stage, on the cores that compile and run the step.
+  """
+  if prefetch < 1 or threads < 1:
+    raise ValueError(f'data.prefetch={prefetch} and data.read_threads={threads}: both must be '
+                     '>= 1')
+  return grain.ReadOptions(num_threads=int(threads), prefetch_buffer_size=int(prefetch))
+
 
 class Featurize(grain.transforms.Map):
   """A TFDS record -> the arrays the train step needs (text dropped).
@@ -58,8 +75,10 @@ class Featurize(grain.transforms.Map):
 
 def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: int,
                  process_index: Optional[int] = None,
-                 process_count: Optional[int] = None) -> grain.IterDataset:
-  """The repeated, shuffled, batched per-process dataset (process-local batches)."""
+                 process_count: Optional[int] = None,
+                 prefetch: int = PREFETCH, read_threads: int = READ_THREADS) -> grain.IterDataset:
+  """The repeated, shuffled, batched per-process dataset (process-local batches),
+  `prefetch` batches prepared ahead by `read_threads` threads (`read_options`)."""
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
@@ -72,7 +91,8 @@ def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: 
                      f'{global_batch_size}; lower the batch size')
   ds = _ProcessRows(ds.seed(seed).shuffle().repeat(), global_batch_size, local_batch,
                     process_index)
-  return ds.map(featurize).batch(local_batch, drop_remainder=True).to_iter_dataset()
+  return ds.map(featurize).batch(local_batch, drop_remainder=True).to_iter_dataset(
+      read_options(prefetch, read_threads))
 
 
 class GatherRows(grain.transforms.Map):
@@ -88,7 +108,8 @@ class GatherRows(grain.transforms.Map):
 
 def make_table_dataset(tables: Mapping[str, np.ndarray], *, global_batch_size: int, seed: int,
                        process_index: Optional[int] = None,
-                       process_count: Optional[int] = None) -> grain.IterDataset:
+                       process_count: Optional[int] = None, prefetch: int = PREFETCH,
+                       read_threads: int = READ_THREADS) -> grain.IterDataset:
   """As `make_dataset`, for queries whose inputs are all in memory (the
   embeddings backbone reads no text): the same seeded shuffle of row indices,
   the same per-process rows of each global batch, gathered a batch at a time.
@@ -107,7 +128,8 @@ def make_table_dataset(tables: Mapping[str, np.ndarray], *, global_batch_size: i
   local_batch = global_batch_size // process_count
   ds = grain.MapDataset.range(n).seed(seed).shuffle().repeat()
   ds = _ProcessRows(ds, global_batch_size, local_batch, process_index)
-  return ds.batch(local_batch, drop_remainder=True).map(GatherRows(tables)).to_iter_dataset()
+  return ds.batch(local_batch, drop_remainder=True).map(GatherRows(tables)).to_iter_dataset(
+      read_options(prefetch, read_threads))
 
 
 class _ProcessRows(grain.MapDataset):
