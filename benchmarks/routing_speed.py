@@ -1,6 +1,7 @@
 """What routing a query really costs: router.Router end to end (Stage 0's query
 space, i.e. TF-IDF + MiniLM for the default recipe, the kNN tables over the
-training set, and the jitted policy), at batch 1 and batch 256.
+training set, and the jitted policy), at batch 1 and batch 256; and the
+query encoder alone against the same checkpoint in PyTorch (jax_over_torch).
 
   python benchmarks/routing_speed.py [--workdir=DIR]
 
@@ -51,7 +52,8 @@ def _queries(router, n: int) -> list[str]:
 
 def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
   """Latency p50/p99 (ms) of one query and queries/s at batch 256 through
-  Router.probs, plus the share of a one-query call spent in each part."""
+  Router.probs, plus the share of a one-query call spent in each part, and
+  the query encoder alone against PyTorch (`encoder_figures`)."""
   from entrorouter_jax import router as router_lib
   tmp = None
   if workdir is None:
@@ -83,6 +85,7 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
     t0 = time.perf_counter()
     router.probs(batch)
     batch_t.append(time.perf_counter() - t0)
+  encoder = encoder_figures(router, queries[:calls])
   ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
   out = [{'figure': 'route', 'batch': 1, 'space': router.config.anchor.space,
           'backbone': router.config.model.backbone, 'calls': calls,
@@ -90,10 +93,79 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
           'features_ms_p50': ms(feats_t, 50), 'knn_tables_ms_p50': ms(table_t, 50),
           'policy_ms_p50': round(ms(one, 50) - ms(feats_t, 50) - ms(table_t, 50), 3),
           'load_seconds': round(load_s, 2)},
-         {'figure': 'route', 'batch': 256, 'queries_per_s': round(256 / min(batch_t), 1)}]
+         {'figure': 'route', 'batch': 256, 'queries_per_s': round(256 / min(batch_t), 1)},
+         *encoder]
   if tmp is not None:
     tmp.cleanup()
   return out
+
+
+def _encoder_space(router):
+  """The router's query encoder (features.EncoderSpace), or None where its space has none."""
+  from entrorouter_jax import features
+  space = (router.stage0 or {}).get('space')
+  parts = getattr(space, 'spaces', [space])
+  return next((p for p in parts if isinstance(p, features.EncoderSpace)), None)
+
+
+def encoder_figures(router, queries: list[str], torch_threads=None) -> list[dict]:
+  """The query encoder alone, one query a call, against the same checkpoint in
+  PyTorch (`transformers`, benchmarks/torch_reference.sentence_encoder): both
+  tokenize with the package's tokenizer of the checkpoint (torch gets the
+  query's real tokens, unpadded) and return the mean-pooled unit vector. The
+  two alternate query by query (who goes first swaps each time), on the same
+  texts. Then the JAX encoder again, each call right after a kNN product of
+  the router's table: NumPy's, and the device's that routing uses
+  (router.device_similarities). One {"figure": "route_encoder"} row; [] where
+  the router's space has no encoder or torch is missing."""
+  from entrorouter_jax import features
+  from entrorouter_jax.backbones import hf_encoder
+  enc = _encoder_space(router)
+  if enc is None:
+    return []
+  from benchmarks import train_speed
+  ref = train_speed._torch_reference()
+  if ref is None:
+    return []
+  model_dir = enc.checkpoint or features.default_encoder()
+  tok = hf_encoder.HFTokenizer.load(model_dir)
+  torch_embed = ref.sentence_encoder(model_dir, threads=torch_threads)
+
+  def torch_call(q):
+    ids, mask = tok.encode_batch([q], enc.max_len, enc.truncate)
+    n = int(mask.sum())
+    return torch_embed(ids[:, :n], mask[:, :n])
+
+  diff = 0.0
+  for q in queries[:8]:   # warm-up, and the two sides compute the same vectors
+    diff = max(diff, float(np.abs(enc.transform([q]) - torch_call(q)).max()))
+  calls = {'jax': lambda q: enc.transform([q]), 'torch': torch_call}
+  times = {'jax': [], 'torch': []}
+  for i, q in enumerate(queries):
+    for name in (('jax', 'torch') if i % 2 == 0 else ('torch', 'jax')):
+      start = time.perf_counter()
+      calls[name](q)
+      times[name].append(time.perf_counter() - start)
+  # What a kNN product right before the encoder does to it: NumPy's (OpenBLAS,
+  # whose threads keep spinning after it) against the device's, which routing uses.
+  feats = router.features(queries[:1])
+  table = router.knn_table()
+  before = {'after_numpy_product': lambda: feats @ table.x.T,
+            'after_device_product': lambda: table.similarities(feats)}
+  for name, product in before.items():
+    times[name] = []
+    for q in queries:
+      product()
+      start = time.perf_counter()
+      enc.transform([q])
+      times[name].append(time.perf_counter() - start)
+  p50 = {name: 1000 * float(np.percentile(t, 50)) for name, t in times.items()}
+  return [{'figure': 'route_encoder', 'batch': 1, 'calls': len(queries),
+           **{f'{name}_ms_p50': round(p50[name], 3) for name in before},
+           'encoder': enc.checkpoint or 'all-MiniLM-L6-v2',
+           'latency_ms_p50': round(p50['jax'], 3), 'torch_latency_ms_p50': round(p50['torch'], 3),
+           'jax_over_torch': round(p50['torch'] / p50['jax'], 3),
+           'max_abs_diff': diff}]
 
 
 def main():

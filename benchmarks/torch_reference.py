@@ -27,6 +27,9 @@ fused=True on CUDA). Precision: bfloat16 autocast on CUDA (as model.dtype =
 
   time_train_step(dims, batch)       -> {'samples_per_s', 'step_s', ...}
   time_forward(dims, tokens, mask)   -> {'latency_p50_ms', ...} or {'queries_per_s', ...}
+  sentence_encoder(model_dir)        the query encoder of routing (MiniLM) in torch
+  TrainStepper / forward_caller      the same work as objects whose runs the
+                                     benchmarks alternate with JAX's (alternate)
 
 `dims` is a dict with the model.py key names: num_layers, d_model, num_heads,
 mlp_dim, plus vocab_size, max_len and num_models. `batch` is the numpy batch
@@ -55,6 +58,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import BertConfig, BertModel  # noqa: E402
+
+try:
+  from benchmarks.timing import call_figures  # noqa: E402
+except ImportError:   # run as a script from benchmarks/
+  from timing import call_figures  # noqa: E402
 
 _NEG_INF = -1e9
 
@@ -139,94 +147,135 @@ def build(dims: dict, device: str = 'cpu', seed: int = 0) -> TorchRouter:
   return TorchRouter(dims).to(device_for(device))
 
 
+class TrainStepper:
+  """The reference train step, built once on one fixed batch: `run(n)` makes n
+  steps, synchronised at the end, and returns the seconds per step, so that
+  benchmarks/train_speed.py can alternate its repeats with the JAX step's."""
+
+  def __init__(self, dims: dict, batch: dict, *, device: str = 'cpu', c_ref: float = 1.0,
+               cost_weight: float = 0.1, tau: float = 0.1, tau_anchor: float = 0.1,
+               mix: float = 0.1, threads: int | None = None):
+    self.threads = setup_threads(threads)
+    self.dev = dev = device_for(device)
+    self.dtype = 'bfloat16' if dev.type == 'cuda' else 'float32'
+    self.batch_size = int(batch['tokens'].shape[0])
+    self.model = build(dims, device)
+    self.model.train()
+    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.999),
+                                       weight_decay=0.01, fused=dev.type == 'cuda')
+    self.t = _tensors(batch, dev)
+    self.cost_hat = self.t['costs'] / c_ref
+    self.params = [p for p in self.model.parameters() if p.requires_grad]
+    self.loss_settings = dict(cost_weight=cost_weight, tau=tau, tau_anchor=tau_anchor, mix=mix)
+    self.loss = None
+
+  def step(self):
+    t = self.t
+    self.optimizer.zero_grad(set_to_none=True)
+    with _autocast(self.dev):
+      logits = self.model(t['tokens'], t['mask'])
+    loss = soft_target_loss(logits.float(), t['outcomes'], t['outcome_mask'], self.cost_hat,
+                            t['p_hat'], t['c_bar'], **self.loss_settings)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+    self.optimizer.step()
+    self.loss = loss
+
+  def run(self, n: int) -> float:
+    """n steps; the seconds per step (synchronised once, after the last)."""
+    start = time.perf_counter()
+    for _ in range(n):
+      self.step()
+    _sync(self.dev)
+    return (time.perf_counter() - start) / n
+
+  def info(self) -> dict:
+    return {'device': str(self.dev), 'dtype': self.dtype, 'threads': self.threads,
+            'loss': None if self.loss is None else float(self.loss.detach())}
+
+  def close(self) -> None:
+    del self.model, self.optimizer, self.t
+    if self.dev.type == 'cuda':
+      torch.cuda.empty_cache()
+
+
 def time_train_step(dims: dict, batch: dict, *, device: str = 'cpu', c_ref: float = 1.0,
                     cost_weight: float = 0.1, tau: float = 0.1, tau_anchor: float = 0.1,
                     mix: float = 0.1, warmup: int = 2, steps: int = 5,
                     repeats: int = 3, threads: int | None = None) -> dict:
-  """Times the reference train step on one fixed batch.
+  """Times the reference train step on one fixed batch (`TrainStepper` alone).
 
   `warmup` steps run first (allocator and kernel warm-up, not timed), then
   `repeats` times `steps` steps, each repeat synchronised at its end; the
   step time is the median over the repeats of (repeat time / steps).
   Returns {'samples_per_s', 'step_s', 'loss', 'device', 'dtype', 'threads'}.
   """
-  threads = setup_threads(threads)
-  dev = device_for(device)
-  model = build(dims, device)
-  model.train()
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999),
-                                weight_decay=0.01, fused=dev.type == 'cuda')
-  t = _tensors(batch, dev)
-  cost_hat = t['costs'] / c_ref
-  params = [p for p in model.parameters() if p.requires_grad]
-
-  def step():
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(dev):
-      logits = model(t['tokens'], t['mask'])
-    loss = soft_target_loss(logits.float(), t['outcomes'], t['outcome_mask'], cost_hat,
-                            t['p_hat'], t['c_bar'], cost_weight=cost_weight, tau=tau,
-                            tau_anchor=tau_anchor, mix=mix)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    return loss
-
-  for _ in range(warmup):
-    loss = step()
-  _sync(dev)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(steps):
-      loss = step()
-    _sync(dev)
-    times.append((time.perf_counter() - start) / steps)
-  step_s = statistics.median(times)
-  result = {'samples_per_s': batch['tokens'].shape[0] / step_s, 'step_s': step_s,
-            'loss': float(loss.detach()), 'device': str(dev),
-            'dtype': 'bfloat16' if dev.type == 'cuda' else 'float32', 'threads': threads}
-  del model, optimizer, t
-  if dev.type == 'cuda':
-    torch.cuda.empty_cache()
+  stepper = TrainStepper(dims, batch, device=device, c_ref=c_ref, cost_weight=cost_weight,
+                         tau=tau, tau_anchor=tau_anchor, mix=mix, threads=threads)
+  if warmup:
+    stepper.run(warmup)
+  step_s = statistics.median(stepper.run(steps) for _ in range(repeats))
+  result = {'samples_per_s': stepper.batch_size / step_s, 'step_s': step_s, **stepper.info()}
+  stepper.close()
   return result
 
 
-def time_forward(dims: dict, tokens: np.ndarray, mask: np.ndarray, *, device: str = 'cpu',
-                 calls: int = 200, warmup: int = 3, model: TorchRouter | None = None,
-                 threads: int | None = None) -> dict:
-  """Times the reference forward (logits and softmax, no gradients) on one batch.
-
-  Every call is synchronised and timed on its own. Batch 1 reads as latency,
-  larger batches as throughput; both come back:
-  {'latency_p50_ms', 'latency_p99_ms', 'queries_per_s' (batch / median call),
-   'batch', 'device', 'dtype'}. Inputs sit on the device before timing starts.
-  """
+def forward_caller(dims: dict, tokens: np.ndarray, mask: np.ndarray, *, device: str = 'cpu',
+                   model: TorchRouter | None = None, threads: int | None = None):
+  """(call, info): `call()` runs the reference forward (logits and softmax, no
+  gradients) once on this batch, synchronised, and returns its seconds; the
+  inputs sit on the device before the first call."""
   threads = setup_threads(threads)
   dev = device_for(device)
   model = build(dims, device) if model is None else model
   model.eval()
   t = _tensors({'tokens': tokens, 'token_mask': mask}, dev)
 
-  def call():
+  def call() -> float:
+    start = time.perf_counter()
     with torch.inference_mode(), _autocast(dev):
-      probs = torch.softmax(model(t['tokens'], t['mask']), dim=-1)
+      torch.softmax(model(t['tokens'], t['mask']), dim=-1)
     _sync(dev)
-    return probs
+    return time.perf_counter() - start
 
+  return call, {'device': str(dev), 'dtype': 'bfloat16' if dev.type == 'cuda' else 'float32',
+                'threads': threads}
+
+
+def time_forward(dims: dict, tokens: np.ndarray, mask: np.ndarray, *, device: str = 'cpu',
+                 calls: int = 200, warmup: int = 3, model: TorchRouter | None = None,
+                 threads: int | None = None) -> dict:
+  """Times the reference forward (`forward_caller` alone), every call on its own.
+
+  Batch 1 reads as latency, larger batches as throughput; both come back:
+  {'latency_p50_ms', 'latency_p99_ms', 'queries_per_s' (batch / median call),
+   'batch', 'device', 'dtype', 'threads'}.
+  """
+  call, info = forward_caller(dims, tokens, mask, device=device, model=model, threads=threads)
   for _ in range(warmup):
     call()
-  times = []
-  for _ in range(calls):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  times = np.asarray(times)
-  return {'latency_p50_ms': float(np.percentile(times, 50) * 1e3),
-          'latency_p99_ms': float(np.percentile(times, 99) * 1e3),
-          'queries_per_s': float(tokens.shape[0] / np.median(times)),
-          'batch': int(tokens.shape[0]), 'device': str(dev),
-          'dtype': 'bfloat16' if dev.type == 'cuda' else 'float32', 'threads': threads}
+  return {**call_figures([call() for _ in range(calls)], tokens.shape[0]), **info}
+
+
+def sentence_encoder(model_dir: str, *, device: str = 'cpu', threads: int | None = None):
+  """`embed(ids, mask) -> float32[B, H]`: a Hugging Face BERT-family folder's
+  model in `transformers` (local files only), mean-pooled over the real tokens
+  and L2-normalised, as sentence-transformers and the package's EncoderSpace
+  embed a query: the reference for the query-encoder part of routing."""
+  setup_threads(threads)
+  dev = device_for(device)
+  model = BertModel.from_pretrained(model_dir, add_pooling_layer=False,
+                                    local_files_only=True).to(dev).eval()
+
+  def embed(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    t = _tensors({'tokens': ids, 'token_mask': mask}, dev)
+    with torch.inference_mode(), _autocast(dev):
+      hidden = model(input_ids=t['tokens'], attention_mask=t['mask']).last_hidden_state
+    weights = t['mask'].unsqueeze(-1).to(torch.float32)
+    pooled = (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    return F.normalize(pooled, dim=-1).cpu().numpy()
+
+  return embed
 
 
 if __name__ == '__main__':

@@ -22,15 +22,19 @@ serves with) on freshly initialised parameters.
 
 Every figure runs on one chip (the first device of the platform), and the
 PyTorch reference (benchmarks/torch_reference.py: a `transformers`
-BertModel of the same shapes, the same soft-target loss, AdamW) runs right
-after it in the same process on the same synthetic batch, so
-`jax_over_torch` (JAX's speed over torch's: > 1 means JAX is faster)
-compares like with like. torch is imported only when the reference runs.
+BertModel of the same shapes, the same soft-target loss, AdamW) runs in the
+same process on the same synthetic batch, its repeats alternating with the
+JAX step's (benchmarks/timing.py: A B, B A, ...), so `jax_over_torch` (JAX's
+speed over torch's: > 1 means JAX is faster) compares like with like under
+the same load. torch is imported only when the reference runs.
 
 Timing: a first step (compile included, reported as `first_step_s`), more
-warm-up steps, then `repeats` times `steps` steps each, the last result
-waited for with `jax.block_until_ready`; the step time is the median over
-the repeats of (repeat time / steps).
+warm-up steps, then `repeats` rounds of `steps` steps per side, the last
+result of each waited for with `jax.block_until_ready` (torch: synchronised);
+the step time is the median over the rounds of (round time / steps). Each
+timed run follows PAUSE = 0.5 s of rest (environment BENCH_PAUSE=seconds
+overrides it), so that one side's spinning worker threads are idle before
+the other side runs.
 
 Model FLOPs of one train step (forward + backward = 3 x the forward):
 
@@ -71,6 +75,7 @@ if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses
+import functools
 import gc
 import importlib
 import json
@@ -89,9 +94,13 @@ from entrorouter_jax import policy, sharding, train
 from entrorouter_jax import state as state_lib
 from entrorouter_jax.data import pipeline
 
+from benchmarks.timing import alternate, call_figures
+
 VOCAB_SIZE = 2000      # configs/common.py's data.vocab_size
 NUM_MODELS = 11        # K, the size of a RouterBench-like pool
 ROUTING_BATCH = 256    # the throughput batch of the routing forward
+PAUSE = 0.5            # seconds of rest before each timed run of one side (timing.alternate)
+ROUTING_ROUNDS = 5     # rounds in which the routing forward's JAX and torch calls alternate
 
 # Model dimensions (model.py's key names), batch and sequence length of each size.
 SIZES = {
@@ -106,7 +115,7 @@ FULL_SIZES = ('tiny', 'base', 'large')
 STAGES = ('sft', 'rl')
 
 # How many steps / calls each kind of run times.
-QUICK_TIMING = dict(warmup=1, steps=2, repeats=3, latency_calls=50, throughput_calls=3)
+QUICK_TIMING = dict(warmup=1, steps=2, repeats=5, latency_calls=50, throughput_calls=6)
 FULL_TIMING = dict(warmup=3, steps=10, repeats=5, latency_calls=200, throughput_calls=20)
 # The routing forward of quick runs: the tiny size only (batch 256 of 'small'
 # takes seconds per call on a CPU).
@@ -252,39 +261,47 @@ def jitted_train_step(config, stage: str, problem, mesh):
   return step_fn, state, batch_sh
 
 
+class JaxStepper:
+  """`stage`'s real train step (`jitted_train_step`) on a fresh state, fed the
+  `batches` in turn: `run(n)` makes n steps and returns the seconds per step
+  (the last result waited for), so that its repeats can alternate with the
+  reference's (timing.alternate). The first run includes the compile."""
+
+  def __init__(self, config, stage: str, problem, mesh, batches: Sequence[dict]):
+    self.mesh, self.batches = mesh, list(batches)
+    self.step_fn, self.state, self.batch_sh = jitted_train_step(config, stage, problem, mesh)
+    self.params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state['nnx'][0]))
+    self.count, self.metrics = 0, None
+
+  def run(self, n: int) -> float:
+    start = time.perf_counter()
+    with jax.set_mesh(self.mesh), warnings.catch_warnings():
+      # The CPU backend cannot donate buffers; donation is still what training asks for.
+      warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
+      for _ in range(n):
+        batch = pipeline.to_global(self.batches[self.count % len(self.batches)], self.batch_sh)
+        self.state, self.metrics = self.step_fn(self.state, batch)
+        self.count += 1
+      jax.block_until_ready((self.state, self.metrics))
+    return (time.perf_counter() - start) / n
+
+  def close(self) -> None:
+    del self.state, self.step_fn
+
+
 def time_jax_steps(config, stage: str, problem, mesh, batches: Sequence[dict], *, warmup: int,
                    steps: int, repeats: int) -> dict:
-  """Times `stage`'s real train step; returns {'step_s', 'first_step_s', 'params', 'loss'}."""
-  step_fn, state, batch_sh = jitted_train_step(config, stage, problem, mesh)
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['nnx'][0]))
-  count = 0
-
-  def run(n):
-    nonlocal state, count
-    metrics = None
-    for _ in range(n):
-      batch = pipeline.to_global(batches[count % len(batches)], batch_sh)
-      state, metrics = step_fn(state, batch)
-      count += 1
-    jax.block_until_ready((state, metrics))
-    return metrics
-
-  with jax.set_mesh(mesh), warnings.catch_warnings():
-    # The CPU backend cannot donate buffers; donation is still what training asks for.
-    warnings.filterwarnings('ignore', message='Some donated buffers were not usable')
-    start = time.perf_counter()
-    run(1)
-    first = time.perf_counter() - start
-    run(warmup)
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      metrics = run(steps)
-      times.append((time.perf_counter() - start) / steps)
-  loss = float(metrics['loss'])
-  del state, step_fn
-  return {'step_s': statistics.median(times), 'first_step_s': first, 'params': params,
-          'loss': loss}
+  """Times `stage`'s real train step alone (`JaxStepper`); returns {'step_s',
+  'first_step_s', 'params', 'loss'}."""
+  stepper = JaxStepper(config, stage, problem, mesh, batches)
+  first = stepper.run(1)
+  if warmup:
+    stepper.run(warmup)
+  step_s = statistics.median(stepper.run(steps) for _ in range(repeats))
+  out = {'step_s': step_s, 'first_step_s': first, 'params': stepper.params,
+         'loss': float(stepper.metrics['loss'])}
+  stepper.close()
+  return out
 
 
 def train_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = None,
@@ -293,10 +310,12 @@ def train_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = Non
   """One {"figure": "matmul"} row, then one {"figure": "train_step"} row per (size, stage).
 
   `sizes` (names in SIZES) default to QUICK_SIZES with `quick`, else
-  FULL_SIZES; `device` is the platform ('cpu', 'gpu', 'tpu'). Each size's
-  JAX steps run first, then the torch reference's step on the same batch
-  (timed once per size: its loss is SFT's; RL's differs only in the K-wide
-  terms after the head, so the SFT step is RL's reference too).
+  FULL_SIZES; `device` is the platform ('cpu', 'gpu', 'tpu'). Per size, the
+  stages' JAX steps and the torch reference's step on the same batches are
+  built and warmed up, then their `repeats` alternate (timing.alternate), so
+  that the ratio is not skewed by the machine's drift. The reference's loss
+  is SFT's; RL's differs only in the K-wide terms after the head, so the SFT
+  step is RL's reference too.
   """
   timing = _timing(quick)
   sizes = tuple(sizes or (QUICK_SIZES if quick else FULL_SIZES))
@@ -307,49 +326,60 @@ def train_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = Non
     dims = SIZES[size]
     rng = np.random.default_rng(0)
     batches = [synthetic_batch(rng, dims['batch'], dims['seq']) for _ in range(2)]
-    size_rows = []
-    for stage in stages:
-      config = size_config(size, stage, device)
-      mesh = make_mesh(config, device)
-      jx = time_jax_steps(config, stage, problem, mesh, batches, warmup=timing['warmup'],
-                          steps=timing['steps'], repeats=timing['repeats'])
+    configs = {stage: size_config(size, stage, device) for stage in stages}
+    steppers, first = {}, {}
+    for stage, config in configs.items():
+      steppers[stage] = JaxStepper(config, stage, problem, make_mesh(config, device), batches)
+      first[stage] = steppers[stage].run(1)
+      steppers[stage].run(timing['warmup'])
+    ref = _torch_stepper(size, dims, batches[0], problem, device, torch_threads)
+    if ref is not None:
+      ref.run(timing['warmup'] + 1)
+      steppers['torch'] = ref
+    times = alternate({name: functools.partial(s.run, timing['steps'])
+                       for name, s in steppers.items()}, timing['repeats'],
+                      pause=float(os.environ.get('BENCH_PAUSE', PAUSE)))
+    torch_row = {'torch_samples_per_s': None}
+    if ref is not None:
+      step_s = statistics.median(times['torch'])
+      info = ref.info()
+      torch_row = {'torch_samples_per_s': dims['batch'] / step_s, 'torch_step_s': step_s,
+                   'torch_dtype': info['dtype'], 'torch_threads': info['threads'],
+                   'torch_loss': info['loss']}
+      ref.close()
+    for stage, config in configs.items():
+      stepper, step_s = steppers[stage], statistics.median(times[stage])
       epochs = int(config.rl.ppo_epochs) if stage == 'rl' else 1
       flops = model_flops(dims, passes=epochs + (1.0 / 3.0 if epochs > 1 else 0.0))
-      size_rows.append({
+      row = {
           'figure': 'train_step', 'size': size, 'stage': stage, 'batch': dims['batch'],
           'seq': dims['seq'], **{k: dims[k] for k in ('num_layers', 'd_model', 'num_heads',
                                                       'mlp_dim')},
-          'dtype': config.model.dtype, 'params': jx['params'], 'step_s': jx['step_s'],
-          'first_step_s': jx['first_step_s'], 'samples_per_s': dims['batch'] / jx['step_s'],
-          'tokens_per_s': dims['batch'] * dims['seq'] / jx['step_s'],
-          'model_flops_per_step': flops, 'model_flops_per_s': flops / jx['step_s'],
-          'matmul_fraction': flops / jx['step_s'] / matmul['flops_per_s'],
-          'loss': jx['loss']})
-      gc.collect()
-    torch_row = _torch_train(size, dims, batches[0], problem, device, timing, torch_threads)
-    for row in size_rows:
-      row.update(torch_row)
-      ref = torch_row.get('torch_samples_per_s')
-      row['jax_over_torch'] = row['samples_per_s'] / ref if ref else None
-    rows.extend(size_rows)
+          'dtype': config.model.dtype, 'params': stepper.params, 'step_s': step_s,
+          'first_step_s': first[stage], 'samples_per_s': dims['batch'] / step_s,
+          'tokens_per_s': dims['batch'] * dims['seq'] / step_s,
+          'model_flops_per_step': flops, 'model_flops_per_s': flops / step_s,
+          'matmul_fraction': flops / step_s / matmul['flops_per_s'],
+          'loss': float(stepper.metrics['loss']), 'rounds': timing['repeats'], **torch_row}
+      ref_speed = torch_row.get('torch_samples_per_s')
+      row['jax_over_torch'] = row['samples_per_s'] / ref_speed if ref_speed else None
+      rows.append(row)
+      stepper.close()
+    del steppers
+    gc.collect()
   return rows
 
 
-def _torch_train(size, dims, batch, problem, device, timing, threads) -> dict:
-  """The reference's figure for one size: {'torch_samples_per_s', ...} (None without torch)."""
+def _torch_stepper(size, dims, batch, problem, device, threads):
+  """The reference's TrainStepper for one size (None without torch)."""
   ref = _torch_reference() if _torch_device_ok(device) else None
   if ref is None:
-    return {'torch_samples_per_s': None}
+    return None
   config = size_config(size, 'sft', device)
-  out = ref.time_train_step(
+  return ref.TrainStepper(
       _torch_dims(dims), batch, device=device, c_ref=problem.c_ref,
       cost_weight=config.sft.cost_weight, tau=config.sft.tau, tau_anchor=config.anchor.tau,
-      mix=config.sft.anchor_mix, warmup=timing['warmup'] + 1, steps=timing['steps'],
-      repeats=timing['repeats'], threads=threads)
-  gc.collect()
-  return {'torch_samples_per_s': out['samples_per_s'], 'torch_step_s': out['step_s'],
-          'torch_dtype': out['dtype'], 'torch_threads': out['threads'],
-          'torch_loss': out['loss']}
+      mix=config.sft.anchor_mix, threads=threads)
 
 
 def _torch_dims(dims: dict) -> dict:
@@ -367,24 +397,29 @@ def jax_router(config, mesh):
           jax.device_put(params, sharding.replicated(mesh)))
 
 
-def time_jax_forward(forward, params, mesh, arrays: dict, calls: int, warmup: int = 3) -> dict:
-  """`forward` timed call by call on `arrays` (the forward's inputs, one batch,
-  see policy.policy_arrays); the keys of torch_reference.time_forward."""
+def jax_forward_caller(forward, params, mesh, arrays: dict):
+  """`call()`: `forward` once on `arrays` (the forward's inputs, one batch, see
+  policy.policy_arrays, put on the device first), waited for; returns its seconds."""
   batch_sh = sharding.batch_sharding(mesh)
-  times = []
   with jax.set_mesh(mesh):
     batch = {k: jax.device_put(v, batch_sh) for k, v in arrays.items()}
-    for _ in range(warmup):
-      jax.block_until_ready(forward(params, batch))
-    for _ in range(calls):
+
+  def call() -> float:
+    with jax.set_mesh(mesh):
       start = time.perf_counter()
       jax.block_until_ready(forward(params, batch))
-      times.append(time.perf_counter() - start)
-  times = np.asarray(times)
-  n = len(arrays['tokens'])
-  return {'latency_p50_ms': float(np.percentile(times, 50) * 1e3),
-          'latency_p99_ms': float(np.percentile(times, 99) * 1e3),
-          'queries_per_s': float(n / np.median(times)), 'batch': n}
+      return time.perf_counter() - start
+
+  return call
+
+
+def time_jax_forward(forward, params, mesh, arrays: dict, calls: int, warmup: int = 3) -> dict:
+  """`forward` timed alone, call by call (`jax_forward_caller`); the keys of
+  torch_reference.time_forward."""
+  call = jax_forward_caller(forward, params, mesh, arrays)
+  for _ in range(warmup):
+    call()
+  return call_figures([call() for _ in range(calls)], len(arrays['tokens']))
 
 
 def routing_forward_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = None,
@@ -392,6 +427,7 @@ def routing_forward_figures(quick: bool, device: str, sizes: Optional[Sequence[s
   """{"figure": "routing_forward"} rows: per size, batch 1 (latency p50 / p99 in
   ms; jax_over_torch = torch's p50 / JAX's p50) and batch 256 (queries/s;
   jax_over_torch = JAX's / torch's), each beside the torch reference's figure.
+  The calls of both sides alternate in ROUTING_ROUNDS rounds (timing.alternate).
   `sizes` default to QUICK_ROUTING_SIZES with `quick`, else FULL_SIZES."""
   timing = _timing(quick)
   sizes = tuple(sizes or (QUICK_ROUTING_SIZES if quick else FULL_SIZES))
@@ -409,14 +445,23 @@ def routing_forward_figures(quick: bool, device: str, sizes: Optional[Sequence[s
       arrays = policy.policy_arrays(
           {'tokens': data['tokens'][:batch], 'token_mask': data['token_mask'][:batch]},
           data['p_hat'][:batch], data['c_bar'][:batch], config.sft.cost_weight)
-      warm = 3 if batch == 1 else 1
-      jx = time_jax_forward(forward, params, mesh, arrays, calls, warmup=warm)
-      row = {'figure': 'routing_forward', 'size': size, 'batch': batch, 'seq': dims['seq'],
-             'dtype': config.model.dtype, 'calls': calls, **jx}
+      callers = {'jax': jax_forward_caller(forward, params, mesh, arrays)}
       if torch_model is not None:
-        tr = ref.time_forward(_torch_dims(dims), arrays['tokens'], arrays['token_mask'],
-                              device=device, calls=calls, warmup=warm, model=torch_model,
-                              threads=torch_threads)
+        callers['torch'], _ = ref.forward_caller(_torch_dims(dims), arrays['tokens'],
+                                                 arrays['token_mask'], device=device,
+                                                 model=torch_model, threads=torch_threads)
+      for call in callers.values():
+        for _ in range(3 if batch == 1 else 1):
+          call()
+      rounds = min(ROUTING_ROUNDS, calls)
+      per_round = -(-calls // rounds)
+      times = alternate({name: (lambda call=call: [call() for _ in range(per_round)])
+                         for name, call in callers.items()}, rounds)
+      jx = call_figures(times['jax'], batch)
+      row = {'figure': 'routing_forward', 'size': size, 'batch': batch, 'seq': dims['seq'],
+             'dtype': config.model.dtype, 'calls': rounds * per_round, **jx}
+      if 'torch' in times:
+        tr = call_figures(times['torch'], batch)
         row.update({f'torch_{k}': tr[k] for k in ('latency_p50_ms', 'latency_p99_ms',
                                                   'queries_per_s')})
         row['jax_over_torch'] = (tr['latency_p50_ms'] / jx['latency_p50_ms'] if batch == 1

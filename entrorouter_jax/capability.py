@@ -169,14 +169,17 @@ def _top_k(sims: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.nda
   return cols[keep].reshape(b, k)
 
 
-def _exact_neighbours(q, x, k: int, loo: bool) -> np.ndarray:
-  """int[Nq, k]: the exact k most similar training rows of each query (blocked)."""
+def _exact_neighbours(q, x, k: int, loo: bool, similarities=None) -> np.ndarray:
+  """int[Nq, k]: the exact k most similar training rows of each query (blocked).
+  `similarities(q_block) -> float32[b, N]` computes q_block @ x.T elsewhere
+  (KnnTable's `similarities`); default NumPy's."""
   n = len(x)
   out = np.empty((len(q), k), np.int64)
   chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
   for start in range(0, len(q), chunk):
     stop = min(start + chunk, len(q))
-    sims = q[start:stop] @ x.T  # [b, N] cosine similarities
+    # [b, N] cosine similarities
+    sims = q[start:stop] @ x.T if similarities is None else similarities(q[start:stop])
     if loo:
       rows = np.arange(stop - start)
       sims[rows, start + rows] = -np.inf
@@ -421,11 +424,16 @@ def knn_estimates(train_feats, train_outcomes, train_mask, train_cost_hat, train
 class KnnTable:
   """The training side of `knn_estimates`, checked and prepared once: what
   routing keeps to estimate new queries without redoing it per call (the
-  float64 tables, the priors' sums and, for ivf, the k-means cells)."""
+  float64 tables, the priors' sums and, for ivf, the k-means cells).
+
+  `similarities`: a callable q float32[b, D] -> float32[b, N] equal to
+  q @ train_feats.T, which the exact search of `estimates` then uses instead
+  of NumPy's product (routing passes one that runs on the JAX device:
+  router.device_similarities)."""
 
   def __init__(self, train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, *,
                k: int = 50, alpha: float = 5.0, prior: str = 'task', search: str = 'exact',
-               nprobe: int = 8):
+               nprobe: int = 8, similarities=None):
     if prior not in PRIORS:
       raise ValueError(f'prior must be one of {PRIORS}, got {prior!r}')
     if alpha < 0 or not math.isfinite(alpha):
@@ -455,6 +463,7 @@ class KnnTable:
     self.k, self.alpha, self.prior = k, alpha, prior
     self.search = _resolve_search(search, nprobe, n)
     self.nprobe = nprobe
+    self.similarities = similarities
     self.all_sum, self.all_cnt = self.y_obs.sum(axis=0), self.m_obs.sum(axis=0)
     if prior == 'task':
       self.train_ids, self.vocab = _task_ids(train_tasks, n)
@@ -514,7 +523,7 @@ class KnnTable:
     prior_hat = self._priors(num_q, zeros, zeros, q_ids)
     k_eff = min(self.k, self.n)
     if self.search == 'exact':
-      idx = _exact_neighbours(q, self.x, k_eff, False)
+      idx = _exact_neighbours(q, self.x, k_eff, False, self.similarities)
     else:
       if self._index is None:
         self._index = IvfIndex(self.x, self.nprobe)

@@ -21,6 +21,8 @@ import json
 import pickle
 from typing import Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -79,6 +81,7 @@ class Router:
       self._knn = capability.KnnTable(
           s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
           s0['train_tasks'], k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
+          similarities=device_similarities(s0['train_feats']),
           **capability.search_settings(anchor))
     return self._knn
 
@@ -158,6 +161,32 @@ class Router:
   def moves_with_cost_weight(self) -> bool:
     """Whether lambda moves this router along its curve (utility head or lambda input)."""
     return is_utility(self.config) or bool(self.config.model.lambda_conditioned)
+
+
+def device_similarities(train_feats):
+  """q float32[b, D] -> q @ train_feats.T float32[b, N], computed by XLA against
+  a copy of the training features on the default JAX device (queries padded to
+  a power-of-two bucket of rows, so few compiles; float32 throughout, HIGHEST
+  precision so that no accelerator rounds the inputs down).
+
+  Routing's kNN product runs here rather than in NumPy because of what comes
+  after it: OpenBLAS's worker threads keep spinning for a while after each
+  product, and on a machine with few cores the next query's encoder forward
+  then runs slower (benchmarks/routing_speed.py's route_encoder figure,
+  benchmarks/RESULTS.md). The neighbours are NumPy's up to float rounding of
+  the similarities (a near-tie may swap).
+  """
+  x = jax.device_put(np.asarray(train_feats, np.float32))
+  dot = jax.jit(lambda q, x: jnp.dot(q, x.T, precision=jax.lax.Precision.HIGHEST))
+
+  def similarities(q):
+    q = np.asarray(q, np.float32)
+    rows = len(q)
+    padded = np.zeros((bucket(rows), q.shape[1]), np.float32)
+    padded[:rows] = q
+    return np.asarray(dot(padded, x))[:rows]
+
+  return similarities
 
 
 def warm_up_words(max_tokens: int) -> list[int]:

@@ -2,6 +2,7 @@
 the keys issue 11's contract reads (speed itself is printed, never asserted)."""
 
 import numpy as np
+import pytest
 
 from benchmarks import pipeline_speed, run, stage0_speed
 
@@ -34,3 +35,17 @@ def test_synthetic_features_are_unit_rows():
   x = stage0_speed.synthetic_features(500, 16)
   assert x.shape == (500, 16) and x.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+
+
+def test_alternate_swaps_who_goes_first_every_round():
+  from benchmarks import timing
+  order = []
+  runs = {name: (lambda name=name: order.append(name) or len(order)) for name in 'abc'}
+  out = timing.alternate(runs, 3)
+  assert order == list('abccbaabc')
+  assert out == {'a': [1, 6, 7], 'b': [2, 5, 8], 'c': [3, 4, 9]}
+  fig = timing.call_figures([[0.001, 0.003], [0.002, 0.004]], batch=8)
+  assert fig['latency_p50_ms'] == np.float64(2.5) and fig['batch'] == 8
+  assert np.isclose(fig['queries_per_s'], 8 / 0.0025)
+  with pytest.raises(ValueError, match='rounds'):
+    timing.alternate(runs, 0)

@@ -110,3 +110,28 @@ def test_route_cli_missing_checkpoint_and_bad_file(workdir, tmp_path):
   bad.write_text('{"query": "fine"}\nnot json\n')
   out = run_cli('route', f'--workdir={workdir}', f'--input={bad}', f'--output={tmp_path / "o"}')
   assert out.returncode == 2 and 'bad.jsonl:2' in out.stderr
+
+
+def test_device_similarities_are_the_numpy_product_at_every_row_count():
+  import numpy as np
+  from entrorouter_jax import capability
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((300, 24)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  sims = router_lib.device_similarities(x)
+  for rows in (1, 3, 8, 13):
+    q = x[rng.integers(0, 300, rows)] + 0.01 * rng.standard_normal((rows, 24)).astype(np.float32)
+    got = sims(q)
+    assert got.shape == (rows, 300) and got.dtype == np.float32
+    np.testing.assert_allclose(got, q @ x.T, rtol=0, atol=2e-6)
+  # The kNN table of routing uses it and finds NumPy's neighbours (no near-ties here).
+  y = (rng.random((300, 3)) < 0.5).astype(np.float64)
+  used = []
+  table = capability.KnnTable(x, y, np.ones_like(y, bool), rng.random((300, 3)), None, k=7,
+                              prior='global', similarities=lambda q: used.append(1) or sims(q))
+  plain = capability.KnnTable(x, y, np.ones_like(y, bool), table.cost, None, k=7,
+                              prior='global')
+  q = x[:13] + 0.01 * rng.standard_normal((13, 24)).astype(np.float32)
+  np.testing.assert_array_equal(table.estimates(q)[0], plain.estimates(q)[0])
+  np.testing.assert_array_equal(table.estimates(q)[1], plain.estimates(q)[1])
+  assert len(used) == 2

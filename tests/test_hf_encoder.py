@@ -260,6 +260,36 @@ def test_tokenizer_padding_mask_decode_and_errors(tok):
     tok.encode(text, 16, truncate='middle')
 
 
+def test_small_batches_are_tokenized_on_this_thread_with_the_same_ids(tok, monkeypatch):
+  import copy
+  from entrorouter_jax.backbones import hf_encoder
+  texts = [' '.join(['word'] * n) + f' number {n}? Yes: {n * 7}.' for n in range(0, 60, 3)]
+  texts += ['', 'Ünïcödé tëxt, with punctuation!!', 'a ' * 200]
+  want_ids, want_mask = map(np.stack, zip(*[tok.encode(t, 32, 'left') for t in texts]))
+  calls = []
+
+  class Recording:   # the tokenizers.Tokenizer, with its parallel encode_batch counted
+    def __init__(self, inner):
+      self.inner = inner
+
+    def encode_batch(self, *args, **kwargs):
+      calls.append(len(args[0]))
+      return self.inner.encode_batch(*args, **kwargs)
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+  spy = copy.copy(tok)
+  spy._tok = Recording(tok._tok)
+  for parallel_min, parallel_calls in ((len(texts) + 1, []), (len(texts), [len(texts)])):
+    monkeypatch.setattr(hf_encoder, 'PARALLEL_MIN', parallel_min)
+    calls.clear()
+    ids, mask = spy.encode_batch(texts, 32, 'left')
+    assert calls == parallel_calls
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+
+
 def test_tokenizer_pickles(tok, queries):
   clone = pickle.loads(pickle.dumps(tok))
   for a, b in zip(clone.encode_batch(queries, 64, 'left'), tok.encode_batch(queries, 64, 'left')):

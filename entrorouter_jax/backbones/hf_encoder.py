@@ -53,6 +53,8 @@ _ACTIVATIONS = {
     'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
     'relu': jax.nn.relu,
 }
+# HFTokenizer.encode_batch: batches this large use the tokenizer's thread pool.
+PARALLEL_MIN = 256
 _init = nnx.initializers.normal(stddev=0.02)
 _zeros, _ones = nnx.initializers.zeros, nnx.initializers.ones
 
@@ -409,9 +411,20 @@ class HFTokenizer:
     return self._finish(enc, max_len, budget, truncate)
 
   def encode_batch(self, texts: Sequence[str], max_len: int, truncate: str = 'right'):
-    """Returns (ids int32[B, max_len], mask bool[B, max_len])."""
+    """Returns (ids int32[B, max_len], mask bool[B, max_len]).
+
+    Batches of PARALLEL_MIN texts or more go through `tokenizers`' parallel
+    encode_batch; smaller ones (what routing tokenizes) one text at a time on
+    this thread: the parallel pool's threads keep spinning after each call,
+    and on a 2-core machine the encoder forward that follows ran slower
+    (seen with a script outside the repo; no figure is quoted). Both give the
+    same ids."""
     budget = self._budget(max_len, truncate)
-    encs = self._tok.encode_batch(list(texts), add_special_tokens=False)
+    texts = list(texts)
+    if len(texts) >= PARALLEL_MIN:
+      encs = self._tok.encode_batch(texts, add_special_tokens=False)
+    else:
+      encs = [self._tok.encode(text, add_special_tokens=False) for text in texts]
     pairs = [self._finish(enc, max_len, budget, truncate) for enc in encs]
     if not pairs:
       return np.zeros((0, max_len), np.int32), np.zeros((0, max_len), bool)
