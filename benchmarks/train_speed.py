@@ -289,21 +289,6 @@ class JaxStepper:
     del self.state, self.step_fn
 
 
-def time_jax_steps(config, stage: str, problem, mesh, batches: Sequence[dict], *, warmup: int,
-                   steps: int, repeats: int) -> dict:
-  """Times `stage`'s real train step alone (`JaxStepper`); returns {'step_s',
-  'first_step_s', 'params', 'loss'}."""
-  stepper = JaxStepper(config, stage, problem, mesh, batches)
-  first = stepper.run(1)
-  if warmup:
-    stepper.run(warmup)
-  step_s = statistics.median(stepper.run(steps) for _ in range(repeats))
-  out = {'step_s': step_s, 'first_step_s': first, 'params': stepper.params,
-         'loss': float(stepper.metrics['loss'])}
-  stepper.close()
-  return out
-
-
 def train_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = None,
                   stages: Sequence[str] = STAGES, torch_threads: Optional[int] = None
                   ) -> list[dict]:
@@ -411,15 +396,6 @@ def jax_forward_caller(forward, params, mesh, arrays: dict):
       return time.perf_counter() - start
 
   return call
-
-
-def time_jax_forward(forward, params, mesh, arrays: dict, calls: int, warmup: int = 3) -> dict:
-  """`forward` timed alone, call by call (`jax_forward_caller`); the keys of
-  torch_reference.time_forward."""
-  call = jax_forward_caller(forward, params, mesh, arrays)
-  for _ in range(warmup):
-    call()
-  return call_figures([call() for _ in range(calls)], len(arrays['tokens']))
 
 
 def routing_forward_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = None,

@@ -81,8 +81,9 @@ class Router:
       self._knn = capability.KnnTable(
           s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
           s0['train_tasks'], k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
-          similarities=device_similarities(s0['train_feats']),
           **capability.search_settings(anchor))
+      if self._knn.search == 'exact':   # ivf scores its cells in NumPy: no device copy
+        self._knn.similarities = device_similarities(self._knn.x)
     return self._knn
 
   def _run(self, queries: Sequence[str], cost_weight: Optional[float], tables, feats) -> dict:
