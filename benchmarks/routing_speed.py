@@ -115,8 +115,8 @@ def encoder_figures(router, queries: list[str], torch_threads=None) -> list[dict
   query's real tokens, unpadded) and return the mean-pooled unit vector. The
   two alternate query by query (who goes first swaps each time), on the same
   texts. Then the JAX encoder again, each call right after a kNN product of
-  the router's table: NumPy's, and the device's that routing uses
-  (router.device_similarities). One {"figure": "route_encoder"} row; [] where
+  the router's table: NumPy's, and the device's screened search that routing
+  uses (router.device_neighbours). One {"figure": "route_encoder"} row; [] where
   the router's space has no encoder or torch is missing."""
   from entrorouter_jax import features
   from entrorouter_jax.backbones import hf_encoder
@@ -147,11 +147,11 @@ def encoder_figures(router, queries: list[str], torch_threads=None) -> list[dict
       calls[name](q)
       times[name].append(time.perf_counter() - start)
   # What a kNN product right before the encoder does to it: NumPy's (OpenBLAS,
-  # whose threads keep spinning after it) against the device's, which routing uses.
+  # whose threads keep spinning after it) against the device's search, which routing uses.
   feats = router.features(queries[:1])
   table = router.knn_table()
   before = {'after_numpy_product': lambda: feats @ table.x.T,
-            'after_device_product': lambda: table.similarities(feats)}
+            'after_device_search': lambda: table.exact_search(feats, table.k)}
   for name, product in before.items():
     times[name] = []
     for q in queries:

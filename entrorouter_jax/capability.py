@@ -169,21 +169,66 @@ def _top_k(sims: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.nda
   return cols[keep].reshape(b, k)
 
 
-def _exact_neighbours(q, x, k: int, loo: bool, similarities=None) -> np.ndarray:
-  """int[Nq, k]: the exact k most similar training rows of each query (blocked).
-  `similarities(q_block) -> float32[b, N]` computes q_block @ x.T elsewhere
-  (KnnTable's `similarities`); default NumPy's."""
+def _exact_neighbours(q, x, k: int, loo: bool) -> np.ndarray:
+  """int[Nq, k]: the exact k most similar training rows of each query (blocked)."""
   n = len(x)
   out = np.empty((len(q), k), np.int64)
   chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
   for start in range(0, len(q), chunk):
     stop = min(start + chunk, len(q))
-    # [b, N] cosine similarities
-    sims = q[start:stop] @ x.T if similarities is None else similarities(q[start:stop])
+    sims = q[start:stop] @ x.T   # [b, N] cosine similarities
     if loo:
       rows = np.arange(stop - start)
       sims[rows, start + rows] = -np.inf
     out[start:stop] = _top_k(sims, k)
+  return out
+
+
+def half_precision_error(dim: int) -> float:
+  """The most fl16(q) . fl16(x), summed in float32, can differ from q . x for
+  vectors of dimension `dim` with |q|, |x| <= 1 (what `screened_neighbours`
+  allows between a screen's similarity and the exact one).
+
+  Rounding to float16 moves each entry v by at most u |v| + a (u = 2^-11, the
+  unit roundoff; a = 2^-25, half the subnormal spacing), so with
+  |q|_1, |x|_1 <= sqrt(dim) the products differ by at most
+  (2u + u^2) + 2 a (1 + u) sqrt(dim) + dim a^2 in all; the float16 products
+  are exact in float32, and summing dim of them in any order adds at most
+  gamma_dim = dim 2^-24 / (1 - dim 2^-24) times their absolute sum, itself
+  <= (1 + u)^2 (1 + a sqrt(dim))^2. Overflow cannot happen at norm <= 1.
+  """
+  u, a, root = 2.0 ** -11, 2.0 ** -25, math.sqrt(dim)
+  gamma = dim * 2.0 ** -24 / (1.0 - dim * 2.0 ** -24)
+  return ((2 * u + u * u) + 2 * a * (1 + u) * root + dim * a * a
+          + gamma * (1 + u) ** 2 * (1 + a * root) ** 2)
+
+
+def screened_neighbours(q, x, vals, idx, k: int, eps: float) -> np.ndarray:
+  """int[Nq, k]: `_exact_neighbours(q, x, k, loo=False)` from a screen.
+
+  The screen (router.device_neighbours) gives each query the `w` >= k
+  training rows of highest approximate similarity, vals float[Nq, w]
+  (descending) at indices idx int[Nq, w], each within `eps` of the exact
+  similarity (scaled per query: only the order within a row matters). Every
+  true neighbour then screens at least vals[:, k-1] - 2 eps: the k rows
+  screened highest are exactly >= vals[:, k-1] - eps, so the true k-th is too,
+  and a row screened below that floor is exactly below the k-th. Where the
+  screen reaches below the floor (or holds all N rows), the rows above it are
+  reranked by their exact similarity (ties to the lowest index, as exact
+  search); any other query falls back to the exact search.
+  """
+  vals, idx = np.asarray(vals, np.float64), np.asarray(idx, np.int64)
+  num_q, w = idx.shape
+  floor = vals[:, k - 1] - 2 * eps
+  proven = (vals[:, w - 1] < floor) | (w == len(x))
+  out = np.empty((num_q, k), np.int64)
+  for r in np.flatnonzero(proven):
+    cand = np.sort(idx[r, vals[r] >= floor[r]])
+    sims = np.einsum('cd,d->c', x[cand], q[r])   # no BLAS: its threads would spin after
+    out[r] = cand[_top_k(sims[None], k)[0]]
+  rest = np.flatnonzero(~proven)
+  if len(rest):
+    out[rest] = _exact_neighbours(q[rest], x, k, False)
   return out
 
 
@@ -426,14 +471,14 @@ class KnnTable:
   routing keeps to estimate new queries without redoing it per call (the
   float64 tables, the priors' sums and, for ivf, the k-means cells).
 
-  `similarities`: a callable q float32[b, D] -> float32[b, N] equal to
-  q @ train_feats.T, which the exact search of `estimates` then uses instead
-  of NumPy's product (routing passes one that runs on the JAX device:
-  router.device_similarities)."""
+  `exact_search`: a callable (q float32[b, D], k) -> int[b, k] returning what
+  `_exact_neighbours(q, train_feats, k, False)` does, which the exact search
+  of `estimates` then uses instead (routing passes one that screens on the
+  JAX device: router.device_neighbours)."""
 
   def __init__(self, train_feats, train_outcomes, train_mask, train_cost_hat, train_tasks, *,
                k: int = 50, alpha: float = 5.0, prior: str = 'task', search: str = 'exact',
-               nprobe: int = 8, similarities=None):
+               nprobe: int = 8, exact_search=None):
     if prior not in PRIORS:
       raise ValueError(f'prior must be one of {PRIORS}, got {prior!r}')
     if alpha < 0 or not math.isfinite(alpha):
@@ -463,8 +508,9 @@ class KnnTable:
     self.k, self.alpha, self.prior = k, alpha, prior
     self.search = _resolve_search(search, nprobe, n)
     self.nprobe = nprobe
-    self.similarities = similarities
+    self.exact_search = exact_search
     self.all_sum, self.all_cnt = self.y_obs.sum(axis=0), self.m_obs.sum(axis=0)
+    self.cost_mean = self.cost.mean(axis=0)   # c_bar without neighbours (k = 0)
     if prior == 'task':
       self.train_ids, self.vocab = _task_ids(train_tasks, n)
       self.t_sum = np.zeros((len(self.vocab) + 1, num_models))  # last row: unknown task
@@ -489,7 +535,7 @@ class KnnTable:
     """(p_hat, c_bar) float32[Nq, K] from the neighbours int[Nq, k] (None: none)."""
     nbr_sum = np.zeros((num_q, self.num_models))
     nbr_cnt = np.zeros((num_q, self.num_models))
-    c_bar = np.broadcast_to(self.cost.mean(axis=0), (num_q, self.num_models)).copy()
+    c_bar = np.broadcast_to(self.cost_mean, (num_q, self.num_models)).copy()
     if idx_all is not None:
       chunk = max(1, _BLOCK_CELLS // (idx_all.shape[1] * self.per_row.shape[1]))
       for start in range(0, num_q, chunk):
@@ -523,7 +569,8 @@ class KnnTable:
     prior_hat = self._priors(num_q, zeros, zeros, q_ids)
     k_eff = min(self.k, self.n)
     if self.search == 'exact':
-      idx = _exact_neighbours(q, self.x, k_eff, False, self.similarities)
+      idx = (_exact_neighbours(q, self.x, k_eff, False) if self.exact_search is None
+             else self.exact_search(q, k_eff))
     else:
       if self._index is None:
         self._index = IvfIndex(self.x, self.nprobe)

@@ -121,6 +121,17 @@ class EncoderSpace:
         log.warning('could not cache encoder embeddings at %s: %s', path, e)
     return out
 
+  def start_transform(self, texts):
+    """`transform(texts)` as a function to call for the result: a batch that
+    the disk cache would keep (or more than one encoder batch) is embedded
+    now; a smaller one is only dispatched to XLA (BackboneSpace.start_transform)."""
+    texts = [str(t) for t in texts]
+    cached = len(texts) >= _MIN_CACHED and getattr(self, 'disk_cache', True)
+    if len(texts) > self.batch_size or cached:
+      out = self.transform(texts)
+      return lambda: out
+    return self._backbone_space().start_transform(texts)
+
   def fit_transform(self, texts) -> np.ndarray:
     return self.fit(texts).transform(texts)
 
@@ -139,7 +150,11 @@ class ConcatSpace:
 
   def transform(self, texts) -> np.ndarray:
     texts = list(texts)
-    parts = [space.transform(texts) for space in self.spaces]
+    # Encoders first, without waiting: the other spaces run while XLA embeds.
+    started = {i: space.start_transform(texts) for i, space in enumerate(self.spaces)
+               if hasattr(space, 'start_transform')}
+    done = {i: space.transform(texts) for i, space in enumerate(self.spaces) if i not in started}
+    parts = [done[i] if i in done else started[i]() for i in range(len(self.spaces))]
     return (np.concatenate(parts, axis=1) / np.sqrt(len(parts))).astype(np.float32)
 
   def fit_transform(self, texts) -> np.ndarray:

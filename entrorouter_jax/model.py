@@ -187,6 +187,10 @@ class Block(nnx.Module):
     return x + self.drop(self.mlp(self.ln2(x)), deterministic=deterministic, rngs=rngs)
 
 
+# MemberMlp: batches of fewer rows than this multiply per member (see __call__).
+_FEW_ROWS = 128
+
+
 class MemberMlp(nnx.Module):
   """M independent one-hidden-layer GELU MLPs on one input: [B, D] -> [M, B, K].
 
@@ -209,7 +213,16 @@ class MemberMlp(nnx.Module):
     self.drop = nnx.Dropout(dropout)
 
   def __call__(self, x, deterministic, rngs):
-    h = jax.nn.gelu(jnp.einsum('bd,mdh->mbh', x, self.w1[...]) + self.b1[...][:, None])
+    w1 = self.w1[...]
+    if x.shape[0] < _FEW_ROWS:
+      # A batched product over the members with x repeated per member. For few
+      # rows (routing) it reads w1 in place; the unbatched einsum below has XLA
+      # copy w1 to [members * hidden, din] first, which costs more than the
+      # product itself. For many rows that copy is the cheaper plan.
+      h = jnp.einsum('mbd,mdh->mbh', jnp.broadcast_to(x, (w1.shape[0],) + x.shape), w1)
+    else:
+      h = jnp.einsum('bd,mdh->mbh', x, w1)
+    h = jax.nn.gelu(h + self.b1[...][:, None])
     h = self.drop(h, deterministic=deterministic, rngs=rngs)
     return jnp.einsum('mbh,mhk->mbk', h, self.w2[...]) + self.b2[...][:, None]
 

@@ -117,10 +117,15 @@ def batched(forward, params, mesh, batch_size: int, arrays: dict) -> dict:
   pad = (-n) % bs
   arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
   batch_sh = sharding.batch_sharding(mesh)
+  # In one process `forward` (jitted with the batch sharding as in_shardings)
+  # places host arrays itself, for less than a device_put per array costs
+  # (most of a one-query call's policy time); several processes must put them.
+  place = ((lambda v: jax.device_put(v, batch_sh)) if jax.process_count() > 1
+           else np.ascontiguousarray)
   out = {}
   with jax.set_mesh(mesh):
     for start in range(0, n + pad, bs):
-      chunk = {k: jax.device_put(v[start:start + bs], batch_sh) for k, v in arrays.items()}
+      chunk = {k: place(v[start:start + bs]) for k, v in arrays.items()}
       for k, v in jax.device_get(forward(params, chunk)).items():
         out.setdefault(k, []).append(np.asarray(v))
   return {k: np.concatenate(v)[:n] for k, v in out.items()}

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from entrorouter_jax import capability, features, paths, sharding, state as state_lib
-from entrorouter_jax.layers import bucket, width_buckets
+from entrorouter_jax.layers import bucket, width_bucket, width_buckets
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
 
 
@@ -83,7 +83,7 @@ class Router:
           s0['train_tasks'], k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
           **capability.search_settings(anchor))
       if self._knn.search == 'exact':   # ivf scores its cells in NumPy: no device copy
-        self._knn.similarities = device_similarities(self._knn.x)
+        self._knn.exact_search = device_neighbours(self._knn.x)
     return self._knn
 
   def _run(self, queries: Sequence[str], cost_weight: Optional[float], tables, feats) -> dict:
@@ -96,9 +96,12 @@ class Router:
       feats = self.features(queries) if feats is None else np.asarray(feats, np.float32)
       inputs = {'features': feats}
     else:
-      tokens, mask = self.tokenizer.encode_batch(queries, self.config.data.max_len,
-                                                 self.config.data.truncate)
-      inputs = {'tokens': tokens, 'token_mask': mask}
+      max_len = self.config.data.max_len
+      tokens, mask = self.tokenizer.encode_batch(queries, max_len, self.config.data.truncate)
+      # Cut to the width bucket of the longest query: padding (on the right)
+      # never changes the real tokens' states, and short queries cost less.
+      width = width_bucket(int(mask.sum(1).max(initial=1)), max_len)
+      inputs = {'tokens': tokens[:, :width], 'token_mask': mask[:, :width]}
     p_hat, c_bar = tables if tables is not None else self.anchor_tables(
         queries, inputs.get('features'))
     out = batched(self.forward, self.params, self.mesh, self.config.eval_batch_size,
@@ -164,30 +167,52 @@ class Router:
     return is_utility(self.config) or bool(self.config.model.lambda_conditioned)
 
 
-def device_similarities(train_feats):
-  """q float32[b, D] -> q @ train_feats.T float32[b, N], computed by XLA against
-  a copy of the training features on the default JAX device (queries padded to
-  a power-of-two bucket of rows, so few compiles; float32 throughout, HIGHEST
-  precision so that no accelerator rounds the inputs down).
+def device_neighbours(train_feats):
+  """(q float32[b, D], k) -> int[b, k]: the exact k nearest training rows of
+  each query, as capability's exact search finds them, screened on the default
+  JAX device against a float16 copy of the training features.
 
-  Routing's kNN product runs here rather than in NumPy because of what comes
-  after it: OpenBLAS's worker threads keep spinning for a while after each
-  product, and on a machine with few cores the next query's encoder forward
-  then runs slower (benchmarks/routing_speed.py's route_encoder figure,
-  benchmarks/RESULTS.md). The neighbours are NumPy's up to float rounding of
-  the similarities (a near-tie may swap).
+  Routing's kNN search is a matrix-vector product over the whole training
+  table per query, bound by reading the table: float16 halves what is read
+  (and the device memory), and XLA picks the `w` = min(N, 2k + 16) best rows
+  (lax.top_k). Queries and table are first scaled to norm <= 1 (a positive
+  scale per query keeps its order), so each screened similarity is within
+  capability.half_precision_error(D) of the exact one; capability.
+  screened_neighbours then reranks the rows the screen cannot rule out by
+  their exact float32 similarity, or searches exactly where the w rows do not
+  provably hold them all (many near-ties). It does not run in NumPy because of
+  what comes after: OpenBLAS's worker threads keep spinning for a while after
+  each product, and on a machine with few cores the next query's encoder
+  forward then runs slower (benchmarks/routing_speed.py's route_encoder
+  figure, benchmarks/RESULTS.md). Queries are padded to a power-of-two bucket
+  of rows, so few compiles.
   """
-  x = jax.device_put(np.asarray(train_feats, np.float32))
-  dot = jax.jit(lambda q, x: jnp.dot(q, x.T, precision=jax.lax.Precision.HIGHEST))
+  x = np.ascontiguousarray(train_feats, np.float32)
+  n, dim = x.shape
+  x_scale = float(np.linalg.norm(x, axis=1).max()) or 1.0
+  x16 = jax.device_put((x / x_scale).astype(np.float16))
+  eps = capability.half_precision_error(dim) * (1 + 2.0 ** -16)   # norms rounded a hair past 1
+  screens = {}
 
-  def similarities(q):
+  def screen(width):
+    if width not in screens:
+      def run(q, x16):
+        sims = jnp.dot(q.astype(jnp.float16), x16.T, preferred_element_type=jnp.float32)
+        return jax.lax.top_k(sims, width)
+      screens[width] = jax.jit(run)
+    return screens[width]
+
+  def search(q, k: int):
     q = np.asarray(q, np.float32)
     rows = len(q)
-    padded = np.zeros((bucket(rows), q.shape[1]), np.float32)
-    padded[:rows] = q
-    return np.asarray(dot(padded, x))[:rows]
+    norms = np.linalg.norm(q, axis=1, keepdims=True)
+    padded = np.zeros((bucket(rows), dim), np.float32)
+    padded[:rows] = q / np.where(norms > 0, norms, 1.0)
+    vals, idx = screen(min(n, 2 * k + 16))(padded, x16)
+    return capability.screened_neighbours(q, x, np.asarray(vals)[:rows],
+                                          np.asarray(idx)[:rows], k, eps)
 
-  return similarities
+  return search
 
 
 def warm_up_words(max_tokens: int) -> list[int]:

@@ -182,6 +182,41 @@ def test_top_k_large_rows_and_ties():
     np.testing.assert_array_equal(_top_k(sims.copy(), k), want)
 
 
+def test_half_precision_error_bounds_float16_products():
+  """Similarities of float16 copies, summed in float32, stay within the bound
+  of exact ones (float64), for unit vectors and for tiny (subnormal) entries;
+  and the bound is tight enough to screen with (about 2^-10)."""
+  from entrorouter_jax.capability import half_precision_error
+  rng = np.random.default_rng(3)
+  for dim in (8, 640):
+    bound = half_precision_error(dim)
+    assert 2.0 ** -10 < bound < 1.1e-3
+    q = _unit(rng.normal(size=(50, dim)))
+    x = _unit(rng.normal(size=(400, dim)))
+    x[:40, :dim // 2] *= 1e-4   # entries below float16's normal range (6.1e-5)
+    x = _unit(x)
+    q[:5] *= rng.random((5, 1))                                     # norms below 1
+    approx = q.astype(np.float16).astype(np.float32) @ x.astype(np.float16).astype(np.float32).T
+    assert np.abs(approx - q @ x.T).max() <= bound
+
+
+def test_screened_neighbours_are_exact_from_any_screen_within_its_error():
+  """Whatever a screen's errors (up to eps either way) and however many rows it
+  keeps, the reranked neighbours are the exact ones (ties to the lowest index)."""
+  from entrorouter_jax.capability import _exact_neighbours, screened_neighbours
+  rng = np.random.default_rng(4)
+  x = _unit(rng.normal(size=(500, 12))).astype(np.float32)
+  x[100:110] = x[3]                                  # exact ties straddling the k-th
+  q = np.concatenate([x[[3, 4]] + 0.01, _unit(rng.normal(size=(30, 12)))]).astype(np.float32)
+  sims = q.astype(np.float64) @ x.T.astype(np.float64)
+  for eps, width, k in ((1e-3, 40, 10), (0.05, 40, 10), (1e-3, 500, 10), (1e-3, 12, 12)):
+    noisy = sims + rng.uniform(-eps, eps, sims.shape)
+    idx = np.argsort(-noisy, axis=1, kind='stable')[:, :width]
+    vals = np.take_along_axis(noisy, idx, 1)
+    np.testing.assert_array_equal(screened_neighbours(q, x, vals, idx, k, eps),
+                                  _exact_neighbours(q, x, k, False))
+
+
 def test_reference_cost():
   y = np.array([[1, 0, 1], [1, 1, 1], [0, 1, 0], [0, 1, 1]], float)
   mask = np.array([[1, 1, 1], [1, 1, 1], [0, 1, 0], [0, 0, 1]], bool)

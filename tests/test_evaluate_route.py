@@ -91,6 +91,26 @@ def test_route_knobs(workdir):
   assert all(r['model'] == 'frontier' and r['fallback'] for r in forced)
 
 
+def test_router_cuts_token_batches_to_the_longest_querys_width(workdir):
+  """Short queries run at their width bucket, not data.max_len, with the
+  probabilities of the full-width forward."""
+  import numpy as np
+  from entrorouter_jax import policy
+  router = router_lib.load_router(workdir)
+  queries = ['Give a basic level explanation of algebra.', 'recursion?']
+  widths, forward = [], router.forward
+  router.forward = lambda params, batch: widths.append(batch['tokens'].shape[1]) or forward(
+      params, batch)
+  probs = router.probs(queries)
+  max_len = router.config.data.max_len
+  assert widths and max(widths) < max_len
+  tokens, mask = router.tokenizer.encode_batch(queries, max_len, router.config.data.truncate)
+  p_hat, c_bar = router.anchor_tables(queries)
+  full = policy.batched(forward, router.params, router.mesh, 8, policy.policy_arrays(
+      {'tokens': tokens, 'token_mask': mask}, p_hat, c_bar, router.default_cost_weight))
+  np.testing.assert_allclose(probs, full['probs'], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize('args,message', [
     (['--fallback_model=gpt-9', '--min_confidence=0.5', 'hello'], "'gpt-9' is not in the pool"),
     (['--cost_weight=0.5', 'hello'], 'lambda-conditioned'),
@@ -112,26 +132,41 @@ def test_route_cli_missing_checkpoint_and_bad_file(workdir, tmp_path):
   assert out.returncode == 2 and 'bad.jsonl:2' in out.stderr
 
 
-def test_device_similarities_are_the_numpy_product_at_every_row_count():
+def test_device_search_finds_the_exact_neighbours_at_every_row_count(monkeypatch):
   import numpy as np
   from entrorouter_jax import capability
+  exact = capability._exact_neighbours
+  fallbacks = []
+  monkeypatch.setattr(capability, '_exact_neighbours',
+                      lambda q, *a: fallbacks.append(len(q)) or exact(q, *a))
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((300, 24)).astype(np.float32)
+  x = rng.standard_normal((3000, 24)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
-  sims = router_lib.device_similarities(x)
+  search = router_lib.device_neighbours(x)
   for rows in (1, 3, 8, 13):
-    q = x[rng.integers(0, 300, rows)] + 0.01 * rng.standard_normal((rows, 24)).astype(np.float32)
-    got = sims(q)
-    assert got.shape == (rows, 300) and got.dtype == np.float32
-    np.testing.assert_allclose(got, q @ x.T, rtol=0, atol=2e-6)
-  # The kNN table of routing uses it and finds NumPy's neighbours (no near-ties here).
-  y = (rng.random((300, 3)) < 0.5).astype(np.float64)
+    q = x[rng.integers(0, 3000, rows)] + 0.05 * rng.standard_normal((rows, 24)).astype(np.float32)
+    got = search(q, 7)
+    assert got.shape == (rows, 7) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, exact(q, x, 7, False))
+  assert not fallbacks   # the screen proved every query's neighbours
+  # Exact ties (duplicate rows) go to the lowest index, as in the exact search;
+  # here they crowd the screen's rows, so the search falls back to exact.
+  dup = np.concatenate([np.repeat(x[:1], 40, 0), x[1:]])
+  q = dup[:2] + np.float32(1e-4)
+  np.testing.assert_array_equal(router_lib.device_neighbours(dup)(q, 5), exact(q, dup, 5, False))
+  assert fallbacks == [2]
+  # A zero query ties with every row: the first k.
+  np.testing.assert_array_equal(search(np.zeros((1, 24), np.float32), 4), [[0, 1, 2, 3]])
+  assert fallbacks == [2, 1]
+  # The kNN table of routing uses it and gives NumPy's estimates.
+  y = (rng.random((3000, 3)) < 0.5).astype(np.float64)
   used = []
-  table = capability.KnnTable(x, y, np.ones_like(y, bool), rng.random((300, 3)), None, k=7,
-                              prior='global', similarities=lambda q: used.append(1) or sims(q))
+  table = capability.KnnTable(x, y, np.ones_like(y, bool), rng.random((3000, 3)), None, k=7,
+                              prior='global',
+                              exact_search=lambda q, k: used.append(k) or search(q, k))
   plain = capability.KnnTable(x, y, np.ones_like(y, bool), table.cost, None, k=7,
                               prior='global')
   q = x[:13] + 0.01 * rng.standard_normal((13, 24)).astype(np.float32)
-  np.testing.assert_array_equal(table.estimates(q)[0], plain.estimates(q)[0])
-  np.testing.assert_array_equal(table.estimates(q)[1], plain.estimates(q)[1])
-  assert len(used) == 2
+  for got, want in zip(table.estimates(q), plain.estimates(q)):
+    np.testing.assert_array_equal(got, want)
+  assert used == [7]

@@ -129,31 +129,30 @@ class BackboneSpace:
       graphdef, state = nnx.split(module, nnx.Param)
       nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, load_pretrained(cfg)))
       how = self.settings['pooling']
+      # The weights travel as a flat tuple of arrays, which jit reads in C++:
+      # an nnx.State is flattened in Python on every call, a sizeable share
+      # of a one-query embedding's dispatch.
+      leaves, treedef = jax.tree.flatten(state)
 
       @jax.jit
-      def embed(state, tokens, mask):
-        hidden = nnx.merge(graphdef, state)(tokens, mask)
+      def embed(leaves, tokens, mask):
+        hidden = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(tokens, mask)
         return pool(hidden, mask, how)
 
-      self._loaded = (load_tokenizer(cfg), state, embed)
+      self._loaded = (load_tokenizer(cfg), tuple(leaves), embed)
     return self._loaded
 
   def fit(self, texts) -> 'BackboneSpace':
     del texts   # nothing to fit: the embeddings are the checkpoint's
     return self
 
-  def transform(self, texts, progress: bool = False) -> np.ndarray:
-    """texts[N] -> float32[N, H] unit rows; `progress` shows a progress bar."""
-    tok, state, embed = self._load()
-    texts = list(texts)
+  def _dispatch(self, texts):
+    """Yields (rows int[b], float32[b', H] device array) per batch of `texts`,
+    each dispatched to XLA as the generator reaches it (not yet waited for)."""
+    tok, weights, embed = self._load()
     ids, mask = tok.encode_batch(texts, self.max_len, self.truncate)
-    out = np.zeros((len(texts), 0), np.float32)
     lengths = mask.sum(1)
     order = np.argsort(lengths, kind='stable')
-    chunks = []
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(texts), desc='embedding queries', unit='query', disable=not progress,
-               mininterval=2.0)
     # Batches of similar length, cut to a width bucket (layers.width_bucket;
     # padding on the right never changes the real tokens' states): few shapes,
     # at most a third padding.
@@ -164,14 +163,39 @@ class BackboneSpace:
       pad = min(self.batch_size, bucket(len(rows))) - len(rows)
       b_ids = np.concatenate([ids[rows, :width], np.zeros((pad, width), ids.dtype)])
       b_mask = np.concatenate([mask[rows, :width], np.zeros((pad, width), bool)])
-      chunks.append(np.asarray(embed(state, b_ids, b_mask))[:len(rows)])
-      bar.update(len(rows))
-    bar.close()
-    if chunks:
-      out = np.empty((len(texts), chunks[0].shape[1]), np.float32)
-      out[order] = np.concatenate(chunks)
+      yield rows, embed(weights, b_ids, b_mask)
+
+  @staticmethod
+  def _gather(n: int, done) -> np.ndarray:
+    """[(rows, float32[>= len(rows), H])] -> float32[n, H] unit rows in text order."""
+    out = np.zeros((n, 0), np.float32)
+    if done:
+      out = np.empty((n, done[0][1].shape[1]), np.float32)
+      for rows, emb in done:
+        out[rows] = emb[:len(rows)]
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+  def transform(self, texts, progress: bool = False) -> np.ndarray:
+    """texts[N] -> float32[N, H] unit rows; `progress` shows a progress bar."""
+    texts = list(texts)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(texts), desc='embedding queries', unit='query', disable=not progress,
+               mininterval=2.0)
+    done = []
+    for rows, emb in self._dispatch(texts):
+      done.append((rows, np.asarray(emb)))
+      bar.update(len(rows))
+    bar.close()
+    return self._gather(len(texts), done)
+
+  def start_transform(self, texts):
+    """Dispatches `transform(texts)` and returns a function that waits for it.
+    XLA runs the forward asynchronously, so the caller can work in between
+    (features.ConcatSpace computes its TF-IDF part meanwhile)."""
+    texts = list(texts)
+    pending = list(self._dispatch(texts))
+    return lambda: self._gather(len(texts), [(rows, np.asarray(emb)) for rows, emb in pending])
 
   def fit_transform(self, texts) -> np.ndarray:
     return self.fit(texts).transform(texts)
