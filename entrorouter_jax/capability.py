@@ -169,19 +169,28 @@ def _top_k(sims: np.ndarray, k: int, labels: np.ndarray | None = None) -> np.nda
   return cols[keep].reshape(b, k)
 
 
-def _exact_neighbours(q, x, k: int, loo: bool) -> np.ndarray:
-  """int[Nq, k]: the exact k most similar training rows of each query (blocked)."""
+def _exact_neighbours(q, x, k: int, loo: bool, similarities=None) -> np.ndarray:
+  """int[Nq, k]: the exact k most similar training rows of each query (blocked).
+  `similarities(q_block) -> float32[b, N]` computes q_block @ x.T elsewhere
+  (router.device_neighbours, on the JAX device); default NumPy's."""
   n = len(x)
   out = np.empty((len(q), k), np.int64)
   chunk = max(1, min(_MAX_CHUNK, _BLOCK_CELLS // n))
   for start in range(0, len(q), chunk):
     stop = min(start + chunk, len(q))
-    sims = q[start:stop] @ x.T   # [b, N] cosine similarities
+    # [b, N] cosine similarities
+    sims = q[start:stop] @ x.T if similarities is None else similarities(q[start:stop])
     if loo:
       rows = np.arange(stop - start)
       sims[rows, start + rows] = -np.inf
     out[start:stop] = _top_k(sims, k)
   return out
+
+
+def exact_neighbours(q, x, k: int, similarities=None) -> np.ndarray:
+  """int[Nq, k]: the exact k nearest training rows x[N, D] of each query q[Nq, D]
+  (ties to the lowest index), q @ x.T by `similarities` (see _exact_neighbours)."""
+  return _exact_neighbours(q, x, k, False, similarities)
 
 
 def half_precision_error(dim: int) -> float:
@@ -203,7 +212,7 @@ def half_precision_error(dim: int) -> float:
           + gamma * (1 + u) ** 2 * (1 + a * root) ** 2)
 
 
-def screened_neighbours(q, x, vals, idx, k: int, eps: float) -> np.ndarray:
+def screened_neighbours(q, x, vals, idx, k: int, eps: float, similarities=None) -> np.ndarray:
   """int[Nq, k]: `_exact_neighbours(q, x, k, loo=False)` from a screen.
 
   The screen (router.device_neighbours) gives each query the `w` >= k
@@ -215,7 +224,8 @@ def screened_neighbours(q, x, vals, idx, k: int, eps: float) -> np.ndarray:
   and a row screened below that floor is exactly below the k-th. Where the
   screen reaches below the floor (or holds all N rows), the rows above it are
   reranked by their exact similarity (ties to the lowest index, as exact
-  search); any other query falls back to the exact search.
+  search); any other query falls back to the exact search (by `similarities`,
+  see _exact_neighbours).
   """
   vals, idx = np.asarray(vals, np.float64), np.asarray(idx, np.int64)
   num_q, w = idx.shape
@@ -228,7 +238,7 @@ def screened_neighbours(q, x, vals, idx, k: int, eps: float) -> np.ndarray:
     out[r] = cand[_top_k(sims[None], k)[0]]
   rest = np.flatnonzero(~proven)
   if len(rest):
-    out[rest] = _exact_neighbours(q[rest], x, k, False)
+    out[rest] = _exact_neighbours(q[rest], x, k, False, similarities)
   return out
 
 

@@ -169,29 +169,34 @@ class Router:
 
 def device_neighbours(train_feats):
   """(q float32[b, D], k) -> int[b, k]: the exact k nearest training rows of
-  each query, as capability's exact search finds them, screened on the default
-  JAX device against a float16 copy of the training features.
+  each query, as capability.exact_neighbours finds them, computed on the
+  default JAX device against copies of the training features.
 
-  Routing's kNN search is a matrix-vector product over the whole training
-  table per query, bound by reading the table: float16 halves what is read
-  (and the device memory), and XLA picks the `w` = min(N, 2k + 16) best rows
-  (lax.top_k). Queries and table are first scaled to norm <= 1 (a positive
-  scale per query keeps its order), so each screened similarity is within
-  capability.half_precision_error(D) of the exact one; capability.
-  screened_neighbours then reranks the rows the screen cannot rule out by
-  their exact float32 similarity, or searches exactly where the w rows do not
-  provably hold them all (many near-ties). It does not run in NumPy because of
-  what comes after: OpenBLAS's worker threads keep spinning for a while after
-  each product, and on a machine with few cores the next query's encoder
-  forward then runs slower (benchmarks/routing_speed.py's route_encoder
-  figure, benchmarks/RESULTS.md). Queries are padded to a power-of-two bucket
-  of rows, so few compiles.
+  One query (what a router waits for on the request path) is screened: its
+  search is a matrix-vector product over the whole table, bound by reading the
+  table, so a float16 copy halves the time, and XLA keeps the w = min(N,
+  2k + 16) best rows (lax.top_k). Query and table are first scaled to norm
+  <= 1 (a positive scale keeps the query's order), so each screened similarity
+  is within capability.half_precision_error(D) of the exact one; capability.
+  screened_neighbours reranks the rows the screen cannot rule out by their
+  exact float32 similarity, or searches exactly where the w rows do not
+  provably hold them all (many near-ties). Batches take a float32 product on
+  the device instead (XLA:CPU multiplies float16 matrices far slower than
+  float32 ones), queries padded to a power-of-two bucket of rows (few
+  compiles; HIGHEST precision, so that no accelerator rounds the inputs down).
+
+  Neither runs in NumPy because of what comes after: OpenBLAS's worker threads
+  keep spinning for a while after each product, and on a machine with few
+  cores the next query's encoder forward then runs slower
+  (benchmarks/routing_speed.py's route_encoder figure, benchmarks/RESULTS.md).
   """
   x = np.ascontiguousarray(train_feats, np.float32)
   n, dim = x.shape
+  x32 = jax.device_put(x)
   x_scale = float(np.linalg.norm(x, axis=1).max()) or 1.0
   x16 = jax.device_put((x / x_scale).astype(np.float16))
   eps = capability.half_precision_error(dim) * (1 + 2.0 ** -16)   # norms rounded a hair past 1
+  product = jax.jit(lambda q, x: jnp.dot(q, x.T, precision=jax.lax.Precision.HIGHEST))
   screens = {}
 
   def screen(width):
@@ -202,15 +207,19 @@ def device_neighbours(train_feats):
       screens[width] = jax.jit(run)
     return screens[width]
 
+  def similarities(q):
+    padded = np.zeros((bucket(len(q)), dim), np.float32)
+    padded[:len(q)] = q
+    return np.asarray(product(padded, x32))[:len(q)]
+
   def search(q, k: int):
     q = np.asarray(q, np.float32)
-    rows = len(q)
-    norms = np.linalg.norm(q, axis=1, keepdims=True)
-    padded = np.zeros((bucket(rows), dim), np.float32)
-    padded[:rows] = q / np.where(norms > 0, norms, 1.0)
-    vals, idx = screen(min(n, 2 * k + 16))(padded, x16)
-    return capability.screened_neighbours(q, x, np.asarray(vals)[:rows],
-                                          np.asarray(idx)[:rows], k, eps)
+    if len(q) != 1:
+      return capability.exact_neighbours(q, x, k, similarities)
+    norm = float(np.linalg.norm(q))
+    vals, idx = screen(min(n, 2 * k + 16))(q / (norm if norm > 0 else 1.0), x16)
+    return capability.screened_neighbours(q, x, np.asarray(vals), np.asarray(idx), k, eps,
+                                          similarities)
 
   return search
 

@@ -136,28 +136,28 @@ def test_device_search_finds_the_exact_neighbours_at_every_row_count(monkeypatch
   import numpy as np
   from entrorouter_jax import capability
   exact = capability._exact_neighbours
-  fallbacks = []
+  searched = []   # rows that went to the exact search (by the device's float32 product)
   monkeypatch.setattr(capability, '_exact_neighbours',
-                      lambda q, *a: fallbacks.append(len(q)) or exact(q, *a))
+                      lambda q, *a: searched.append(len(q)) or exact(q, *a))
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3000, 24)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   search = router_lib.device_neighbours(x)
-  for rows in (1, 3, 8, 13):
+  for rows in (1, 1, 1, 3, 8, 13):
     q = x[rng.integers(0, 3000, rows)] + 0.05 * rng.standard_normal((rows, 24)).astype(np.float32)
     got = search(q, 7)
     assert got.shape == (rows, 7) and got.dtype == np.int64
     np.testing.assert_array_equal(got, exact(q, x, 7, False))
-  assert not fallbacks   # the screen proved every query's neighbours
+  assert searched == [3, 8, 13]   # each single query's neighbours were proven by its screen
   # Exact ties (duplicate rows) go to the lowest index, as in the exact search;
   # here they crowd the screen's rows, so the search falls back to exact.
   dup = np.concatenate([np.repeat(x[:1], 40, 0), x[1:]])
-  q = dup[:2] + np.float32(1e-4)
+  q = dup[:1] + np.float32(1e-4)
   np.testing.assert_array_equal(router_lib.device_neighbours(dup)(q, 5), exact(q, dup, 5, False))
-  assert fallbacks == [2]
+  assert searched[3:] == [1]
   # A zero query ties with every row: the first k.
   np.testing.assert_array_equal(search(np.zeros((1, 24), np.float32), 4), [[0, 1, 2, 3]])
-  assert fallbacks == [2, 1]
+  assert searched[3:] == [1, 1]
   # The kNN table of routing uses it and gives NumPy's estimates.
   y = (rng.random((3000, 3)) < 0.5).astype(np.float64)
   used = []
