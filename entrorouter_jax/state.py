@@ -171,12 +171,23 @@ def initial_values(config, build, with_best: bool) -> dict:
 
 
 def create_state(config, stage: str, vocab: int, num_models: int, mesh,
-                 feature_dim: int | None = None):
-  """The train state, created already sharded: (graphdef, state, shardings)."""
+                 feature_dim: int | None = None, compiled: dict | None = None):
+  """The train state, created already sharded: (graphdef, state, shardings).
+
+  Given a dict `compiled`, the jitted initialiser is kept there under
+  ('init', stage) and reused by later calls with the same shapes and seed
+  (the Stage-1 candidates), so it compiles once.
+  """
   graphdef, build, shardings = abstract_train_state(config, stage, vocab, num_models, mesh,
                                                     feature_dim)
-  init = jax.jit(functools.partial(initial_values, config, build, 'best' in shardings),
-                 out_shardings=shardings)
+  key = ('init', stage)
+  if compiled is not None and key in compiled:
+    init = compiled[key]
+  else:
+    init = jax.jit(functools.partial(initial_values, config, build, 'best' in shardings),
+                   out_shardings=shardings)
+    if compiled is not None:
+      compiled[key] = init
   with jax.set_mesh(mesh):
     state = init()
   return graphdef, state, shardings

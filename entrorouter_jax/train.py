@@ -184,10 +184,11 @@ def prepare_problem(config, workdir) -> Problem:
 
 
 # =========================================================== model & state ===
-def create_state(config, stage: str, problem: Problem, mesh):
-  """`stage`'s train state for `problem`, created already sharded: (graphdef, state, shardings)."""
+def create_state(config, stage: str, problem: Problem, mesh, compiled: Optional[dict] = None):
+  """`stage`'s train state for `problem`, created already sharded: (graphdef, state,
+  shardings); `compiled` as in `state.create_state`."""
   return state_lib.create_state(config, stage, state_lib.vocab_size(problem.tokenizer),
-                                len(problem.model_names), mesh, problem.feature_dim)
+                                len(problem.model_names), mesh, problem.feature_dim, compiled)
 
 
 def sample_cost_weight(config, stage_cfg, rng, batch_size, lambdas=None):
@@ -225,7 +226,9 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
   """One jitted optimisation step of `stage` (state, batch) -> (state, metrics).
 
   The members' rows are stacked into one batch of M x B rows (member-major),
-  each weighted by whether that member trains on the query.
+  each weighted by whether that member trains on the query. SFT's soft-target
+  weight may come as a third argument `soft_weight` (a float32 scalar; default:
+  `sft.soft_weight`), so the Stage-1 candidates share one compiled step.
   """
   stage_cfg = config[stage]
   rl = config.rl
@@ -236,7 +239,7 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
   dense_weight = float(stage_cfg.get('dense_weight', 0.0))
   deterministic = config.model.dropout == 0.0 and config.model.get('input_noise', 0.0) == 0.0
 
-  def step_fn(state, batch):
+  def step_fn(state, batch, soft_weight=None):
     model, optimizer = nnx.merge(graphdef, state['nnx'])
     rng, lam_rng, drop_rng, act_rng = jax.random.split(jax.random.wrap_key_data(state['rng']), 4)
     batch = dict(batch, cost_hat=batch['costs'] / problem.c_ref)
@@ -270,7 +273,8 @@ def make_train_step(config, stage: str, graphdef, problem: Problem, schedule):
             logits, rows, stacked_weight, tau=stage_cfg.tau, mix=stage_cfg.anchor_mix,
             weights=weights, **common)
         dense = dense_term(f)
-        loss = stage_cfg.get('soft_weight', 1.0) * soft + dense_weight * dense
+        weight = stage_cfg.get('soft_weight', 1.0) if soft_weight is None else soft_weight
+        loss = weight * soft + dense_weight * dense
         metrics.update(loss=loss, soft_loss=soft, dense_loss=dense)
         return loss, metrics
       (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
@@ -421,7 +425,8 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: MetricsWriter,
-              init_params=None, init_from=None, label: Optional[str] = None):
+              init_params=None, init_from=None, label: Optional[str] = None,
+              compiled: Optional[dict] = None):
   """Runs (or resumes) one stage; returns (graphdef, final state).
 
   `label` (default: the stage's name) names its checkpoint folder under
@@ -433,10 +438,16 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   checkpoint. A stage that selects (state.selects) checks its out-of-fold
   score every `select_every` steps, may stop early (`patience`), and ends with
   the parameters that scored best; its last checkpoint holds those.
+
+  The step takes `sft.soft_weight` as an argument, so runs that differ in that
+  weight alone can share one compiled step: given a dict `compiled`, the
+  jitted step (and the state's initialiser) is kept there and reused
+  (`run_sft_candidates`).
   """
   stage_cfg = config[stage]
   _, schedule = make_optimizer(config, stage)
-  graphdef, state, shardings = create_state(config, stage, problem, mesh)
+  compiled = {} if compiled is None else compiled
+  graphdef, state, shardings = create_state(config, stage, problem, mesh, compiled)
   extras = dict(problem.tables['train'], fold=problem.folds)
   seed = config.seed + STAGES.index(stage)
   batch_size = scaled_batch_size(stage_cfg.batch_size, problem.train.num_queries,
@@ -486,9 +497,15 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   start = int(state['step'])
   writer.truncate(label, start)
 
-  step_fn = jax.jit(make_train_step(config, stage, graphdef, problem, schedule),
-                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  if stage not in compiled:
+    compiled[stage] = jax.jit(make_train_step(config, stage, graphdef, problem, schedule),
+                              in_shardings=(shardings, sharding.batch_sharding(mesh),
+                                            sharding.replicated(mesh)),
+                              out_shardings=(shardings, sharding.replicated(mesh)),
+                              donate_argnums=0)
+  step_fn = compiled[stage]
+  soft_weight = jax.device_put(np.float32(stage_cfg.get('soft_weight', 1.0)),
+                               sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)
   num_steps = stage_cfg.num_steps
   score = make_selection_score(config, stage, graphdef, problem, mesh) if selecting else None
@@ -521,7 +538,7 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
     step = start
     while step < num_steps and not int(state['done']):
       batch = pipeline.to_global(next(iterator), batch_sh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, batch, soft_weight)
       if pending is not None:
         _check_finite(pending, label, step, manager)
       pending = metrics
@@ -570,12 +587,14 @@ def run_sft_candidates(config, problem: Problem, mesh, workdir, writer: MetricsW
                         'members must hold folds out: model.members >= 2 or sft.select set')
   scores, best = {}, None
   score = None
+  compiled = {}   # the candidates differ in soft_weight alone: one compiled step
   for weight in state_lib.soft_weight_choices(config):
     candidate = copy.deepcopy(config)
     with candidate.unlocked():
       candidate.sft.soft_weight = weight
     name = state_lib.candidate_name(weight)
-    graphdef, state = run_stage(candidate, 'sft', problem, mesh, workdir, writer, label=name)
+    graphdef, state = run_stage(candidate, 'sft', problem, mesh, workdir, writer, label=name,
+                                compiled=compiled)
     if score is None:
       score = make_selection_score(config, 'sft', graphdef, problem, mesh, how='utility')
     utility = -score(state['nnx'])

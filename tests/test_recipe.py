@@ -1,5 +1,6 @@
 """The default recipe: embeddings backbone, cross-fitted members, utility head, stage selection."""
 
+import copy
 import json
 import os
 import pathlib
@@ -144,10 +145,48 @@ def test_members_never_train_on_their_own_fold(tmp_path):
   assert np.isfinite(float(metrics['dense_loss']))
 
 
-def test_recipe_trains_selects_and_routes_along_its_curve(tmp_path):
+def test_soft_weight_argument_equals_the_configured_weight(tmp_path):
+  """The step's `soft_weight` argument (what lets the Stage-1 candidates share
+  one compiled step) trains exactly as `sft.soft_weight` in the config does."""
+  config = recipe_config(tmp_path)
+  problem = train.prepare_problem(config, tmp_path / 'w')
+  mesh = sharding.make_mesh(config.mesh)
+  dataset = pipeline.make_table_dataset(
+      dict(problem.tables['train'], fold=problem.folds, features=problem.features['train'],
+           outcomes=problem.train.outcomes, outcome_mask=problem.train.outcome_mask,
+           costs=problem.train.costs), global_batch_size=32, seed=0)
+  batches = [dict(b) for b, _ in zip(iter(dataset), range(3))]
+
+  def trained(weight, passed):
+    cfg = copy.deepcopy(config)
+    cfg.sft.soft_weight = 0.0 if passed else weight
+    graphdef, state, _ = train.create_state(cfg, 'sft', problem, mesh)
+    _, schedule = train.make_optimizer(cfg, 'sft')
+    step = jax.jit(train.make_train_step(cfg, 'sft', graphdef, problem, schedule))
+    losses = []
+    with jax.set_mesh(mesh):
+      for b in batches:
+        state, metrics = (step(state, b, np.float32(weight)) if passed else step(state, b))
+        losses.append(float(metrics['loss']))
+    return losses, jax.tree.leaves(jax.device_get(state['nnx'][0]))
+
+  want_losses, want_params = trained(0.3, passed=False)
+  got_losses, got_params = trained(0.3, passed=True)
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-6)
+  for g, w in zip(got_params, want_params):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-7)
+  assert trained(0.0, passed=False)[0] != want_losses   # the weight does matter
+
+
+def test_recipe_trains_selects_and_routes_along_its_curve(tmp_path, monkeypatch):
   config = recipe_config(tmp_path)
   workdir = tmp_path / 'run'
+  built = []
+  make_step = train.make_train_step
+  monkeypatch.setattr(train, 'make_train_step',
+                      lambda config, stage, *a: built.append(stage) or make_step(config, stage, *a))
   results = train.train_and_evaluate(config, workdir)
+  assert built == ['sft', 'rl']   # the two Stage-1 candidates share one compiled step
   utility = results['expected_utility']
   assert utility['router'] > utility['uniform'] + 0.5 * (utility['bayes_optimal'] - utility['uniform'])
 
