@@ -497,13 +497,13 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   start = int(state['step'])
   writer.truncate(label, start)
 
-  if stage not in compiled:
-    compiled[stage] = jax.jit(make_train_step(config, stage, graphdef, problem, schedule),
+  if ('step', stage) not in compiled:
+    compiled['step', stage] = jax.jit(make_train_step(config, stage, graphdef, problem, schedule),
                               in_shardings=(shardings, sharding.batch_sharding(mesh),
                                             sharding.replicated(mesh)),
                               out_shardings=(shardings, sharding.replicated(mesh)),
                               donate_argnums=0)
-  step_fn = compiled[stage]
+  step_fn = compiled['step', stage]
   soft_weight = jax.device_put(np.float32(stage_cfg.get('soft_weight', 1.0)),
                                sharding.replicated(mesh))
   batch_sh = sharding.batch_sharding(mesh)

@@ -119,6 +119,15 @@ def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
   assert len(list((tmp_path / 'cache' / 'embeddings').glob('*.npy'))) == files
 
 
+def _train_batches(problem, n):
+  """The first `n` batches of 32 of the training table the recipe's steps read."""
+  dataset = pipeline.make_table_dataset(
+      dict(problem.tables['train'], fold=problem.folds, features=problem.features['train'],
+           outcomes=problem.train.outcomes, outcome_mask=problem.train.outcome_mask,
+           costs=problem.train.costs), global_batch_size=32, seed=0)
+  return [dict(b) for b, _ in zip(iter(dataset), range(n))]
+
+
 def test_members_never_train_on_their_own_fold(tmp_path):
   config = recipe_config(tmp_path)
   config.optim.weight_decay = 0.0
@@ -127,11 +136,7 @@ def test_members_never_train_on_their_own_fold(tmp_path):
   graphdef, state, shardings = train.create_state(config, 'sft', problem, mesh)
   _, schedule = train.make_optimizer(config, 'sft')
   step = jax.jit(train.make_train_step(config, 'sft', graphdef, problem, schedule))
-  dataset = pipeline.make_table_dataset(
-      dict(problem.tables['train'], fold=problem.folds, features=problem.features['train'],
-           outcomes=problem.train.outcomes, outcome_mask=problem.train.outcome_mask,
-           costs=problem.train.costs), global_batch_size=32, seed=0)
-  batch = dict(next(iter(dataset)))
+  batch = _train_batches(problem, 1)[0]
   batch['fold'] = np.zeros_like(batch['fold'])     # every row in fold 0
   before = jax.device_get(state['nnx'][0]['members'])
   with jax.set_mesh(mesh):
@@ -151,11 +156,7 @@ def test_soft_weight_argument_equals_the_configured_weight(tmp_path):
   config = recipe_config(tmp_path)
   problem = train.prepare_problem(config, tmp_path / 'w')
   mesh = sharding.make_mesh(config.mesh)
-  dataset = pipeline.make_table_dataset(
-      dict(problem.tables['train'], fold=problem.folds, features=problem.features['train'],
-           outcomes=problem.train.outcomes, outcome_mask=problem.train.outcome_mask,
-           costs=problem.train.costs), global_batch_size=32, seed=0)
-  batches = [dict(b) for b, _ in zip(iter(dataset), range(3))]
+  batches = _train_batches(problem, 3)
 
   def trained(weight, passed):
     cfg = copy.deepcopy(config)
