@@ -257,7 +257,8 @@ def jitted_train_step(config, stage: str, problem, mesh):
   batch_sh = sharding.batch_sharding(mesh)
   step_fn = jax.jit(train.make_train_step(config, stage, graphdef, problem, schedule),
                     in_shardings=(shardings, batch_sh),
-                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+                    compiler_options=sharding.compiler_options())
   return step_fn, state, batch_sh
 
 

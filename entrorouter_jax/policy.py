@@ -79,7 +79,8 @@ def make_forward(config, model_graphdef, mesh):
   head; the softmax head gives no 'success'), the batch sharded over the mesh."""
   batch_sh = sharding.batch_sharding(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(None, batch_sh), out_shardings=batch_sh)
+  @functools.partial(jax.jit, in_shardings=(None, batch_sh), out_shardings=batch_sh,
+                     compiler_options=sharding.compiler_options())
   def forward(params, batch):
     model = nnx.merge(model_graphdef, params)
     out = {'probs': jax.nn.softmax(policy_logits(model, batch, batch['cost_weight'], config), -1)}
@@ -95,7 +96,8 @@ def make_member_forward(config, model_graphdef, mesh):
   """A jitted (params, batch) -> f(x) per member, float32[B, M, K] (batch first)."""
   batch_sh = sharding.batch_sharding(mesh)
 
-  @functools.partial(jax.jit, in_shardings=(None, batch_sh), out_shardings=batch_sh)
+  @functools.partial(jax.jit, in_shardings=(None, batch_sh), out_shardings=batch_sh,
+                     compiler_options=sharding.compiler_options())
   def forward(params, batch):
     model = nnx.merge(model_graphdef, params)
     f = member_outputs(model, batch, batch['cost_weight'], config)

@@ -8,7 +8,10 @@ tensor parallelism are settings of `config.mesh`, never separate code paths.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import os
 
 import jax
 import numpy as np
@@ -17,6 +20,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+
+log = logging.getLogger(__name__)
+
+# XLA:CPU hands dots, elementwise ops and reductions to YNNPACK by default.
+# Its reduction fusions take every broadcast operand materialised at full size
+# (a LayerNorm's or softmax's scalars become [tokens, width] arrays in memory),
+# which made the batch-256 routing forward of the token router ~25% slower
+# than with YNNPACK doing the dots alone (benchmarks/RESULTS.md, 2026-12-05);
+# the train steps and the sentence encoder measured level either way.
+YNN_DOTS_ONLY = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT'
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': YNN_DOTS_ONLY}
 
 # logical axis -> mesh axis (or axes, or None = replicated)
 RULES = (
@@ -49,6 +63,27 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; '
                      f'{num_devices} are available (set one axis to -1 to fill the rest)')
   return tuple(sizes)
+
+
+@functools.cache
+def compiler_options() -> dict:
+  """`jax.jit(compiler_options=...)` for the router's programs (train steps,
+  routing forward): CPU_COMPILER_OPTIONS where the default backend is the CPU
+  and this jaxlib takes them, else {}. An XLA_FLAGS that sets the same option
+  wins (then {} here)."""
+  if jax.default_backend() != 'cpu':
+    return {}
+  flags = os.environ.get('XLA_FLAGS', '')
+  if any(name in flags for name in CPU_COMPILER_OPTIONS):
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        np.float32(0)).compile()
+  except Exception as e:  # an XLA without the option: its defaults
+    log.info('XLA:CPU compiler options %s not taken (%s); using its defaults',
+             CPU_COMPILER_OPTIONS, e)
+    return {}
+  return dict(CPU_COMPILER_OPTIONS)
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

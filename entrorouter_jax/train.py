@@ -502,7 +502,7 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
                               in_shardings=(shardings, sharding.batch_sharding(mesh),
                                             sharding.replicated(mesh)),
                               out_shardings=(shardings, sharding.replicated(mesh)),
-                              donate_argnums=0)
+                              donate_argnums=0, compiler_options=sharding.compiler_options())
   step_fn = compiled['step', stage]
   soft_weight = jax.device_put(np.float32(stage_cfg.get('soft_weight', 1.0)),
                                sharding.replicated(mesh))

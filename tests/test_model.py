@@ -321,3 +321,43 @@ def test_batched_pads_few_rows_to_their_power_of_two_bucket():
     out = policy.batched(forward, jnp.float32(2.0), mesh, 512, {'x': x})
     assert shapes == want
     np.testing.assert_array_equal(out['y'], 2 * x)
+
+
+def test_cpu_compiler_options_are_taken_and_change_no_output():
+  """sharding.compiler_options(): XLA:CPU's YNNPACK fusions for dots only. This
+  jaxlib takes them, and the token router computes the same outputs with them
+  (forward and gradients) as with XLA's defaults."""
+  from entrorouter_jax import sharding
+  assert jax.default_backend() == 'cpu'
+  assert sharding.compiler_options() == sharding.CPU_COMPILER_OPTIONS
+  model = make_model(mlp_dim=64)
+  graphdef, params = nnx.split(model)
+  tokens, mask = make_batch(batch=64, length=16)
+
+  def loss(p):
+    out = nnx.merge(graphdef, p)(tokens, mask)
+    return jnp.sum(jax.nn.log_softmax(out) ** 2), out
+
+  run = jax.value_and_grad(loss, has_aux=True)
+  (l0, out0), g0 = jax.jit(run)(params)
+  (l1, out1), g1 = jax.jit(run, compiler_options=sharding.compiler_options())(params)
+  np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l1, l0, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g0))
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):   # sums in another order
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_cpu_compiler_options_fall_back_to_xla_defaults(monkeypatch):
+  """An option this XLA does not know, or an XLA_FLAGS that sets it, gives {}."""
+  from entrorouter_jax import sharding
+  try:
+    sharding.compiler_options.cache_clear()
+    monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=-reduce')
+    assert sharding.compiler_options() == {}
+    sharding.compiler_options.cache_clear()
+    monkeypatch.delenv('XLA_FLAGS')
+    monkeypatch.setattr(sharding, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+    assert sharding.compiler_options() == {}
+  finally:
+    sharding.compiler_options.cache_clear()
