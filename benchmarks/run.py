@@ -14,6 +14,9 @@ One JSON object per figure, then a summary object last. The figures:
                        and 256 (benchmarks/routing_speed.py)
   route_encoder        its query encoder (MiniLM) alone, one query a call,
                        against the same checkpoint in PyTorch
+  train_loop           the default recipe's train.run_stage against its jitted
+                       step alone: how much the loop around the step costs
+                       (benchmarks/loop_speed.py)
   stage0               Stage 0's leave-one-out kNN table at N = 10k, 100k, 1M,
                        with the recall of the search it used
                        (benchmarks/stage0_speed.py); stage0_real_recall: the
@@ -36,7 +39,8 @@ import time
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import pipeline_speed, routing_speed, stage0_speed, train_speed  # noqa: E402
+from benchmarks import (loop_speed, pipeline_speed, routing_speed, stage0_speed,  # noqa: E402
+                        train_speed)
 
 # issue 11's targets on a 2-core CPU (GPU targets are checked by hand against RESULTS.md).
 CPU_TARGETS = {'route_latency_ms_p50': 5.0, 'stage0_seconds_1m': 300.0, 'stage0_recall': 0.95,
@@ -57,6 +61,7 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
   fwd = by('routing_forward')
   encoder = next(iter(by('route_encoder')), {})
   real = [f['recall'] for f in by('stage0_real_recall')]
+  loop = next(iter(by('train_loop')), {})
   out = {'figure': 'summary', 'device': device, 'seconds': round(seconds, 1),
          'route_latency_ms_p50': route1.get('latency_ms_p50'),
          'route_latency_ms_p99': route1.get('latency_ms_p99'),
@@ -75,7 +80,9 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
          'stage0_real_recall_min': min(real) if real else None,
          'stage0_seconds': {str(n): f['seconds'] for n, f in s0.items()},
          'pipeline_examples_per_s': {str(f['n']): f['examples_per_s']
-                                     for f in by('pipeline')}}
+                                     for f in by('pipeline')},
+         'train_loop_input_over_step': loop.get('loop_input_over_step'),
+         'train_loop_recipe_over_step': loop.get('loop_recipe_over_step')}
   if device == 'cpu':
     ratios = [v for v in list(out['jax_over_torch_train_all'].values()) +
               list(out['jax_over_torch_route_forward'].values()) +
@@ -100,7 +107,8 @@ def main(argv=None) -> dict:
   parser.add_argument('--out', default='', help='also write the JSON lines to this file')
   parser.add_argument('--workdir', default=None,
                       help='a trained router to time (default: train a short one)')
-  parser.add_argument('--skip', default='', help='kinds to leave out: train,route,stage0,pipeline')
+  parser.add_argument('--skip', default='',
+                      help='kinds to leave out: train,route,loop,stage0,pipeline')
   args = parser.parse_args(argv)
   skip = {s.strip() for s in args.skip.split(',') if s.strip()}
   started = time.time()
@@ -122,6 +130,8 @@ def main(argv=None) -> dict:
     emit(train_speed.routing_forward_figures(args.quick, args.device))
   if 'route' not in skip:
     emit(routing_speed.routing_figures(args.workdir, calls=100 if args.quick else 500))
+  if 'loop' not in skip:
+    emit(loop_speed.loop_figures(steps=200 if args.quick else 500))
   if 'pipeline' not in skip:
     emit(pipeline_speed.pipeline_figures(sizes))
   if 'stage0' not in skip:

@@ -532,11 +532,15 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
 
   progress = _progress(label, start, num_steps)
   pending = None   # the previous step's metrics: checked while the next step runs
+  # The host's copy of state['done']: reading the device's after each step
+  # would wait for that step, and the next batch could not be read and placed
+  # while it runs.
+  finished = bool(int(state['done']))
   with jax.set_mesh(mesh):
-    if selecting and start == 0 and not int(state['done']):
+    if selecting and start == 0 and not finished:
       check(0)   # the stage's starting point competes too
     step = start
-    while step < num_steps and not int(state['done']):
+    while step < num_steps and not finished:
       batch = pipeline.to_global(next(iterator), batch_sh)
       state, metrics = step_fn(state, batch, soft_weight)
       if pending is not None:
@@ -556,7 +560,8 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
                    label, stage_cfg.select, float(state['best_score']),
                    f'; stopped early at step {done}' if stop else '')
         state['done'] = put(np.int32(1), 'done')
-      if done % config.checkpoint_every == 0 or int(state['done']):
+        finished = True
+      if done % config.checkpoint_every == 0 or finished:
         save(done)
       progress.update(1)
   if pending is not None:

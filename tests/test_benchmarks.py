@@ -49,3 +49,21 @@ def test_alternate_swaps_who_goes_first_every_round():
   assert np.isclose(fig['queries_per_s'], 8 / 0.0025)
   with pytest.raises(ValueError, match='rounds'):
     timing.alternate(runs, 0)
+
+
+def test_train_loop_figure_at_a_toy_size(tmp_path):
+  from benchmarks import loop_speed
+  tiny = {'data.data_dir': str(tmp_path / 'tfds'), 'data.synthetic.num_train': 400,
+          'data.synthetic.num_validation': 20, 'data.synthetic.num_test': 40,
+          'anchor.space': 'tfidf', 'anchor.k': 10, 'anchor.dim': 16, 'model.members': 2,
+          'model.hidden': 16, 'sft.batch_size': 32, 'sft.select_every': 2, 'log_every': 2,
+          'checkpoint_every': 3}
+  fig, = loop_speed.loop_figures(steps=4, workdir=str(tmp_path / 'w'), overrides=tiny)
+  assert fig['figure'] == 'train_loop' and fig['steps'] == 4 and fig['batch'] == 32
+  assert fig['step_steps_per_s'] > 0
+  # Loop rates are marginal (a run of 8 steps minus one of 4): None where the
+  # longer run did not take longer, which a toy size allows.
+  for key in ('loop_recipe_steps_per_s', 'loop_input_steps_per_s'):
+    assert fig[key] is None or fig[key] > 0, key
+  summary = run.summarize([fig], 'cpu', 1.0)
+  assert summary['train_loop_input_over_step'] == fig['loop_input_over_step']

@@ -270,3 +270,20 @@ def test_pipeline_rejects_batch_larger_than_shard(prepared):
   source, tok = prepared
   with pytest.raises(ValueError, match='fewer than the global batch'):
     _batches(source, tok, 1, batch=1000)
+
+
+def test_to_global_places_every_array_on_the_batch_sharding():
+  import jax
+  from entrorouter_jax import sharding
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)))
+  batch_sh = sharding.batch_sharding(mesh)
+  rng = np.random.default_rng(0)
+  n = 4 * sharding.batch_divisor(mesh)
+  batch = {'features': rng.normal(size=(n, 3)).astype(np.float32),
+           'outcome_mask': rng.random((n, 2)) < 0.5, 'fold': np.arange(n, dtype=np.int32)}
+  out = pipeline.to_global(batch, batch_sh)
+  assert set(out) == set(batch)
+  for key, value in batch.items():
+    assert isinstance(out[key], jax.Array) and out[key].sharding == batch_sh, key
+    assert out[key].dtype == value.dtype
+    np.testing.assert_array_equal(np.asarray(out[key]), value)

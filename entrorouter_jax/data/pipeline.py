@@ -154,6 +154,10 @@ class _ProcessRows(grain.MapDataset):
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
-  """Process-local numpy batches -> global jax.Arrays sharded along the batch axis."""
+  """Process-local numpy batches -> global jax.Arrays sharded along the batch axis.
+  In one process the local batch is the global one, and one device_put
+  places every array (cheaper per step than one call per array)."""
+  if jax.process_count() == 1:
+    return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, sharding)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in batch.items()}
