@@ -342,15 +342,31 @@ def make_selection_score(config, stage: str, graphdef, problem: Problem, mesh,
   c_bar = problem.tables['train']['c_bar'][rows]
   arrays = policy_arrays(problem.inputs('train', rows), problem.tables['train']['p_hat'][rows],
                          c_bar, 0.0)
+  by_member = [np.flatnonzero(member == j) for j in range(members)]
   cache = {}
 
-  def score(nnx_state) -> float:
+  def held_out_outputs(nnx_state) -> np.ndarray:
+    """f of each scored row by the member that holds it out, float64[n, K]."""
     model_graphdef, params, score_mesh = scoring_params(graphdef, nnx_state, mesh)
     if 'forward' not in cache:
       cache['forward'] = make_member_forward(config, model_graphdef, score_mesh)
-    f = batched(cache['forward'], params, score_mesh, config.eval_batch_size,
-                arrays)['members']
-    z = f[np.arange(len(rows)), member].astype(np.float64)      # [n, K]
+    run = lambda p, idx: batched(cache['forward'], p, score_mesh, config.eval_batch_size,
+                                 {k: v[idx] for k, v in arrays.items()})['members']
+    if 'members' not in params:   # one network (token backbones): member 0 holds fold 0 out
+      return run(params, np.arange(len(rows)))[:, 0].astype(np.float64)
+    # The embeddings backbone's members are independent MLPs: each runs alone
+    # (its slice of the stacked weights) on the rows it holds out, a 1/M share
+    # of the work of running every member on every row.
+    z = np.empty((len(rows), len(problem.model_names)), np.float64)
+    for j, idx in enumerate(by_member):
+      if len(idx):
+        one = nnx.State(dict(params))
+        one['members'] = jax.tree.map(lambda w: w[j:j + 1], params['members'])
+        z[idx] = run(one, idx)[:, 0]
+    return z
+
+  def score(nnx_state) -> float:
+    z = held_out_outputs(nnx_state)      # [n, K]
     if how == 'bce':
       cell = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
       return float(np.sum(np.where(mask, cell, 0.0)) / max(mask.sum(), 1))

@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, kill_then_rerun
 from configs import rl as rl_config
 from entrorouter_jax import (baselines, capability, features, policy, route, router as router_lib,
                              sharding, suite, train)
+from entrorouter_jax import metrics as metrics_lib
 from entrorouter_jax.data import pipeline
 
 
@@ -380,3 +381,39 @@ def test_recipe_errors_are_clear(tmp_path, overrides, error, message):
   config = suite.apply_overrides(recipe_config(tmp_path), overrides)
   with pytest.raises(error, match=message):
     train.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_selection_score_runs_each_member_on_its_own_rows(tmp_path):
+  """The out-of-fold check runs member j alone on fold j's rows; its scores
+  equal scoring every row with every member and keeping the holder's output."""
+  config = recipe_config(tmp_path)
+  problem = train.prepare_problem(config, tmp_path / 'w')
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, state, _ = train.create_state(config, 'sft', problem, mesh)
+  members = config.model.members
+  rows = np.flatnonzero(problem.folds < members)
+  member = problem.folds[rows]
+  model_graphdef, params, _ = train.scoring_params(graphdef, state['nnx'], mesh)
+  params['members']['w1'][...] = params['members']['w1'][...] + jnp.arange(members)[:, None, None]
+  state['nnx'][0]['members']['w1'][...] = params['members']['w1'][...]   # members differ
+  arrays = policy.policy_arrays(problem.inputs('train', rows),
+                                problem.tables['train']['p_hat'][rows],
+                                problem.tables['train']['c_bar'][rows], 0.0)
+  every = policy.batched(policy.make_member_forward(config, model_graphdef, mesh), params, mesh,
+                         config.eval_batch_size, arrays)['members']      # [n, M, K]
+  z = every[np.arange(len(rows)), member].astype(np.float64)
+  y, mask = problem.train.outcomes[rows], problem.train.outcome_mask[rows]
+  cell = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+  want_bce = np.sum(np.where(mask, cell, 0.0)) / mask.sum()
+  got_bce = train.make_selection_score(config, 'sft', graphdef, problem, mesh, how='bce')(
+      state['nnx'])
+  assert got_bce == pytest.approx(want_bce, rel=1e-6)
+  s = 1.0 / (1.0 + np.exp(-z))
+  cost_hat = problem.train.costs[rows] / problem.c_ref
+  c_bar = problem.tables['train']['c_bar'][rows]
+  want_utility = -np.mean([metrics_lib.route_accuracy_cost(
+      baselines.route(s, c_bar, lam), y - lam * cost_hat, mask, cost_hat)['accuracy']
+      for lam in problem.lambda_set])
+  got_utility = train.make_selection_score(config, 'sft', graphdef, problem, mesh,
+                                           how='utility')(state['nnx'])
+  assert got_utility == pytest.approx(want_utility, rel=1e-6)
