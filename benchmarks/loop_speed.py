@@ -84,11 +84,8 @@ def loop_figures(steps: int = 300, workdir: str | None = None,
   _, state, _ = train.create_state(config, 'sft', problem, mesh, compiled)
   batch_size = train.scaled_batch_size(config.sft.batch_size, problem.train.num_queries,
                                        sharding.batch_divisor(mesh))
-  train_tables = dict(problem.tables['train'], fold=problem.folds,
-                      features=problem.features['train'], outcomes=problem.train.outcomes,
-                      outcome_mask=problem.train.outcome_mask, costs=problem.train.costs)
-  batch = next(iter(pipeline.make_table_dataset(train_tables, global_batch_size=batch_size,
-                                                seed=0)))
+  batch = next(iter(pipeline.make_table_dataset(problem.train_table(),
+                                                global_batch_size=batch_size, seed=0)))
   soft_weight = jax.device_put(np.float32(config.sft.soft_weight), sharding.replicated(mesh))
   with jax.set_mesh(mesh):
     batch = pipeline.to_global(batch, sharding.batch_sharding(mesh))

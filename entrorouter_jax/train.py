@@ -76,6 +76,16 @@ class Problem:
   def feature_dim(self) -> int:
     return int(self.features['train'].shape[1])
 
+  def train_table(self) -> dict:
+    """Per training query, what the steps read besides tokens: Stage 0's
+    tables, the fold, and for the embeddings backbone the features, outcomes,
+    outcome mask and costs ({name: array[N_train, ...]})."""
+    table = dict(self.tables['train'], fold=self.folds)
+    if self.tokenizer is None:
+      table.update(features=self.features['train'], outcomes=self.train.outcomes,
+                   outcome_mask=self.train.outcome_mask, costs=self.train.costs)
+    return table
+
   def inputs(self, split: str, rows=None) -> dict:
     """The network's inputs for `split`'s queries (all, or `rows`): {'features'}
     (embeddings backbone) or {'tokens', 'token_mask'}."""
@@ -342,7 +352,14 @@ def make_selection_score(config, stage: str, graphdef, problem: Problem, mesh,
   c_bar = problem.tables['train']['c_bar'][rows]
   arrays = policy_arrays(problem.inputs('train', rows), problem.tables['train']['p_hat'][rows],
                          c_bar, 0.0)
-  by_member = [np.flatnonzero(member == j) for j in range(members)]
+  # The embeddings backbone's members are independent MLPs with stacked
+  # weights: each runs alone (its slice) on the rows it holds out, a 1/M share
+  # of the work of running every member on every row. A token backbone is one
+  # network: member 0, holding fold 0 out. Each member's rows are cut once here.
+  stacked = backbones.kind_of(config.model) == 'embeddings'
+  parts = [(j, idx, {k: v[idx] for k, v in arrays.items()})
+           for j, idx in enumerate(np.flatnonzero(member == j) for j in range(members))
+           if len(idx)] if stacked else [(0, np.arange(len(rows)), arrays)]
   cache = {}
 
   def held_out_outputs(nnx_state) -> np.ndarray:
@@ -350,19 +367,14 @@ def make_selection_score(config, stage: str, graphdef, problem: Problem, mesh,
     model_graphdef, params, score_mesh = scoring_params(graphdef, nnx_state, mesh)
     if 'forward' not in cache:
       cache['forward'] = make_member_forward(config, model_graphdef, score_mesh)
-    run = lambda p, idx: batched(cache['forward'], p, score_mesh, config.eval_batch_size,
-                                 {k: v[idx] for k, v in arrays.items()})['members']
-    if 'members' not in params:   # one network (token backbones): member 0 holds fold 0 out
-      return run(params, np.arange(len(rows)))[:, 0].astype(np.float64)
-    # The embeddings backbone's members are independent MLPs: each runs alone
-    # (its slice of the stacked weights) on the rows it holds out, a 1/M share
-    # of the work of running every member on every row.
     z = np.empty((len(rows), len(problem.model_names)), np.float64)
-    for j, idx in enumerate(by_member):
-      if len(idx):
+    for j, idx, part in parts:
+      one = params
+      if stacked:
         one = nnx.State(dict(params))
         one['members'] = jax.tree.map(lambda w: w[j:j + 1], params['members'])
-        z[idx] = run(one, idx)[:, 0]
+      z[idx] = batched(cache['forward'], one, score_mesh, config.eval_batch_size,
+                       part)['members'][:, 0]
     return z
 
   def score(nnx_state) -> float:
@@ -464,7 +476,6 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   _, schedule = make_optimizer(config, stage)
   compiled = {} if compiled is None else compiled
   graphdef, state, shardings = create_state(config, stage, problem, mesh, compiled)
-  extras = dict(problem.tables['train'], fold=problem.folds)
   seed = config.seed + STAGES.index(stage)
   batch_size = scaled_batch_size(stage_cfg.batch_size, problem.train.num_queries,
                                  sharding.batch_divisor(mesh))
@@ -475,14 +486,11 @@ def run_stage(config, stage: str, problem: Problem, mesh, workdir, writer: Metri
   read = dict(prefetch=config.data.get('prefetch', pipeline.PREFETCH),
               read_threads=config.data.get('read_threads', pipeline.READ_THREADS))
   if problem.tokenizer is None:   # everything the step reads is in memory
-    train = problem.train
-    dataset = pipeline.make_table_dataset(
-        dict(extras, features=problem.features['train'], outcomes=train.outcomes,
-             outcome_mask=train.outcome_mask, costs=train.costs),
-        global_batch_size=batch_size, seed=seed, **read)
+    dataset = pipeline.make_table_dataset(problem.train_table(), global_batch_size=batch_size,
+                                          seed=seed, **read)
   else:
     featurize = pipeline.Featurize(problem.tokenizer, config.data.max_len, config.data.truncate,
-                                   extras=extras)
+                                   extras=problem.train_table())
     dataset = pipeline.make_dataset(problem.builder.as_data_source(split='train'), featurize,
                                     global_batch_size=batch_size, seed=seed, **read)
   iterator = iter(dataset)

@@ -122,10 +122,7 @@ def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
 
 def _train_batches(problem, n):
   """The first `n` batches of 32 of the training table the recipe's steps read."""
-  dataset = pipeline.make_table_dataset(
-      dict(problem.tables['train'], fold=problem.folds, features=problem.features['train'],
-           outcomes=problem.train.outcomes, outcome_mask=problem.train.outcome_mask,
-           costs=problem.train.costs), global_batch_size=32, seed=0)
+  dataset = pipeline.make_table_dataset(problem.train_table(), global_batch_size=32, seed=0)
   return [dict(b) for b, _ in zip(iter(dataset), range(n))]
 
 
