@@ -15,6 +15,8 @@ One JSON object per figure, then a summary object last. The figures:
   route_encoder        its query encoder (MiniLM) alone, one query a call,
                        against the same checkpoint in PyTorch, and its floor:
                        the query's forward FLOPs at the matmul row's rate
+  embed                that encoder embedding a data set of long texts
+                       (batches of 64), against PyTorch
   train_loop           the default recipe's train.run_stage against its jitted
                        step alone: how much the loop around the step costs
                        (benchmarks/loop_speed.py)
@@ -61,6 +63,7 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
   big = s0.get(max(s0)) if s0 else {}
   fwd = by('routing_forward')
   encoder = next(iter(by('route_encoder')), {})
+  embed = next(iter(by('embed')), {})
   real = [f['recall'] for f in by('stage0_real_recall')]
   loop = next(iter(by('train_loop')), {})
   out = {'figure': 'summary', 'device': device, 'seconds': round(seconds, 1),
@@ -79,6 +82,8 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
          'route_encoder_ms_p50': encoder.get('latency_ms_p50'),
          'route_encoder_floor_ms_p50': encoder.get('floor_ms_p50'),
          'route_encoder_matmul_fraction': encoder.get('matmul_fraction'),
+         'embed_queries_per_s': embed.get('queries_per_s'),
+         'jax_over_torch_embed': embed.get('jax_over_torch'),
          'stage0_seconds_1m': s0.get(1_000_000, {}).get('seconds'),
          'stage0_recall': big.get('recall'),
          'stage0_real_recall_min': min(real) if real else None,
@@ -90,7 +95,8 @@ def summarize(figs: list[dict], device: str, seconds: float) -> dict:
   if device == 'cpu':
     ratios = [v for v in list(out['jax_over_torch_train_all'].values()) +
               list(out['jax_over_torch_route_forward'].values()) +
-              [out['jax_over_torch_route_encoder']] if v is not None]
+              [out['jax_over_torch_route_encoder'], out['jax_over_torch_embed']]
+              if v is not None]
     out['targets_met'] = {
         'route_latency_ms_p50 <= 5': _le(out['route_latency_ms_p50'], 5.0),
         'stage0_seconds_1m < 300': _le(out['stage0_seconds_1m'], 300.0),

@@ -94,3 +94,15 @@ def test_encoder_floor_counts_the_forward_at_each_querys_padded_width(monkeypatc
   assert np.isclose(fig['floor_ms_p50'], 1000 * forward_flops(16) / 1e11, rtol=1e-3)
   rates = [forward_flops(w) / s for w, s in zip((8, 16, 24), seconds)]
   assert np.isclose(fig['matmul_fraction'], np.median(rates) / 1e11, rtol=1e-3)
+
+
+def test_summary_counts_every_ratio_against_torch():
+  figs = [{'figure': 'route_encoder', 'batch': 1, 'latency_ms_p50': 7.0, 'jax_over_torch': 2.0,
+           'floor_ms_p50': 2.5, 'matmul_fraction': 0.35},
+          {'figure': 'embed', 'batch': 64, 'queries_per_s': 40.0, 'jax_over_torch': 0.9}]
+  summary = run.summarize(figs, 'cpu', 1.0)
+  assert summary['route_encoder_floor_ms_p50'] == 2.5
+  assert summary['jax_over_torch_embed'] == 0.9
+  assert summary['targets_met']['every jax_over_torch >= 1'] is False
+  figs[1]['jax_over_torch'] = 1.1
+  assert run.summarize(figs, 'cpu', 1.0)['targets_met']['every jax_over_torch >= 1'] is True
