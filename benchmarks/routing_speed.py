@@ -208,7 +208,7 @@ def embedding_figures(router, queries: list[str], texts: int = 256, rounds: int 
     return time.perf_counter() - start
 
   times = timing.alternate({name: (lambda run=run: timed(run)) for name, run in runs.items()},
-                           rounds, pause=float(os.environ.get('BENCH_PAUSE', train_speed.PAUSE)))
+                           rounds, pause=train_speed.pause())
   rate = {name: texts / float(np.median(t)) for name, t in times.items()}
   return [{'figure': 'embed', 'batch': step, 'texts': texts, 'rounds': rounds,
            'tokens_p50': int(np.median(mask.sum(1))),

@@ -102,6 +102,12 @@ ROUTING_BATCH = 256    # the throughput batch of the routing forward
 PAUSE = 0.5            # seconds of rest before each timed run of one side (timing.alternate)
 ROUTING_ROUNDS = 5     # rounds in which the routing forward's JAX and torch calls alternate
 
+
+def pause() -> float:
+  """Seconds of rest before each timed run (PAUSE, or the environment's BENCH_PAUSE)."""
+  return float(os.environ.get('BENCH_PAUSE', PAUSE))
+
+
 # Model dimensions (model.py's key names), batch and sequence length of each size.
 SIZES = {
     'tiny': dict(num_layers=2, d_model=128, num_heads=4, mlp_dim=512, batch=32, seq=64),
@@ -324,7 +330,7 @@ def train_figures(quick: bool, device: str, sizes: Optional[Sequence[str]] = Non
       steppers['torch'] = ref
     times = alternate({name: functools.partial(s.run, timing['steps'])
                        for name, s in steppers.items()}, timing['repeats'],
-                      pause=float(os.environ.get('BENCH_PAUSE', PAUSE)))
+                      pause=pause())
     torch_row = {'torch_samples_per_s': None}
     if ref is not None:
       step_s = statistics.median(times['torch'])
