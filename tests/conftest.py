@@ -55,3 +55,19 @@ def kill_then_rerun(cmd, marker: pathlib.Path, env, timeout: float = 300.0):
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   return subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------- serving ---
+@pytest.fixture(scope='session')
+def serve_workdir(tmp_path_factory):
+  """The tiny default-recipe router every serving test routes with (trained once)."""
+  import serving
+  return serving.train_tiny_router(tmp_path_factory.mktemp('serve'))
+
+
+@pytest.fixture(scope='session')
+def served(serve_workdir, tmp_path_factory):
+  """(base URL of `serve` on serve_workdir, its Upstreams, pool names, its log path)."""
+  import serving
+  with serving.running_server(serve_workdir, tmp_path_factory.mktemp('pool')) as server:
+    yield server

@@ -132,6 +132,40 @@ def test_route_cli_missing_checkpoint_and_bad_file(workdir, tmp_path):
   assert out.returncode == 2 and 'bad.jsonl:2' in out.stderr
 
 
+def test_read_queries_reads_ids_and_skips_blank_lines(tmp_path):
+  path = tmp_path / 'q.jsonl'
+  path.write_text('{"query": "first", "id": "a"}\n\n{"prompt": "sécond ✓"}\n')
+  assert route.read_queries(path) == (['a', 3], ['first', 'sécond ✓'])
+
+
+@pytest.mark.parametrize('line, fragments', [
+    ('not json', ['not valid JSON (Expecting value']),
+    ('["a list"]', ['expected a JSON object with a "query" field, got list']),
+    ('{"id": 7}', ['"query" is missing or empty']),
+    ('{"query": "hi", "id": NaN}', ['id is NaN', 'not a JSON number', 'expected a finite number']),
+    ('{"query": "hi", "id": 1e400}', ['id is 1e400', 'expected a finite number']),
+    ('{"query": "hi", "weight": -Infinity}', ['weight is -Infinity']),
+    ('{"query": "half a pair \\ud83d"}', ['query holds an invalid Unicode character',
+                                           'lone surrogate \\ud83d', 'expected valid UTF-8 text']),
+    ('{"query": "ok", "meta": {"tags": ["x", "\\udc00"]}}', ['meta.tags[1] holds']),
+])
+def test_read_queries_bad_lines_name_file_line_and_field(tmp_path, line, fragments):
+  path = tmp_path / 'q.jsonl'
+  path.write_text('{"query": "fine"}\n\n' + line + '\n{"query": "after"}\n')
+  with pytest.raises(router_lib.RouterError) as e:
+    route.read_queries(path)
+  for fragment in (f'{path}:3: ', *fragments):
+    assert fragment in str(e.value), (fragment, str(e.value))
+
+
+def test_read_queries_bytes_that_are_not_utf8_name_the_line(tmp_path):
+  path = tmp_path / 'q.jsonl'
+  path.write_bytes(b'{"query": "fine"}\n{"query": "caf\xe9"}\n')
+  with pytest.raises(router_lib.RouterError, match=r"q\.jsonl:2: byte 14 is not UTF-8 "
+                                                   r"\(b'\\xe9'\); expected UTF-8"):
+    route.read_queries(path)
+
+
 def test_device_search_finds_the_exact_neighbours_at_every_row_count(monkeypatch):
   import numpy as np
   from entrorouter_jax import capability

@@ -5,6 +5,7 @@ import collections
 import csv
 import json
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -397,6 +398,99 @@ def test_pool_layouts(tmp_path):
 def test_pool_bad_entries(tmp_path, text, fragments):
   path = write(tmp_path, 'pool.yaml', text)
   raises(lambda: readers.read_pool(path), 'pool.yaml', *fragments)
+
+
+# ---------------------------------------------------------------- invalid Unicode, non-standard JSON
+
+
+def test_csv_bytes_that_are_not_utf8_name_the_line(tmp_path):
+  path = tmp_path / 'bad.csv'
+  path.write_bytes(GOOD_HEADER.encode() + b'q1,1,0.1\ncaf\xe9 au lait,1,0.1\n')
+  raises(lambda: readers.read_wide(path), 'bad.csv:3:', "b'\\xe9'", 'column 4', 'not UTF-8',
+         'expected a UTF-8 text file')
+
+
+GOOD_LINE = '{"prompt": "fine", "m1": 1, "m1|total_cost": 0.1}\n'
+
+
+@pytest.mark.parametrize('line, fragments', [
+    ('{"prompt": "q2", "m1": NaN, "m1|total_cost": 0.1}', ['m1 is NaN', 'expected a finite number']),
+    ('{"prompt": "q2", "m1": 1, "m1|total_cost": Infinity}', ['m1|total_cost is Infinity']),
+    ('{"prompt": "q2", "m1": 1, "m1|total_cost": -1e400}', ['m1|total_cost is -1e400']),
+    ('{"prompt": "half \\ud83d", "m1": 1, "m1|total_cost": 0.1}',
+     ['prompt holds', 'lone surrogate', '\\ud83d', 'expected valid UTF-8 text']),
+    ('{"prompt": ["part", "\\udc00"], "m1": 1, "m1|total_cost": 0.1}', ['prompt[1] holds']),
+    ('{"prompt": "q2", "m1\\ud800": 1, "m1|total_cost": 0.1}', ['has a key', 'lone surrogate']),
+    ('{"prompt": "q2", "m1": 1,}', ['not valid JSON', 'line 1 column']),
+    ('["q2", 1, 0.1]', ['a JSON array', 'expected one JSON object']),
+])
+def test_jsonl_non_standard_json_and_lone_surrogates_name_line_and_field(tmp_path, line, fragments):
+  path = write(tmp_path, 'bad.jsonl', GOOD_LINE + '\n' + line + '\n')   # a blank line 2
+  raises(lambda: readers.read_wide(path), 'bad.jsonl:3:', *fragments)
+
+
+def test_jsonl_bytes_that_are_not_utf8_name_the_line(tmp_path):
+  path = tmp_path / 'bad.jsonl'
+  path.write_bytes(GOOD_LINE.encode() + b'{"query": "x", "model": "m1", "score": 1, "id": "\xff"}\n')
+  raises(lambda: readers.read_long(path), 'bad.jsonl:2:', "b'\\xff'", 'not UTF-8')
+
+
+def test_jsonl_frame_is_the_one_pandas_read_json_gives(tmp_path):
+  path = write(tmp_path, 'w.jsonl', '{"prompt": "a", "m1": 1, "m2": null, "t": true, "x": [1, "y"]}\n'
+                                    '\n{"prompt": "b\\u00e9", "m1": 0.25, "m2": 0.5, "t": null}\n'
+                                    '{"m1": 0.1, "prompt": "c", "extra": {"k": 2}, "n": 3}\n')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')   # pandas 3 deprecates convert_dates
+    expected = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+  pd.testing.assert_frame_equal(readers._read_table(path), expected, check_exact=True)
+
+
+def test_routerdc_non_standard_json_names_the_entry_and_field(tmp_path):
+  pool = [ModelInfo('a', 1, 1)]
+  path = tmp_path / 'gsm8k-test.json'
+  good = '{"question": "q", "scores": {"a": 1}}'
+  path.write_text(f'[{good},\n {good},\n {{"question": "q\\ud800", "scores": {{"a": 1}}}}]')
+  raises(lambda: readers.read_routerdc(path, pool=pool), 'gsm8k-test.json: [2].question',
+         'lone surrogate', 'expected valid UTF-8 text')
+  path.write_text(f'[{good}, {{"question": "q2", "scores": {{"a": NaN}}}}]')
+  raises(lambda: readers.read_routerdc(path, pool=pool), 'gsm8k-test.json: [1].scores.a is NaN',
+         'expected a finite number')
+  path.write_bytes(f'[{good},\n'.encode() + b' {"question": "\xe9t\xe9", "scores": {"a": 1}}]')
+  raises(lambda: readers.read_routerdc(path, pool=pool), 'gsm8k-test.json:2:', 'column 16',
+         'not UTF-8')
+  path.write_text(f'[{good},\n {good}')
+  raises(lambda: readers.read_routerdc(path, pool=pool), 'gsm8k-test.json: not valid JSON',
+         'line 2', 'expected a RouterDC list')
+
+
+def test_parquet_string_that_is_not_utf8_names_the_file(tmp_path):
+  pa = pytest.importorskip('pyarrow')
+  import pyarrow.parquet as pq
+  prompt = pa.Array.from_buffers(pa.string(), 1, [None, pa.py_buffer(np.array([0, 3], np.int32)),
+                                                  pa.py_buffer(b'ok\xff')])
+  pq.write_table(pa.table({'prompt': prompt, 'a': [1.0]}), tmp_path / 'bad.parquet')
+  raises(lambda: readers.read_wide(tmp_path / 'bad.parquet'), 'bad.parquet: row 1',
+         "column 'prompt'", "byte 2", "b'\\xff'", 'not UTF-8')
+  parts = pa.ListArray.from_arrays(pa.array([0, 1], pa.int32()), prompt)   # RouterBench's lists
+  pq.write_table(pa.table({'prompt': parts, 'a': [1.0]}), tmp_path / 'bad.parquet')
+  raises(lambda: readers.read_wide(tmp_path / 'bad.parquet'), 'bad.parquet',
+         'cannot read it as PARQUET')
+
+
+@pytest.mark.parametrize('name, data, fragments', [
+    ('pool.json', b'[{"name": "a", "price_in": NaN, "price_out": 1}]',
+     ['not a valid JSON model-pool file', '[0].price_in is NaN']),
+    ('pool.json', b'{"a\\ud800": {"price_in": 1, "price_out": 1}}',
+     ['not a valid JSON model-pool file', 'has a key', 'lone surrogate']),
+    ('pool.yaml', b'- {name: a, price_in: 1, price_out: 1}\n- {name: "b\\ud800", price_in: 1, '
+                  b'price_out: 1}\n', ['entry 2', 'field name', 'lone surrogate']),
+    ('pool.yaml', b'- {name: a, price_in: 1, price_out: 1}\n- {name: b\xe9, price_in: 1}\n',
+     ['pool.yaml:2:', "b'\\xe9'", 'column 11', 'not UTF-8']),
+])
+def test_pool_invalid_unicode_and_non_standard_json(tmp_path, name, data, fragments):
+  path = tmp_path / name
+  path.write_bytes(data)
+  raises(lambda: readers.read_pool(path), name, *fragments)
 
 
 # ---------------------------------------------------------------- dispatch

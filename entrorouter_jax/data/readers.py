@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import json
 import math
 import numbers
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from entrorouter_jax import strict_json
 from entrorouter_jax.data.dataset import DataError, ModelInfo, RoutingDataset
 from entrorouter_jax.data.splits import DEFAULT_FRACTIONS, split_by_id
 
@@ -120,17 +120,22 @@ def _pool_entries(path: pathlib.Path) -> list[tuple[str, dict]]:
     text = path.read_text(encoding='utf-8')
   except OSError as e:
     raise DataError(f'{path}: cannot read the model-pool file ({e.strerror})') from None
+  except UnicodeDecodeError:
+    _check_utf8(path)
+    raise
   suffix = path.suffix.lower()
   try:
     if suffix in ('.yaml', '.yml'):
       data = yaml.safe_load(text)
     elif suffix == '.json':
-      data = json.loads(text)
+      data = strict_json.loads(text)
     else:
       raise DataError(f'{path}: model-pool file has suffix {suffix!r}; '
                       'expected .yaml, .yml or .json')
-  except (yaml.YAMLError, json.JSONDecodeError) as e:
+  except yaml.YAMLError as e:
     raise DataError(f'{path}: not a valid {suffix[1:].upper()} model-pool file: {e}') from None
+  except strict_json.JsonError as e:
+    raise DataError(f'{path}: not a valid JSON model-pool file: {e.message}') from None
 
   if isinstance(data, dict) and set(data) == {'models'}:
     data = data['models']
@@ -151,6 +156,11 @@ def _pool_entries(path: pathlib.Path) -> list[tuple[str, dict]]:
                     'models, {models: [...]} or {name: {price_in, price_out}}')
   if not entries:
     raise DataError(f'{path}: the model pool is empty; expected at least one model')
+  for label, body in entries:
+    bad = strict_json.invalid_text(body)   # YAML's "\ud800" escapes decode to lone surrogates
+    if bad is not None:
+      raise DataError(f'{path}: {label}: field {bad[0]} holds an invalid Unicode character (a '
+                      f'lone surrogate at position {bad[1]}); expected valid UTF-8 text')
   names = [body.get('name') if isinstance(body, dict) else None for _, body in entries]
   dup = sorted({n for n in names if n is not None and names.count(n) > 1}, key=str)
   if dup:
@@ -329,11 +339,79 @@ def _source(paths) -> str:
   return ', '.join(str(p) for p in paths)
 
 
+def _check_utf8(path: pathlib.Path) -> None:
+  """DataError naming the line and column of the first byte of `path` that is not UTF-8."""
+  try:
+    strict_json.check_utf8_file(path)
+  except strict_json.JsonError as e:
+    raise DataError(str(e)) from None
+
+
+_JSON_TYPES = {dict: 'object', list: 'array', str: 'string', int: 'number', float: 'number',
+               bool: 'true/false', type(None): 'null'}
+
+
+def _read_jsonl(path: pathlib.Path) -> pd.DataFrame:
+  """A JSON-lines file as a frame, one row per non-blank line (a JSON object).
+
+  Strict JSON in UTF-8 (`strict_json`): bytes that are not UTF-8, NaN,
+  Infinity, numbers out of float range and escapes decoding to a lone
+  surrogate raise DataError naming the line and field. The frame is the one
+  pd.read_json(lines=True, dtype=False) gives for valid files: columns in
+  order of first appearance, missing cells (null or absent) NaN; but floats
+  are parsed exactly (pandas' parser may be 1 ulp off) and integers of any size.
+  """
+  records = []
+  try:
+    for lineno, record in strict_json.iter_jsonl(path):
+      if not isinstance(record, dict):
+        raise DataError(f'{path}:{lineno}: a JSON {_JSON_TYPES.get(type(record), "value")}; '
+                        'expected one JSON object ({"column": value, ...}) per line')
+      records.append(record)
+  except strict_json.JsonError as e:
+    raise DataError(str(e)) from None
+  frame = pd.DataFrame(records)
+  for column in frame.columns:
+    if frame[column].isna().any():
+      frame[column] = frame[column].fillna(np.nan)
+  return frame
+
+
+try:   # a Parquet list-of-strings cell that is not UTF-8 raises a bare ArrowException
+  from pyarrow.lib import ArrowException as _ArrowError
+except ImportError:  # pragma: no cover - pandas reads Parquet with pyarrow
+  _ArrowError = ValueError
+
+
+def _check_parquet_text(path: pathlib.Path, frame: pd.DataFrame) -> None:
+  """DataError naming the row and column of a Parquet string cell that is not UTF-8.
+
+  pandas keeps Parquet strings in Arrow, unchecked, until a cell is read (a
+  UnicodeDecodeError there); Arrow cannot hold a lone surrogate.
+  """
+  for column in frame.columns:
+    cells = frame[column].array
+    if not isinstance(cells, pd.arrays.ArrowStringArray):
+      continue
+    try:
+      cells.__arrow_array__().validate(full=True)
+    except ValueError as e:   # ArrowInvalid: "Invalid UTF8 sequence at string index i"
+      for i in range(len(cells)):
+        try:
+          cells[i]
+        except UnicodeDecodeError as bad:
+          raise DataError(f'{path}: row {i + 1}, column {column!r}: byte {bad.start} of the '
+                          f'text is not UTF-8 ({bad.object[bad.start:bad.start + 1]!r}); '
+                          'expected UTF-8 text') from None
+      raise DataError(f'{path}: column {column!r}: {e}; expected UTF-8 text') from None
+
+
 def _read_table(path: pathlib.Path) -> pd.DataFrame:
   """A CSV, JSONL or Parquet file as a frame with at least one row.
 
   CSV cells are read as text, unconverted ('NA' stays a query, not a missing
-  value); the cell parsers above decide what each column means.
+  value); the cell parsers above decide what each column means. Text must be
+  UTF-8 and JSON strict (see `_read_jsonl`); DataError names the line where not.
   """
   suffix = path.suffix.lower()
   if suffix not in TABLE_SUFFIXES:
@@ -341,15 +419,19 @@ def _read_table(path: pathlib.Path) -> pd.DataFrame:
                     f'expected one of {list(TABLE_SUFFIXES)}')
   if path.stat().st_size == 0:
     raise DataError(f'{path}: the file is empty; expected a header and at least one data row')
+  if suffix == '.csv':
+    _check_utf8(path)
   try:
     if suffix == '.csv':
       frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
     elif suffix == '.jsonl':
-      frame = pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+      frame = _read_jsonl(path)
     else:
       frame = pd.read_parquet(path)
-  except (ValueError, pd.errors.ParserError, OSError) as e:
+  except (ValueError, pd.errors.ParserError, OSError, _ArrowError) as e:
     raise DataError(f'{path}: cannot read it as {suffix[1:].upper()}: {e}') from None
+  if suffix == '.parquet':
+    _check_parquet_text(path, frame)
   if len(frame) == 0:
     raise DataError(f'{path}: no data rows; expected at least one row after the header')
   frame.columns = [str(c) for c in frame.columns]
@@ -816,11 +898,15 @@ def read_routerdc(paths, *, pool: Pool = None, models: Optional[Sequence[str]] =
 
 def _read_routerdc_file(path, prices, models, notes, assumed_output_tokens) -> _Rows:
   where = str(path)
+  _check_utf8(path)
   try:
-    entries = json.loads(path.read_text(encoding='utf-8'))
-  except json.JSONDecodeError as e:
-    raise DataError(f'{where}: not valid JSON ({e}); expected a RouterDC list of '
-                    '{"question", "scores"}') from None
+    entries = strict_json.loads(path.read_bytes())
+  except strict_json.JsonError as e:
+    # Syntax errors name their line and column; NaN, Infinity and lone
+    # surrogates the entry and field ([12].question), 0-based like the ids.
+    expected = ('; expected a RouterDC list of {"question", "scores"}'
+                if e.message.startswith('not valid JSON') else '')
+    raise DataError(f'{where}: {e.message}{expected}') from None
   if not isinstance(entries, list) or not entries:
     raise DataError(f'{where}: holds {_short(str(entries))}; expected a non-empty JSON list of '
                     '{"question", "scores": {model: score}}')

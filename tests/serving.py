@@ -1,0 +1,184 @@
+"""What the serving tests share: a tiny trained router, local upstreams, the server in a
+subprocess (conftest.py's `serve_workdir` and `served` fixtures run these once a session)."""
+
+import contextlib
+import http.server
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from configs import rl as rl_config
+from entrorouter_jax import train
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+TOKEN = 'test-token-3f9a'
+UPSTREAM_KEY = 'sk-upstream-secret-77c1'
+QUERIES = ['Prove that the sum of two even numbers is even.',
+           'Write a Python function that reverses a list.',
+           'Can my landlord keep the deposit for normal wear and tear?',
+           'What is 17 times 23?']
+
+
+def tiny_default_config(tmp_path):
+  """The default recipe (utility head, cross-fitted members) at a tiny size, TF-IDF only."""
+  config = rl_config.get_config()
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.data.synthetic.update(num_train=600, num_validation=50, num_test=200)
+  config.anchor.update(space='tfidf', dim=32, k=20)
+  config.model.update(members=2, hidden=32)
+  config.sft.update(num_steps=30, batch_size=32, soft_weight_choices='', select_every=10)
+  config.rl.update(num_steps=10, batch_size=32, select_every=5)
+  config.eval_batch_size = 64
+  return config
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Upstreams:
+  """One local HTTP server playing every pool model at /<slug>/v1/chat/completions.
+
+  `mode[slug]`: 'ok' (default), 'down' (503), 'slow' (answers after 10 s),
+  'reject' (400, the request's fault). `seen` records (slug, body, authorization).
+  """
+
+  def __init__(self):
+    self.mode, self.seen, self.lock = {}, [], threading.Lock()
+    outer = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = 'HTTP/1.1'
+      disable_nagle_algorithm = True   # headers and body in separate writes: no 40 ms stall
+
+      def log_message(self, *args):
+        pass
+
+      def do_POST(self):
+        m = re.fullmatch(r'/([^/]+)/v1/chat/completions', self.path)
+        body = json.loads(self.rfile.read(int(self.headers['content-length'])))
+        slug = m.group(1) if m else '?'
+        with outer.lock:
+          outer.seen.append((slug, body, self.headers.get('authorization')))
+        mode = outer.mode.get(slug, 'ok')
+        if mode == 'slow':
+          time.sleep(10)
+        if mode in ('down', 'reject') or not m:
+          status = 400 if mode == 'reject' else 503
+          data = json.dumps({'error': {'message': f'{slug} says {mode}', 'type': mode}}).encode()
+          self.send_response(status)
+          self.send_header('content-type', 'application/json')
+          self.send_header('content-length', str(len(data)))
+          self.end_headers()
+          self.wfile.write(data)
+          return
+        text = f'answer from {body["model"]}'
+        if body.get('stream'):
+          self.send_response(200)
+          self.send_header('content-type', 'text/event-stream')
+          self.send_header('connection', 'close')
+          self.end_headers()
+          for piece in ('answer ', 'from ', body['model']):
+            chunk = {'id': 'c1', 'object': 'chat.completion.chunk', 'created': 1,
+                     'model': body['model'], 'choices': [
+                         {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]}
+            self.wfile.write(f'data: {json.dumps(chunk)}\n\n'.encode())
+          self.wfile.write(b'data: [DONE]\n\n')
+          self.close_connection = True
+          return
+        data = json.dumps({
+            'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
+            'choices': [{'index': 0, 'finish_reason': 'stop',
+                         'message': {'role': 'assistant', 'content': text}}],
+            'usage': {'prompt_tokens': 3, 'completion_tokens': 3, 'total_tokens': 6}}).encode()
+        self.send_response(200)
+        self.send_header('content-type', 'application/json')
+        self.send_header('content-length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    http.server.ThreadingHTTPServer.request_queue_size = 1024  # hundreds connect at once
+    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+    self.server.daemon_threads = True
+    self.port = self.server.server_address[1]
+    threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+  def close(self):
+    self.server.shutdown()
+
+
+def slug(name: str) -> str:
+  return re.sub(r'[^a-z0-9]+', '-', name.lower())
+
+
+def train_tiny_router(tmp) -> pathlib.Path:
+  """Trains the tiny default-recipe router into tmp/run and returns that workdir."""
+  train.train_and_evaluate(tiny_default_config(tmp), tmp / 'run')
+  return tmp / 'run'
+
+
+@contextlib.contextmanager
+def running_server(workdir, tmp, *extra_flags):
+  """`python -m entrorouter_jax.serve` on `workdir` in a subprocess, every pool model's
+  base_url on one local Upstreams: yields (base URL, Upstreams, pool names, log path)."""
+  names = json.loads((workdir / 'router.json').read_text())['model_names']
+  upstreams = Upstreams()
+  pool = {n: {'price_in': 1.0, 'price_out': 1.0,
+              'base_url': f'http://127.0.0.1:{upstreams.port}/{slug(n)}/v1',
+              'upstream_model': f'up-{slug(n)}', 'api_key_env': 'UPSTREAM_KEY'} for n in names}
+  (tmp / 'pool.json').write_text(json.dumps(pool))
+  port = free_port()
+  log_path = tmp / 'serve.log'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ER_TOKEN=TOKEN, UPSTREAM_KEY=UPSTREAM_KEY)
+  with log_path.open('w') as log:
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
+         f'--pool={tmp / "pool.json"}', f'--port={port}', '--auth_token_env=ER_TOKEN',
+         '--upstream_timeout=2', '--max_wait_ms=20', '--max_batch=32', '--max_body_bytes=65536',
+         *extra_flags],
+        cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  base = f'http://127.0.0.1:{port}'
+  try:
+    deadline = time.time() + 240
+    while True:
+      try:
+        if httpx.get(f'{base}/healthz', timeout=2).status_code == 200:
+          break
+      except httpx.HTTPError:
+        pass
+      if proc.poll() is not None or time.time() > deadline:
+        proc.kill()
+        pytest.fail(f'the server did not come up: {log_path.read_text()[-3000:]}')
+      time.sleep(0.5)
+    yield base, upstreams, names, log_path
+  finally:
+    proc.terminate()
+    proc.wait(30)
+    upstreams.close()
+
+
+def auth():
+  return {'authorization': f'Bearer {TOKEN}'}
+
+
+def client(base):
+  import openai
+  return openai.OpenAI(base_url=f'{base}/v1', api_key=TOKEN, max_retries=0)
+
+
+def route_of(base, query, **extra):
+  r = httpx.post(f'{base}/v1/route', json={'query': query, **extra}, headers=auth())
+  assert r.status_code == 200, r.text
+  return r.json()
