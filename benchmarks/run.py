@@ -45,11 +45,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import (loop_speed, pipeline_speed, routing_speed, stage0_speed,  # noqa: E402
                         train_speed)
 
-# issue 11's targets on a 2-core CPU (GPU targets are checked by hand against RESULTS.md).
-CPU_TARGETS = {'route_latency_ms_p50': 5.0, 'stage0_seconds_1m': 300.0, 'stage0_recall': 0.95,
-               'jax_over_torch': 1.0}
-
-
 def summarize(figs: list[dict], device: str, seconds: float) -> dict:
   """The summary object: the headline figure of each kind and whether it meets its target."""
   by = lambda kind: [f for f in figs if f['figure'] == kind]

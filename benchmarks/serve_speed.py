@@ -21,15 +21,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.server
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -37,39 +34,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONCURRENCY = (1, 16, 64)
-
-
-def _instant_upstream() -> http.server.ThreadingHTTPServer:
-  reply = json.dumps({'id': 'b', 'object': 'chat.completion', 'created': 0, 'model': 'up',
-                      'choices': [{'index': 0, 'finish_reason': 'stop',
-                                   'message': {'role': 'assistant', 'content': 'ok'}}]}).encode()
-
-  class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-    disable_nagle_algorithm = True   # headers and body in separate writes: no 40 ms stall
-
-    def log_message(self, *args):
-      pass
-
-    def do_POST(self):
-      self.rfile.read(int(self.headers['content-length']))
-      self.send_response(200)
-      self.send_header('content-type', 'application/json')
-      self.send_header('content-length', str(len(reply)))
-      self.end_headers()
-      self.wfile.write(reply)
-
-  http.server.ThreadingHTTPServer.request_queue_size = 1024
-  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-  server.daemon_threads = True
-  threading.Thread(target=server.serve_forever, daemon=True).start()
-  return server
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 async def _load(client, url: str, bodies: list, concurrency: int) -> tuple[list, float]:
@@ -96,7 +60,7 @@ def _batches(text: str) -> tuple[float, float]:
 
 def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]:
   import httpx
-  from benchmarks import routing_speed
+  from benchmarks import fake_upstream, routing_speed
   from entrorouter_jax import router as router_lib
   tmp = tempfile.TemporaryDirectory()
   if workdir is None:
@@ -105,28 +69,19 @@ def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]
   names = router.model_names
   queries = routing_speed._queries(router, requests)
   del router
-  upstream = _instant_upstream()
-  up_url = f'http://127.0.0.1:{upstream.server_address[1]}/v1'
+  upstream = fake_upstream.Upstreams(record=False)
+  up_url = upstream.url('up')
   pool = os.path.join(tmp.name, 'pool.json')
   with open(pool, 'w') as f:
     json.dump({n: {'price_in': 1, 'price_out': 1, 'base_url': up_url} for n in names}, f)
-  port = _free_port()
+  port = fake_upstream.free_port()
   log = open(os.path.join(tmp.name, 'serve.log'), 'w')
   proc = subprocess.Popen([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
                            f'--pool={pool}', f'--port={port}', '--max_batch=64'],
                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   base = f'http://127.0.0.1:{port}'
-  started = time.time()
-  while True:
-    try:
-      if httpx.get(f'{base}/healthz', timeout=2).status_code == 200:
-        break
-    except httpx.HTTPError:
-      pass
-    if proc.poll() is not None or time.time() - started > 600:
-      proc.kill()
-      raise RuntimeError(f'the server did not start; see {log.name}')
-    time.sleep(0.5)
+  if not fake_upstream.wait_until_healthy(base, proc, 600):
+    raise RuntimeError(f'the server did not start; see {log.name}')
   ms = lambda v, p: round(1000 * float(np.percentile(v, p)), 3)
   out = []
 
@@ -161,7 +116,7 @@ def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]
   finally:
     proc.terminate()
     proc.wait(30)
-    upstream.shutdown()
+    upstream.close()
     log.close()
     tmp.cleanup()
   return out

@@ -4,7 +4,7 @@
 
 For each N: the seconds of the whole Stage-0 table (capability.knn_estimates,
 leave-one-out over N training rows, K = 11 models, k = 50) with
-anchor.search='auto' (exact up to capability.EXACT_MAX_ROWS rows, the
+anchor.search='auto' (exact up to neighbours.EXACT_MAX_ROWS rows, the
 approximate k-means-cell search above), and the recall@k of the search it used
 against exact neighbours on a sample of 1,000 rows. Exact at every N is timed
 where it is cheap (N <= 100k) and extrapolated as N^2 from the largest exact
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from entrorouter_jax import capability  # noqa: E402
+from entrorouter_jax import capability, neighbours  # noqa: E402
 
 K_MODELS, K = 11, 50
 SAMPLE = 1000
@@ -60,8 +60,8 @@ def recall_at_k(x, rows: np.ndarray, nprobe: int, k: int = K) -> float:
   """
   def without_self(found):
     return [f[f != r][:k] for f, r in zip(found, rows)]
-  exact = without_self(capability.neighbours(x[rows], x, k + 1, False, 'exact'))
-  approx = without_self(capability.neighbours(x[rows], x, k + 1, False, 'ivf', nprobe))
+  exact = without_self(neighbours.neighbours(x[rows], x, k + 1, False, 'exact'))
+  approx = without_self(neighbours.neighbours(x[rows], x, k + 1, False, 'ivf', nprobe))
   return float(np.mean([len(np.intersect1d(e, a)) / k for e, a in zip(exact, approx)]))
 
 
@@ -72,7 +72,7 @@ def stage0_figure(n: int, dim: int, nprobe: int, time_exact: bool) -> dict:
   outcomes = (rng.random((n, K_MODELS)) < 0.6).astype(np.float32)
   mask = np.ones_like(outcomes, bool)
   cost = rng.random((n, K_MODELS)).astype(np.float32)
-  search = 'exact' if n <= capability.EXACT_MAX_ROWS else 'ivf'
+  search = 'exact' if n <= neighbours.EXACT_MAX_ROWS else 'ivf'
   start = time.perf_counter()
   capability.knn_estimates(x, outcomes, mask, cost, None, k=K, prior='global',
                            search='auto', nprobe=nprobe)
@@ -83,7 +83,7 @@ def stage0_figure(n: int, dim: int, nprobe: int, time_exact: bool) -> dict:
   fig['recall'] = 1.0 if search == 'exact' else round(recall_at_k(x, rows, nprobe), 4)
   if time_exact and search != 'exact':
     start = time.perf_counter()
-    capability.neighbours(x, x, K, loo=True, search='exact')
+    neighbours.neighbours(x, x, K, loo=True, search='exact')
     fig['exact_seconds'] = round(time.perf_counter() - start, 2)
   return fig
 
@@ -99,10 +99,10 @@ def real_recall_figures(nprobe: int, min_rows: int = 5000) -> list[dict]:
     if len(x) < min_rows:
       continue
     start = time.perf_counter()
-    exact = capability.neighbours(x, x, K, True, 'exact')
+    exact = neighbours.neighbours(x, x, K, True, 'exact')
     exact_s = time.perf_counter() - start
     start = time.perf_counter()
-    approx = capability.neighbours(x, x, K, True, 'ivf', nprobe)
+    approx = neighbours.neighbours(x, x, K, True, 'ivf', nprobe)
     ivf_s = time.perf_counter() - start
     recall = np.mean([len(np.intersect1d(e, a)) / K for e, a in zip(exact, approx)])
     out.append({'figure': 'stage0_real_recall', 'table': os.path.basename(path), 'n': len(x),

@@ -101,7 +101,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   anchor.k = 50                      # neighbours
   anchor.alpha = 5.0                 # Beta-prior strength of the shrinkage
   # Neighbour search: exact | ivf (approximate: exact within the k-means cells
-  # nearest each query's; capability.neighbours) | auto (exact up to 50k
+  # nearest each query's; neighbours.py) | auto (exact up to 50k
   # training rows, ivf above, where exact's N^2 cost starts to dominate).
   anchor.search = 'auto'
   anchor.nprobe = 8                  # ivf: k-means cells searched per query

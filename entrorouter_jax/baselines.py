@@ -1,7 +1,7 @@
 """Baseline routers on the Stage-0 features (METHOD.md, "Evaluation": baselines).
 
 All baselines see the same query representation as the Stage-0 anchor (the
-`capability.TfidfSpace` features of the training and evaluated splits), so
+`features.TfidfSpace` features of the training and evaluated splits), so
 the comparison with the policy is about the router, not the features.
 
 A score router holds, for every evaluated query x and model m of the pool (K

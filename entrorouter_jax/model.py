@@ -1,11 +1,17 @@
 """Router policy network f_theta in flax NNX.
 
-Maps a query to one output per candidate LLM in the pool, `float32[B, K]`:
-either from its frozen embedding (model.backbone='embeddings': M member MLPs,
-`float32[M, B, K]` before they are averaged), or from its tokens through a
-small pre-LN transformer encoder (or a pretrained backbone) and a K-way head,
-optionally conditioned on the cost weight lambda. How the outputs become the
-policy (softmax head or utility head) is entrorouter_jax/policy.py's business.
+Maps a query to one output per candidate LLM in the pool, `float32[B, K]`, by
+one of two networks (`build` / `RouterModel(model_cfg, ...)` picks by
+model.backbone):
+  EmbeddingsRouter  from the query's frozen embedding ('embeddings'): M member
+                    MLPs, `float32[M, B, K]` before they are averaged;
+  TokenRouter       from its tokens through a small pre-LN transformer encoder
+                    ('scratch', built here from Attention / Mlp / Block) or a
+                    pretrained backbone, and a K-way head, optionally
+                    conditioned on the cost weight lambda.
+Both derive from `Router` (settings, call convention, the utility head's
+temperature). How the outputs become the policy (softmax head or utility head)
+is entrorouter_jax/policy.py's business.
 
 Sharding: every parameter carries logical axis names (stored by
 `nnx.with_partitioning` as the Variable metadata key `out_sharding`, readable as
@@ -13,7 +19,8 @@ Sharding: every parameter carries logical axis names (stored by
 gives a PartitionSpec pytree in logical names, or in mesh axes when called
 inside `flax.linen.logical_axis_rules(rules)`). Names used: 'vocab', 'embed',
 'mlp', 'heads', 'kv' (per-head dim), 'position', 'models' (the K outputs),
-'cond' (lambda features) and 'members' (the embeddings backbone's members). 'batch' / 'length' are left for activations.
+'cond' (lambda features) and 'members' (the embeddings backbone's members);
+'batch' / 'length' are left for activations.
 flax 0.12 shards annotated Variables eagerly at creation, which needs a mesh;
 the model therefore only does so when an (abstract) mesh is active and
 otherwise just records the names, so it builds on a plain CPU as well.
@@ -227,19 +234,18 @@ class MemberMlp(nnx.Module):
     return jnp.einsum('mbh,mhk->mbk', h, self.w2[...]) + self.b2[...][:, None]
 
 
-class RouterModel(nnx.Module):
-  """Encoder -> pooled query vector (+ lambda conditioning) -> K logits.
+class Router(nnx.Module):
+  """What the two routers share: the head kind and its temperature, the members'
+  count, the compute dtype, dropout / input noise and the call convention.
 
-  The encoder is this module's own (model.backbone='scratch') or a pretrained
-  one from entrorouter_jax.backbones ('hf_encoder', 'hf_decoder'), kept under
-  `self.backbone` so that its parameters sit apart ('backbone/...') for
-  loading, freezing and their own learning rate.
+  `__call__` returns the outputs averaged over the members (or per member); a
+  subclass computes them per member in `_outputs`.
   """
 
-  def __init__(self, model_cfg, *, vocab_size: int, max_len: int, num_models: int,
-               rngs: nnx.Rngs, feature_dim: int | None = None):
+  def _setup(self, model_cfg, kind: str, rngs: nnx.Rngs) -> None:
+    """Checks the settings both routers read and keeps them; the utility head's
+    log-temperature is created here (call under the eager-sharding context)."""
     from entrorouter_jax import backbones
-    kind = backbones.kind_of(model_cfg)
     self.kind = kind
     head = model_cfg.get('head', 'softmax')
     if head not in HEADS:
@@ -257,44 +263,111 @@ class RouterModel(nnx.Module):
         raise ValueError(f'model.{name}={value!r}; valid: {valid}'
                          + (f' (model.backbone={kind!r})' if name == 'pooling' else ''))
     self.dtype = _DTYPES[dtype_name]
-    self.positions, self.pooling, self.max_len = positions, pooling, max_len
+    self.positions, self.pooling = positions, pooling
     self.lambda_conditioned = bool(model_cfg.get('lambda_conditioned', False))
     self.freeze_backbone = (bool(model_cfg.get('freeze_backbone', False))
                             and kind in backbones.PRETRAINED)
-    self.dropout_rate = dropout = float(model_cfg.get('dropout', 0.0))
+    self.dropout_rate = float(model_cfg.get('dropout', 0.0))
     self.input_noise = float(model_cfg.get('input_noise', 0.0))
+    if head == 'utility':
+      # log T of pi = softmax((s - lambda c_bar) / T), learned (the entropy
+      # controller acts on it in RL).
+      t0 = float(model_cfg.get('temperature', 0.1))
+      if not t0 > 0:
+        raise ValueError(f'model.temperature={t0}; expected > 0')
+      self.log_temperature = nnx.Param(
+          nnx.with_partitioning(nnx.initializers.constant(math.log(t0)), ())(
+              rngs.params(), (), jnp.float32))
 
-    # Eager sharding (flax default) needs a mesh; without one, only record names.
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    with nnx.use_eager_sharding(eager):
-      if head == 'utility':
-        # log T of pi = softmax((s - lambda c_bar) / T), learned (the entropy
-        # controller acts on it in RL).
-        t0 = float(model_cfg.get('temperature', 0.1))
-        if not t0 > 0:
-          raise ValueError(f'model.temperature={t0}; expected > 0')
-        self.log_temperature = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.constant(math.log(t0)), ())(
-                rngs.params(), (), jnp.float32))
-      if kind == 'embeddings':
-        if feature_dim is None:
-          raise ValueError('model.backbone=embeddings needs the feature dimension of '
-                           'anchor.space (feature_dim)')
-        if self.lambda_conditioned:
-          raise ValueError('model.lambda_conditioned needs a token backbone; with '
-                           'model.backbone=embeddings use model.head=utility, which takes '
-                           'lambda exactly')
-        self.backbone = None
-        self.members = MemberMlp(int(feature_dim), int(model_cfg.get('hidden', 256)),
-                                 num_models, self.num_members, dropout=dropout, rngs=rngs)
-        return
+  def __call__(self, tokens, token_mask, cost_weight=None, *, features=None,
+               deterministic: bool = True, rngs=None, members: bool = False):
+    """tokens int32[B, L], token_mask bool[B, L], cost_weight float32[B] | None;
+    features float32[B, D] for the embeddings backbone (tokens are then unused).
+
+    Returns the outputs f(x) float32[B, num_models], averaged over the members,
+    or float32[M, B, num_models] per member with `members=True` (M = 1 for token
+    backbones). With deterministic=False (and dropout or input noise > 0) `rngs`
+    must be an nnx.Rngs with a 'dropout' (or default) stream, or a jax PRNG key.
+    """
+    if isinstance(rngs, jax.Array):
+      rngs = nnx.Rngs(dropout=rngs)  # one stream -> a fresh subkey per dropout site
+    elif rngs is not None and not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f'rngs must be an nnx.Rngs or a PRNG key, got {type(rngs)}')
+    if not deterministic and rngs is None and (self.dropout_rate > 0 or self.input_noise > 0):
+      raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout '
+                       '(and input noise)')
+    out = self._outputs(tokens, token_mask, cost_weight, features, deterministic, rngs)
+    return out if members else out.mean(axis=0)
+
+  def _outputs(self, tokens, token_mask, cost_weight, features, deterministic, rngs):
+    """-> float32[M, B, K]."""
+    raise NotImplementedError
+
+  def temperature(self):
+    """T of the utility head (a float32 scalar)."""
+    return jnp.exp(self.log_temperature[...])
+
+
+def _eager_sharding() -> bool:
+  """Eager sharding (flax default) needs a mesh; without one, only record names."""
+  return nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+
+
+class EmbeddingsRouter(Router):
+  """model.backbone='embeddings': M member MLPs on Stage 0's frozen query
+  embeddings (`features`), float32[M, B, K]; it reads no tokens."""
+
+  def __init__(self, model_cfg, *, num_models: int, feature_dim: int | None, rngs: nnx.Rngs):
+    with nnx.use_eager_sharding(_eager_sharding()):
+      self._setup(model_cfg, 'embeddings', rngs)
+      if feature_dim is None:
+        raise ValueError('model.backbone=embeddings needs the feature dimension of '
+                         'anchor.space (feature_dim)')
+      if self.lambda_conditioned:
+        raise ValueError('model.lambda_conditioned needs a token backbone; with '
+                         'model.backbone=embeddings use model.head=utility, which takes '
+                         'lambda exactly')
+      self.backbone = None
+      self.members = MemberMlp(int(feature_dim), int(model_cfg.get('hidden', 256)),
+                               num_models, self.num_members, dropout=self.dropout_rate,
+                               rngs=rngs)
+
+  def _outputs(self, tokens, token_mask, cost_weight, features, deterministic, rngs):
+    del tokens, token_mask, cost_weight   # lambda enters through the utility head
+    if features is None or features.ndim != 2:
+      raise ValueError('model.backbone=embeddings needs features float32[B, D]')
+    x = features.astype(jnp.float32)
+    if not deterministic and self.input_noise > 0:
+      x = x + self.input_noise * jax.random.normal(rngs.dropout(), x.shape, x.dtype)
+    return self.members(x, deterministic, rngs).astype(jnp.float32)
+
+
+class TokenRouter(Router):
+  """Encoder -> pooled query vector (+ lambda conditioning) -> K logits.
+
+  The encoder is this module's own (model.backbone='scratch') or a pretrained
+  one from entrorouter_jax.backbones ('hf_encoder', 'hf_decoder'), kept under
+  `self.backbone` so that its parameters sit apart ('backbone/...') for
+  loading, freezing and their own learning rate.
+  """
+
+  def __init__(self, model_cfg, *, vocab_size: int, max_len: int, num_models: int,
+               rngs: nnx.Rngs):
+    from entrorouter_jax import backbones
+    kind = backbones.kind_of(model_cfg)
+    if kind == 'embeddings':
+      raise ValueError('model.backbone=embeddings reads no tokens: build an EmbeddingsRouter')
+    self.max_len = max_len
+    with nnx.use_eager_sharding(_eager_sharding()):
+      self._setup(model_cfg, kind, rngs)
       if kind == 'scratch':
         self.backbone = None
         dims = model_dims(model_cfg)
-        self._build_encoder(model_cfg, dims, vocab_size, max_len, dropout, rngs)
+        self._build_encoder(model_cfg, dims, vocab_size, max_len, self.dropout_rate, rngs)
         d = dims['d_model']
       else:
-        self.backbone = backbones.build(model_cfg, dtype=self.dtype, dropout=dropout, rngs=rngs)
+        self.backbone = backbones.build(model_cfg, dtype=self.dtype, dropout=self.dropout_rate,
+                                        rngs=rngs)
         limit = backbones.backbone_config(model_cfg).max_positions
         if max_len > limit:
           raise ValueError(f'data.max_len={max_len} exceeds the backbone\'s {limit} positions '
@@ -387,39 +460,8 @@ class RouterModel(nnx.Module):
     """
     return self._encode(tokens, token_mask, True, None)
 
-  def __call__(self, tokens, token_mask, cost_weight=None, *, features=None,
-               deterministic: bool = True, rngs=None, members: bool = False):
-    """tokens int32[B, L], token_mask bool[B, L], cost_weight float32[B] | None;
-    features float32[B, D] for the embeddings backbone (tokens are then unused).
-
-    Returns the outputs f(x) float32[B, num_models], averaged over the members,
-    or float32[M, B, num_models] per member with `members=True` (M = 1 for token
-    backbones). With deterministic=False (and dropout or input noise > 0) `rngs`
-    must be an nnx.Rngs with a 'dropout' (or default) stream, or a jax PRNG key.
-    """
-    out = self._outputs(tokens, token_mask, cost_weight, features, deterministic, rngs)
-    return out if members else out.mean(axis=0)
-
-  def temperature(self):
-    """T of the utility head (a float32 scalar)."""
-    return jnp.exp(self.log_temperature[...])
-
   def _outputs(self, tokens, token_mask, cost_weight, features, deterministic, rngs):
-    """-> float32[M, B, K]."""
-    if isinstance(rngs, jax.Array):
-      rngs = nnx.Rngs(dropout=rngs)  # one stream -> a fresh subkey per dropout site
-    elif rngs is not None and not isinstance(rngs, nnx.Rngs):
-      raise TypeError(f'rngs must be an nnx.Rngs or a PRNG key, got {type(rngs)}')
-    if not deterministic and rngs is None and (self.dropout_rate > 0 or self.input_noise > 0):
-      raise ValueError('deterministic=False needs rngs=nnx.Rngs(dropout=key) for dropout '
-                       '(and input noise)')
-    if self.kind == 'embeddings':
-      if features is None or features.ndim != 2:
-        raise ValueError('model.backbone=embeddings needs features float32[B, D]')
-      x = features.astype(jnp.float32)
-      if not deterministic and self.input_noise > 0:
-        x = x + self.input_noise * jax.random.normal(rngs.dropout(), x.shape, x.dtype)
-      return self.members(x, deterministic, rngs).astype(jnp.float32)
+    del features
     if self.lambda_conditioned and cost_weight is None:
       raise ValueError('this router is lambda-conditioned: pass cost_weight float32[B]')
     h = self._encode(tokens, token_mask, deterministic, rngs)
@@ -427,3 +469,19 @@ class RouterModel(nnx.Module):
       cond = self.cond_out(jax.nn.gelu(self.cond_in(self.lambda_features(cost_weight))))
       h = h + cond
     return self.head(self.head_ln(h)).astype(jnp.float32)[None]
+
+
+def build(model_cfg, *, vocab_size: int, max_len: int, num_models: int, rngs: nnx.Rngs,
+          feature_dim: int | None = None) -> Router:
+  """The router `model_cfg.backbone` names: an EmbeddingsRouter for 'embeddings'
+  (which needs `feature_dim`, the width of anchor.space), else a TokenRouter."""
+  from entrorouter_jax import backbones
+  if backbones.kind_of(model_cfg) == 'embeddings':
+    return EmbeddingsRouter(model_cfg, num_models=num_models, feature_dim=feature_dim,
+                            rngs=rngs)
+  return TokenRouter(model_cfg, vocab_size=vocab_size, max_len=max_len, num_models=num_models,
+                     rngs=rngs)
+
+
+# The constructor callers use: `RouterModel(model_cfg, ...)` builds whichever router fits.
+RouterModel = build

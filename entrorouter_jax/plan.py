@@ -49,15 +49,6 @@ def _mesh_sizes(mesh) -> dict:
   return {name: int(size) for name, size in dict(mesh.shape).items()}
 
 
-def _split_factor(spec, mesh_sizes: dict) -> int:
-  """How many devices one array's PartitionSpec splits it over (1 = replicated)."""
-  factor = 1
-  for axes in spec:
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    factor *= math.prod(mesh_sizes[a] for a in names)
-  return factor
-
-
 def _per_device_bytes(leaf, named_sharding, mesh_sizes: dict) -> int:
   """Bytes one device holds of `leaf` (ceil per dimension, like XLA's shard shape)."""
   spec = tuple(named_sharding.spec) + (None,) * (len(leaf.shape) - len(named_sharding.spec))

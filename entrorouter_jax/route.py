@@ -28,7 +28,6 @@ import pathlib
 import sys
 from typing import Optional
 
-import numpy as np
 from absl import app, flags
 
 from entrorouter_jax import router as router_lib
@@ -37,31 +36,13 @@ from entrorouter_jax import strict_json
 FLAGS = flags.FLAGS
 
 
-def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
-           fallback: Optional[int] = None, min_confidence: float = 0.0):
-  """The routing rule: indices int[N] and whether the fallback fired, bool[N]."""
-  if not 0.0 < threshold <= 1.0:
-    raise router_lib.RouterError(f'--threshold={threshold}; expected a value in (0, 1]')
-  eligible = probs >= threshold * probs.max(axis=1, keepdims=True)
-  choice = np.argmin(np.where(eligible, model_costs[None, :], np.inf), axis=1)
-  fell_back = np.zeros(len(probs), bool)
-  if fallback is not None:
-    fell_back = probs.max(axis=1) < min_confidence
-    choice = np.where(fell_back, fallback, choice)
-  return choice, fell_back
-
-
 def route_records(router: router_lib.Router, queries, cost_weight=None, threshold=None,
                   fallback_model: Optional[str] = None, min_confidence: float = 0.0):
   """One result dict per query. cost_weight / threshold None: the router's
   defaults (DIR/calibration.json's where `calibrate` wrote one)."""
   threshold = router.default_threshold if threshold is None else threshold
-  if cost_weight is not None and not router.moves_with_cost_weight:
-    raise router_lib.RouterError(
-        '--cost_weight needs the utility head (model.head=utility) or a lambda-conditioned '
-        'router; use --threshold to trade cost for quality')
-  if cost_weight is not None and cost_weight < 0:
-    raise router_lib.RouterError(f'--cost_weight={cost_weight}; expected a value >= 0')
+  if cost_weight is not None:
+    cost_weight = router.check_cost_weight(cost_weight, '--cost_weight')
   fallback = None
   if fallback_model is not None:
     if fallback_model not in router.model_names:
@@ -69,7 +50,8 @@ def route_records(router: router_lib.Router, queries, cost_weight=None, threshol
                                    f'expected one of {router.model_names}')
     fallback = router.model_names.index(fallback_model)
   probs = router.probs(queries, cost_weight)
-  choice, fell_back = choose(probs, router.model_costs, threshold, fallback, min_confidence)
+  choice, fell_back = router_lib.choose(probs, router.model_costs, threshold, fallback,
+                                       min_confidence)
   return [{'model': router.model_names[c], 'probability': float(p[c]),
            'fallback': bool(f),
            'distribution': {name: float(v) for name, v in zip(router.model_names, p)}}
@@ -108,7 +90,8 @@ def route_file(router, input_path, output_path, batch_size=256, **knobs) -> int:
   ids, queries = read_queries(pathlib.Path(input_path))
   output_path = pathlib.Path(output_path)
   output_path.parent.mkdir(parents=True, exist_ok=True)
-  with output_path.open('w', encoding='utf-8') as out, tqdm(total=len(queries), unit='query') as bar:
+  with output_path.open('w', encoding='utf-8') as out, \
+       tqdm(total=len(queries), unit='query') as bar:
     for start in range(0, len(queries), batch_size):
       chunk = queries[start:start + batch_size]
       for i, result in zip(ids[start:start + batch_size], route_records(router, chunk, **knobs)):

@@ -8,17 +8,16 @@ A training run leaves in its workdir: config.json, tokenizer.model (token
 backbones), stage0.pkl (the query space and the training table of Stage 0),
 router.json (model names, strongest model, c_ref, mean normalised cost per
 model, final stage, feature size) and the checkpoints; this module needs
-nothing else, and imports nothing of the trainer. `python -m
-entrorouter_jax.calibrate` may add calibration.json: the cost weight (or
-threshold) that hits a budget on a traffic sample, which routing then uses by
-default.
+nothing else, and imports nothing of the trainer (workdir.py reads those
+files). `python -m entrorouter_jax.calibrate` may add calibration.json: the
+cost weight (or threshold) that hits a budget on a traffic sample, which
+routing then uses by default.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import pickle
+import numbers
 from typing import Optional, Sequence
 
 import jax
@@ -28,16 +27,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import capability, features, paths, sharding, state as state_lib
+from entrorouter_jax import capability, paths, sharding, state as state_lib
+from entrorouter_jax import workdir as workdir_lib
+from entrorouter_jax import neighbours
 from entrorouter_jax.layers import bucket, width_bucket, width_buckets
 from entrorouter_jax.policy import batched, is_utility, make_forward, policy_arrays
-
-
-CALIBRATION = 'calibration.json'
-
-
-class RouterError(RuntimeError):
-  """A workdir or request the router cannot serve (missing checkpoint, unknown model...)."""
+from entrorouter_jax.workdir import RouterError, load_stage0, read_calibration
 
 
 @dataclasses.dataclass
@@ -52,7 +47,7 @@ class Router:
   params: object
   mesh: object
   forward: object
-  stage0: Optional[dict] = None  # query space + training table, where routing needs them
+  stage0: Optional[workdir_lib.Stage0] = None  # where routing needs Stage 0
   calibration: Optional[dict] = None  # DIR/calibration.json: {'cost_weight'} or {'threshold'}
   _knn: Optional[capability.KnnTable] = dataclasses.field(default=None, repr=False)
 
@@ -62,7 +57,7 @@ class Router:
 
   def features(self, queries: Sequence[str]) -> np.ndarray:
     """Stage 0's query space for new queries: float32[N, D]."""
-    return self.stage0['space'].transform(list(queries))
+    return self.stage0.space.transform(list(queries))
 
   def anchor_tables(self, queries: Sequence[str], feats=None):
     """(p_hat, c_bar) float32[N, K] for new queries: Stage 0's kNN over the
@@ -79,9 +74,9 @@ class Router:
     if self._knn is None:
       s0, anchor = self.stage0, self.config.anchor
       self._knn = capability.KnnTable(
-          s0['train_feats'], s0['train_outcomes'], s0['train_mask'], s0['train_cost_hat'],
-          s0['train_tasks'], k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
-          **capability.search_settings(anchor))
+          s0.train_feats, s0.train_outcomes, s0.train_mask, s0.train_cost_hat,
+          s0.train_tasks, k=anchor.k, alpha=anchor.alpha, prior=anchor.prior,
+          **neighbours.search_settings(anchor))
       if self._knn.search == 'exact':   # ivf scores its cells in NumPy: no device copy
         self._knn.exact_search = device_neighbours(self._knn.x)
     return self._knn
@@ -156,7 +151,7 @@ class Router:
 
   @property
   def default_threshold(self) -> float:
-    """The threshold rule's default (route.choose): calibrated, else 1 (the top model)."""
+    """The threshold rule's default (`choose`): calibrated, else 1 (the top model)."""
     if self.calibration and self.calibration.get('threshold') is not None:
       return float(self.calibration['threshold'])
     return 1.0
@@ -166,10 +161,44 @@ class Router:
     """Whether lambda moves this router along its curve (utility head or lambda input)."""
     return is_utility(self.config) or bool(self.config.model.lambda_conditioned)
 
+  def check_cost_weight(self, value, name: str = 'cost_weight') -> float:
+    """`value` as a cost weight lambda to route at: a finite number >= 0 (not a bool) for a
+    router that lambda moves; RouterError naming `name` (a field or a flag) otherwise."""
+    number = None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+      try:
+        number = float(value)
+      except OverflowError:   # an integer beyond float's range
+        number = None
+    if number is None or not np.isfinite(number) or number < 0:
+      shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + '...'
+      raise RouterError(f'{name} is {shown}; expected a finite number >= 0')
+    if not self.moves_with_cost_weight:
+      raise RouterError(f'{name} needs a router with the utility head or a lambda-conditioned '
+                        'one; this router routes by threshold')
+    return number
+
+
+def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
+           fallback: Optional[int] = None, min_confidence: float = 0.0):
+  """The routing rule over pi(m|x) float[N, K]: the cheapest model whose probability is at
+  least `threshold` x the top one (1: the top model), or `fallback` where the top
+  probability is below `min_confidence`. Returns the indices int[N] and whether the
+  fallback fired, bool[N]."""
+  if not 0.0 < threshold <= 1.0:
+    raise RouterError(f'--threshold={threshold}; expected a value in (0, 1]')
+  eligible = probs >= threshold * probs.max(axis=1, keepdims=True)
+  choice = np.argmin(np.where(eligible, model_costs[None, :], np.inf), axis=1)
+  fell_back = np.zeros(len(probs), bool)
+  if fallback is not None:
+    fell_back = probs.max(axis=1) < min_confidence
+    choice = np.where(fell_back, fallback, choice)
+  return choice, fell_back
+
 
 def device_neighbours(train_feats):
   """(q float32[b, D], k) -> int[b, k]: the exact k nearest training rows of
-  each query, as capability.exact_neighbours finds them, computed on the
+  each query, as neighbours.exact_neighbours finds them, computed on the
   default JAX device against copies of the training features.
 
   One query (what a router waits for on the request path) is screened: its
@@ -177,7 +206,7 @@ def device_neighbours(train_feats):
   table, so a float16 copy halves the time, and XLA keeps the w = min(N,
   2k + 16) best rows (lax.top_k). Query and table are first scaled to norm
   <= 1 (a positive scale keeps the query's order), so each screened similarity
-  is within capability.half_precision_error(D) of the exact one; capability.
+  is within neighbours.half_precision_error(D) of the exact one; neighbours.
   screened_neighbours reranks the rows the screen cannot rule out by their
   exact float32 similarity, or searches exactly where the w rows do not
   provably hold them all (many near-ties). Batches take a float32 product on
@@ -195,7 +224,7 @@ def device_neighbours(train_feats):
   x32 = jax.device_put(x)
   x_scale = float(np.linalg.norm(x, axis=1).max()) or 1.0
   x16 = jax.device_put((x / x_scale).astype(np.float16))
-  eps = capability.half_precision_error(dim) * (1 + 2.0 ** -16)   # norms rounded a hair past 1
+  eps = neighbours.half_precision_error(dim) * (1 + 2.0 ** -16)   # norms rounded a hair past 1
   product = jax.jit(lambda q, x: jnp.dot(q, x.T, precision=jax.lax.Precision.HIGHEST))
   screens = {}
 
@@ -215,10 +244,10 @@ def device_neighbours(train_feats):
   def search(q, k: int):
     q = np.asarray(q, np.float32)
     if len(q) != 1:
-      return capability.exact_neighbours(q, x, k, similarities)
+      return neighbours.exact_neighbours(q, x, k, similarities)
     norm = float(np.linalg.norm(q))
     vals, idx = screen(min(n, 2 * k + 16))(q / (norm if norm > 0 else 1.0), x16)
-    return capability.screened_neighbours(q, x, np.asarray(vals), np.asarray(idx), k, eps,
+    return neighbours.screened_neighbours(q, x, np.asarray(vals), np.asarray(idx), k, eps,
                                           similarities)
 
   return search
@@ -234,8 +263,8 @@ def warm_up_words(max_tokens: int) -> list[int]:
 
 def final_checkpoint(workdir, config) -> tuple:
   """The checkpoint directory and step of the last stage that has one."""
-  for stage in reversed([s.strip() for s in config.stages.split(',') if s.strip()]):
-    path = state_lib.stage_checkpoints(workdir, stage)
+  for stage in reversed(workdir_lib.stage_names(config)):
+    path = workdir_lib.stage_checkpoints(workdir, stage)
     if path.is_dir():
       manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
       if manager.latest_step() is not None:
@@ -254,62 +283,29 @@ def needs_stage0(config) -> bool:
 def load_router(workdir, mesh=None) -> Router:
   """Loads the router a training run left in `workdir`."""
   workdir = paths.as_path(workdir)
-  info_path = workdir / 'router.json'
-  for path in (workdir / 'config.json', info_path):
-    if not path.is_file():
-      raise RouterError(f'{workdir}: {path.name} is missing; expected the workdir of a '
-                        'finished training run (python -m entrorouter_jax.train --workdir=...)')
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  info = json.loads(info_path.read_text())
+  missing = workdir_lib.missing_run_files(workdir)
+  if missing:
+    raise RouterError(f'{workdir}: {missing[0].name} is missing; expected the workdir of a '
+                      'finished training run (python -m entrorouter_jax.train --workdir=...)')
+  config = workdir_lib.read_config(workdir)
+  info = workdir_lib.read_router_info(workdir)
   try:
     tok = state_lib.load_tokenizer(config, workdir)
   except FileNotFoundError as e:
     raise RouterError(f'{workdir}: {e}; expected the workdir of a finished training run') from e
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
-  names = info['model_names']
+  names = info.model_names
 
   path, step = final_checkpoint(workdir, config)
   stage = 'rl' if path.name == 'rl' else 'sft'
   graphdef, target = state_lib.abstract_state(config, stage, state_lib.vocab_size(tok),
-                                              len(names), mesh, info.get('feature_dim'))
+                                              len(names), mesh, info.feature_dim)
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  model_graphdef, params = nnx.split(nnx.merge(graphdef, restored['state']['nnx'])[0])
+  model_graphdef, params = nnx.split(
+      nnx.merge(graphdef, restored['state']['nnx'])[state_lib.MODEL])
   stage0 = load_stage0(workdir) if needs_stage0(config) else None
-  return Router(config=config, tokenizer=tok, model_names=names, strongest=info['strongest'],
-                c_ref=info['c_ref'], model_costs=np.asarray(info['model_costs']),
+  return Router(config=config, tokenizer=tok, model_names=names, strongest=info.strongest,
+                c_ref=info.c_ref, model_costs=np.asarray(info.model_costs),
                 params=params, mesh=mesh, forward=make_forward(config, model_graphdef, mesh),
                 stage0=stage0, calibration=read_calibration(workdir))
-
-
-def load_stage0(workdir) -> dict:
-  """DIR/stage0.pkl, ready for routing new queries: the query space (its encoder
-  without a disk cache) and the training table of the kNN estimates."""
-  workdir = paths.as_path(workdir)
-  with (workdir / 'stage0.pkl').open('rb') as f:
-    stage0 = pickle.load(f)
-  if 'train_feats' not in stage0:
-    raise RouterError(f'{workdir}/stage0.pkl lacks the training table that routing '
-                      'needs; retrain with this version')
-  features.for_routing(stage0['space'])
-  return stage0
-
-
-def read_calibration(workdir) -> Optional[dict]:
-  """DIR/calibration.json (None where the workdir has none); RouterError if unreadable."""
-  path = paths.as_path(workdir) / CALIBRATION
-  if not path.is_file():
-    return None
-  try:
-    data = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise RouterError(f'{path}: not valid JSON ({e.msg} at line {e.lineno}); expected the '
-                      'file python -m entrorouter_jax.calibrate writes') from None
-  for key in ('cost_weight', 'threshold'):
-    value = data.get(key) if isinstance(data, dict) else None
-    if value is not None and (not isinstance(value, (int, float)) or value < 0):
-      raise RouterError(f'{path}: {key} is {value!r}; expected a number >= 0')
-  if not isinstance(data, dict) or (data.get('cost_weight') is None
-                                    and data.get('threshold') is None):
-    raise RouterError(f'{path}: expected a JSON object with "cost_weight" or "threshold"')
-  return data

@@ -23,12 +23,9 @@ MESH_AXES = ('data', 'fsdp', 'tensor')
 
 log = logging.getLogger(__name__)
 
-# XLA:CPU hands dots, elementwise ops and reductions to YNNPACK by default.
-# Its reduction fusions take every broadcast operand materialised at full size
-# (a LayerNorm's or softmax's scalars become [tokens, width] arrays in memory),
-# which made the batch-256 routing forward of the token router ~25% slower
-# than with YNNPACK doing the dots alone (benchmarks/RESULTS.md, 2026-12-05);
-# the train steps and the sentence encoder measured level either way.
+# YNNPACK does only the dots on XLA:CPU: its reduction fusions materialise
+# every broadcast operand at full size (a LayerNorm's scalars as [tokens, width]),
+# which slows the routing forward (benchmarks/RESULTS.md).
 YNN_DOTS_ONLY = 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_DOT'
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': YNN_DOTS_ONLY}
 

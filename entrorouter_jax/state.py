@@ -9,12 +9,14 @@ importing the trainer; training (train.py) creates the same structure with
    'best_score': float32, 'since_best': int32, 'done': int32,
    'best': the model parameters the stage's selection liked best (only where
            the stage selects, see `selects`)}
+
+a plain dict, so that checkpoints keep that layout; `model_params` and
+`set_model_params` name its model's part (in the state or its shardings).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +57,6 @@ def vocab_size(tokenizer) -> int:
 
 
 # ====================================================== the SFT candidates ===
-SFT_CHOICE = 'sft_choice.json'
-
-
 def soft_weight_choices(config) -> list[float]:
   """The Soft Supervision weights Stage 1 tries (`sft.soft_weight_choices`, a
   comma-separated list), or [] when it trains once with `sft.soft_weight`."""
@@ -77,16 +76,6 @@ def soft_weight_choices(config) -> list[float]:
 def candidate_name(soft_weight: float) -> str:
   """The checkpoint folder (under checkpoints/) and metrics label of one SFT candidate."""
   return f'sft_soft{soft_weight:g}'
-
-
-def stage_checkpoints(workdir, stage: str):
-  """Where `stage`'s checkpoints live in a workdir: checkpoints/<stage>, or for
-  Stage 1 with candidates, the chosen candidate's folder (DIR/sft_choice.json)."""
-  workdir = paths.as_path(workdir)
-  choice = workdir / SFT_CHOICE
-  if stage == 'sft' and choice.is_file():
-    return workdir / 'checkpoints' / json.loads(choice.read_text())['chosen']
-  return workdir / 'checkpoints' / stage
 
 
 # ================================================================ optimizer ===
@@ -126,6 +115,19 @@ def make_optimizer(config, stage: str):
 
 # ==================================================================== state ===
 SELECT_SCORES = ('bce', 'utility')
+# Positions in state['nnx'], the nnx.State of (model, optimizer).
+MODEL, OPTIMIZER = 0, 1
+
+
+def model_params(tree):
+  """The model's part of a train state (or of its shardings): state['nnx'][MODEL]."""
+  return tree['nnx'][MODEL]
+
+
+def set_model_params(tree, params) -> None:
+  """Puts `params` in the model's place of a train state (in place)."""
+  tree['nnx'][MODEL] = params
+
 
 
 def selects(config, stage: str) -> bool:
@@ -153,7 +155,7 @@ def abstract_train_state(config, stage: str, vocab_size: int, num_models: int, m
   shardings = {'nnx': nnx_shardings, 'step': repl, 'rng': repl, 'alpha': repl, 'h0': repl,
                'best_score': repl, 'since_best': repl, 'done': repl}
   if selects(config, stage):
-    shardings['best'] = nnx_shardings[0]
+    shardings['best'] = nnx_shardings[MODEL]
   return graphdef, build, shardings
 
 
@@ -166,7 +168,7 @@ def initial_values(config, build, with_best: bool) -> dict:
            'h0': jnp.zeros((), jnp.float32), 'best_score': jnp.asarray(jnp.inf, jnp.float32),
            'since_best': jnp.zeros((), jnp.int32), 'done': jnp.zeros((), jnp.int32)}
   if with_best:
-    state['best'] = nnx_state[0]
+    state['best'] = nnx_state[MODEL]
   return state
 
 

@@ -54,112 +54,16 @@ from typing import Optional
 import numpy as np
 
 from entrorouter_jax import baselines, evaluate, logs, metrics, paths, train
-from entrorouter_jax import router as router_lib
+from entrorouter_jax import router as router_lib, workdir as workdir_lib
 from entrorouter_jax.data import sources
 from entrorouter_jax.policy import is_utility
+from entrorouter_jax.suite_datasets import (REPO, SHARED, Dataset, available_defaults,  # noqa: F401
+                                            parse_datasets)
+from entrorouter_jax.suite_tables import fmt_ci, render, update_readme
 
 log = logging.getLogger('entrorouter_jax.suite')  # not __name__: '__main__' under python -m
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get('ENTROROUTER_SHARED_DATA', REPO.parent / 'shared' / 'data'))
 HEADLINE_SAVED = evaluate.HEADLINE_SAVED
-FORMATS = ('wide', 'long', 'routerdc', 'routellm', 'routerbench')
-REFERENCES = ('oracle', 'task_best')
-ROUTERDC_TASKS = ('mmlu', 'gsm8k', 'cmmlu', 'arc_challenge', 'humaneval')
-
-
-@dataclasses.dataclass
-class Dataset:
-  name: str
-  data: dict                  # config.data overrides
-  about: str = ''
-
-
-def default_datasets() -> list[Dataset]:
-  """../shared/data's routing sets, in the form `config.data` takes them."""
-  pool = lambda name: str(REPO / 'configs' / 'pools' / name)
-  rdc = [SHARED / 'routerdc7' / f'{task}{sep}{split}.json'
-         for task, sep in (('mmlu', '_'), ('gsm8k', '-'), ('cmmlu', '_'),
-                           ('arc_challenge', '_'), ('humaneval', '_'))
-         for split in ('train', 'test')]
-  return [
-      Dataset('routerbench', dict(name='routerbench', manual_dir=str(SHARED / 'routerbench')),
-              'RouterBench subset (ARC, MBPP, Winogrande) x 11 LLMs; RouterDC\'s split'),
-      Dataset('routellm_mmlu', dict(name='routing_files', format='routellm',
-                                    files=str(SHARED / 'routellm' / 'mmlu_responses'),
-                                    pool=pool('routellm.yaml')),
-              'RouteLLM MMLU, GPT-4 vs Mixtral; list prices x estimated tokens'),
-      Dataset('routellm_gsm8k', dict(name='routing_files', format='routellm',
-                                     files=str(SHARED / 'routellm' / 'gsm8k'),
-                                     pool=pool('routellm.yaml')),
-              'RouteLLM GSM8K, GPT-4 vs Mixtral; output tokens counted from the responses'),
-      Dataset('routerdc', dict(name='routing_files', format='routerdc',
-                               files=','.join(str(p) for p in rdc),
-                               pool=pool('routerdc7.yaml')),
-              'RouterDC, 7 open ~7B models on MMLU, GSM8K, CMMLU, ARC-C, HumanEval; '
-              'assumed prices (configs/pools/routerdc7.yaml)'),
-  ]
-
-
-def _missing_files(ds: Dataset) -> list[str]:
-  data = ds.data
-  wanted = [data['manual_dir']] if data.get('name') == 'routerbench' else data['files'].split(',')
-  return [p for p in wanted if not os.path.exists(p)]
-
-
-def available_defaults() -> list[Dataset]:
-  """The default data sets whose files are here (a line on stderr for each missing one)."""
-  found = []
-  for ds in default_datasets():
-    missing = _missing_files(ds)
-    if missing:
-      print(f'suite: skipping {ds.name}: {missing[0]} not found (expected ../shared/data '
-            'beside the repository, or ENTROROUTER_SHARED_DATA)', file=sys.stderr)
-    else:
-      found.append(ds)
-  return found
-
-
-def parse_datasets(spec: str, pools: str = '') -> list[Dataset]:
-  """--datasets=NAME=FORMAT:PATH[,...] (and --pools=NAME=FILE[,...]) -> data sets.
-
-  The item `default` stands for the default data sets (`available_defaults`), so
-  `--datasets=default,mine=long:mine.csv` adds a file to them.
-  """
-  pool_of = {}
-  for item in filter(None, (p.strip() for p in pools.split(','))):
-    name, sep, path = item.partition('=')
-    if not sep or not name or not path:
-      raise ValueError(f'--pools item {item!r}: expected NAME=POOL.yaml')
-    pool_of[name] = os.path.expanduser(path)
-  out = []
-  for item in filter(None, (p.strip() for p in spec.split(','))):
-    if item == 'default':
-      out += [d for d in available_defaults() if d.name not in {o.name for o in out}]
-      continue
-    name, sep, rest = item.partition('=')
-    fmt, sep2, path = rest.partition(':')
-    if not (sep and sep2 and name and path):
-      raise ValueError(f'--datasets item {item!r}: expected NAME=FORMAT:PATH '
-                       f'(FORMAT one of {list(FORMATS)}; several paths joined with "+")')
-    if fmt not in FORMATS:
-      raise ValueError(f'--datasets item {item!r}: format {fmt!r}; expected one of {list(FORMATS)}')
-    files = [os.path.expanduser(p) for p in path.split('+')]
-    missing = [p for p in files if not os.path.exists(p)]
-    if missing:
-      raise FileNotFoundError(f'--datasets item {item!r}: {missing[0]} does not exist')
-    if fmt == 'routerbench':
-      data = dict(name='routerbench', manual_dir=files[0])
-    else:
-      data = dict(name='routing_files', format=fmt, files=','.join(files),
-                  pool=pool_of.get(name, ''))
-    if name in (d.name for d in out):
-      raise ValueError(f'--datasets: the name {name!r} is given twice')
-    out.append(Dataset(name, data, f'{fmt}: {path}'))
-  unknown = set(pool_of) - {d.name for d in out}
-  if unknown:
-    raise ValueError(f'--pools names {sorted(unknown)} match no --datasets entry')
-  return out
 
 
 # ================================================================ ablations ===
@@ -200,14 +104,10 @@ ABLATIONS = (
 
 
 def apply_overrides(config, overrides: dict):
+  """A copy of `config` with {"dotted.key": value} set (ml_collections' own flattened
+  update: an unknown key or a value of the wrong type raises)."""
   config = copy.deepcopy(config)
-  with config.unlocked():
-    for key, value in overrides.items():
-      node = config
-      *parents, leaf = key.split('.')
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+  config.update_from_flattened_dict(dict(overrides))
   return config
 
 
@@ -236,30 +136,36 @@ def router_choices(config, workdir, test, tables, feats) -> tuple[list, dict]:
     choices = _choices_of(baselines.ScoreRouter('router', success, c_bar))
   else:
     choices = metrics.threshold_choices(probs, router.model_costs, evaluate.THRESHOLDS)
-  lam = router.default_cost_weight
+  return choices, collapse_diagnostics(probs, tables, router.default_cost_weight,
+                                       router.strongest)
+
+
+def collapse_diagnostics(probs: np.ndarray, tables, lam: float, strongest: int) -> dict:
+  """Trust-Region-Collapse signs of a policy pi[N, K] at cost weight `lam`:
+  its mean entropy, its argmax share on the strongest model, and how many models
+  the anchor's own rule (argmax p_hat - lam c_bar) sends >= 2% of queries to
+  that the policy picks for < 0.2%."""
   pick = np.argmax(probs, axis=1)
   anchor = np.argmax(tables[0] - lam * tables[1], axis=1)
   k = probs.shape[1]
   anchor_share = np.bincount(anchor, minlength=k) / len(anchor)
   policy_share = np.bincount(pick, minlength=k) / len(pick)
-  diag = {'entropy': float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1))),
-          'strongest_share': float(policy_share[router.strongest]),
+  return {'entropy': float(np.mean(-np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=1))),
+          'strongest_share': float(policy_share[strongest]),
           'needed_never_picked': int(np.sum((anchor_share >= 0.02) & (policy_share < 0.002)))}
-  return choices, diag
 
 
 def evaluate_seed(config, workdir, seed: int, with_baselines: bool):
   """{method: (role, routing rules)} on the test split, and the router's diagnostics."""
   _, parts = sources.load_splits(config.data, ('train', 'test'))
   train_data, test = parts['train'], parts['test']
-  with (paths.as_path(workdir) / 'stage0.pkl').open('rb') as f:
-    stage0 = pickle.load(f)
-  tables = (stage0['tables']['test']['p_hat'], stage0['tables']['test']['c_bar'])
-  feats = stage0['features']
+  stage0 = workdir_lib.read_stage0(workdir)
+  tables = (stage0.tables['test']['p_hat'], stage0.tables['test']['c_bar'])
+  feats = stage0.features
   choices, diag = router_choices(config, workdir, test, tables, feats['test'])
   out = {'router': ('router', choices)}
   if with_baselines:
-    c_ref = stage0['c_ref']
+    c_ref = stage0.c_ref
     routers = baselines.score_routers(train_data, feats['train'], feats['test'], *tables, c_ref,
                                       seed=seed)
     routers += evaluate.other_space_routers(config, c_ref, train_data, test, seed=seed)
@@ -268,8 +174,8 @@ def evaluate_seed(config, workdir, seed: int, with_baselines: bool):
     task_best = baselines.task_best_router(train_data, test, c_ref)
     if task_best is not None:
       out['task_best'] = ('reference', _choices_of(task_best))
-    out['oracle'] = ('reference', _choices_of(baselines.oracle_router(test, stage0['c_ref'])))
-  return out, diag, test, stage0['strongest'], train_data.num_queries
+    out['oracle'] = ('reference', _choices_of(baselines.oracle_router(test, c_ref)))
+  return out, diag, test, stage0.strongest, train_data.num_queries
 
 
 def score_methods(per_seed: list[dict], test, strongest: int, counts) -> dict[str, Method]:
@@ -315,98 +221,6 @@ def summarize(methods: dict[str, Method]) -> dict:
         'mean': out['router']['aiq_mean'] - out[best]['aiq_mean'],
         'ci95': metrics.interval(diff), 'best': best}
   return out
-
-
-# ==================================================================== tables ===
-def _fmt_ci(ci) -> str:
-  return f'[{ci[0]:.4f}, {ci[1]:.4f}]'
-
-
-def dataset_table(name: str, entry: dict, info: dict) -> list[str]:
-  lines = [f'### {name}', '', f"{info.get('about', '')}. {info['train']} train / {info['test']} "
-           f"test queries, {info['models']} models, seeds {info['seeds']}; "
-           f"{info['seconds'] / 60:.1f} min.", '',
-           '| method | AIQ (mean) | 95% CI | per seed | best point saving >= 48.25%: retained |',
-           '|---|---:|---|---|---:|']
-  order = sorted((n for n in entry if n != 'router_minus_best'),
-                 key=lambda n: (entry[n]['role'] != 'router', entry[n]['role'] == 'reference',
-                                -entry[n]['aiq_mean']))
-  best = entry.get('router_minus_best', {}).get('best')
-  for n in order:
-    e = entry[n]
-    label = {'router': '**router**', 'reference': f'{n} (reference)'}.get(e['role'], n)
-    if n == best:
-      label = f'{n} (best baseline)'
-    retained = '-' if e['best_retained_at_48'] is None else f"{e['best_retained_at_48']:.1%}"
-    lines.append(f"| {label} | {e['aiq_mean']:.4f} | {_fmt_ci(e['aiq_ci95'])} | "
-                 f"{', '.join(f'{v:.4f}' for v in e['aiq'])} | {retained} |")
-  if 'router_minus_best' in entry:
-    d = entry['router_minus_best']
-    lines += ['', f"router - best baseline ({d['best']}): {d['mean']:+.4f}, paired 95% CI "
-              f"{_fmt_ci(d['ci95'])}."]
-  return lines + ['']
-
-
-def summary_table(results: dict, infos: dict) -> list[str]:
-  lines = ['| data set | router AIQ [95% CI] | best baseline | its AIQ | router - best [paired 95% CI] '
-           '| router at >= 48.25% saved: retained |', '|---|---|---|---:|---|---:|']
-  for name, entry in results.items():
-    r, d = entry['router'], entry.get('router_minus_best')
-    if d is None:
-      continue
-    retained = '-' if r['best_retained_at_48'] is None else f"{r['best_retained_at_48']:.1%}"
-    lines.append(f"| {name} | {r['aiq_mean']:.4f} {_fmt_ci(r['aiq_ci95'])} | {d['best']} | "
-                 f"{entry[d['best']]['aiq_mean']:.4f} | {d['mean']:+.4f} {_fmt_ci(d['ci95'])} | "
-                 f'{retained} |')
-  return lines + ['']
-
-
-def ablation_table(ablations: dict, datasets: list[str]) -> list[str]:
-  lines = ['| variant | seeds | ' + ' | '.join(datasets) + ' | final entropy | strongest share | '
-           'needed, never picked |', '|---|' + '---:|' * (len(datasets) + 4)]
-  for name, row in ablations.items():
-    cells = []
-    for ds in datasets:
-      e = row['datasets'].get(ds)
-      cells.append('-' if e is None else f"{e['aiq_mean']:.4f}")
-    diag = row['diagnostics']
-    lines.append(f"| {row['about']} | {row.get('seeds', '-')} | " + ' | '.join(cells) +
-                 f" | {diag['entropy']:.3f} | {diag['strongest_share']:.1%} | "
-                 f"{diag['needed_never_picked']:.2f} |")
-  return lines + ['']
-
-
-def render(results: dict, infos: dict, ablations: Optional[dict], command: str,
-           total_seconds: float) -> str:
-  lines = ['# Quality suite', '',
-           f'`{command}` ({total_seconds / 60:.1f} min on this machine). AIQ on the test splits '
-           '(area under the cost/accuracy hull over the single models\' cost range); 95% '
-           'intervals resample the test queries (1 draw set shared by every method); the best '
-           'baseline is the highest mean AIQ among the baselines; task_best and oracle read '
-           'labels and are references only.', '', '## Summary', '']
-  lines += summary_table(results, infos)
-  lines += ['## Per data set', '']
-  for name, entry in results.items():
-    lines += dataset_table(name, entry, infos[name])
-  if ablations:
-    lines += ['## Ablations', '', 'The recipe with one part changed at a time (mean AIQ over '
-              'the row\'s seeds; diagnostics on the test split at the operating lambda, '
-              'averaged over data sets and seeds: the policy\'s mean entropy, the share of '
-              'queries sent to the strongest model, and how many models the kNN anchor '
-              'prefers on >= 2% of queries but the policy picks on < 0.2%).', '']
-    lines += ablation_table(ablations, list(results))
-  return '\n'.join(lines)
-
-
-def update_readme(readme: pathlib.Path, body: str) -> None:
-  """Replaces README's text between the suite markers with `body`."""
-  start, end = '<!-- suite:start -->', '<!-- suite:end -->'
-  text = readme.read_text()
-  if start not in text or end not in text:
-    raise ValueError(f'{readme}: no "{start}" ... "{end}" markers to put the tables between')
-  head, rest = text.split(start, 1)
-  _, tail = rest.split(end, 1)
-  readme.write_text(f'{head}{start}\n{body.strip()}\n{end}{tail}')
 
 
 # ===================================================================== run ===
@@ -534,11 +348,11 @@ def _write(workdir, results, infos, ablations, command, seconds):
 
 def _print_summary(name, entry):
   r = entry['router']
-  line = f"suite: {name}: router AIQ {r['aiq_mean']:.4f} {_fmt_ci(r['aiq_ci95'])}"
+  line = f"suite: {name}: router AIQ {r['aiq_mean']:.4f} {fmt_ci(r['aiq_ci95'])}"
   d = entry.get('router_minus_best')
   if d:
     line += (f"; best baseline {d['best']} {entry[d['best']]['aiq_mean']:.4f}; router - best "
-             f"{d['mean']:+.4f} {_fmt_ci(d['ci95'])}")
+             f"{d['mean']:+.4f} {fmt_ci(d['ci95'])}")
   print(line, flush=True)
 
 

@@ -30,42 +30,15 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; echo "Run launch/gpu_node.sh --help for usage." >&2; exit 2; }
-
-# q (quote a word for the printed command) and run (print, then run unless --dry-run).
+LAUNCH_SCRIPT=launch/gpu_node.sh
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 GPUS=all
-CONFIG=configs/rl.py
 WORKDIR=workdirs/gpu_node
-DATA_DIR=''
-MESH_DATA=-1
-MESH_FSDP=1
-MESH_TENSOR=1
-PYTHON=python
-EXTRA=()
-
-while (( $# )); do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --gpus=*|--config=*|--workdir=*|--data-dir=*|--mesh-data=*|--mesh-fsdp=*|\
-    --mesh-tensor=*|--python=*)
-      opt="${1%%=*}"; set -- "$opt" "${1#*=}" "${@:2}"; continue ;;
-    --gpus) GPUS="${2?--gpus needs a value}"; shift ;;
-    --config) CONFIG="${2?--config needs a value}"; shift ;;
-    --workdir) WORKDIR="${2?--workdir needs a value}"; shift ;;
-    --data-dir) DATA_DIR="${2?--data-dir needs a value}"; shift ;;
-    --mesh-data) MESH_DATA="${2?--mesh-data needs a value}"; shift ;;
-    --mesh-fsdp) MESH_FSDP="${2?--mesh-fsdp needs a value}"; shift ;;
-    --mesh-tensor) MESH_TENSOR="${2?--mesh-tensor needs a value}"; shift ;;
-    --python) PYTHON="${2?--python needs a value}"; shift ;;
-    *) usage >&2; die "unknown argument: $1" ;;
-  esac
-  shift
-done
+gpu_train_options
+OPTIONS+=([--gpus]=GPUS)
+parse_options "$@"
 
 ENV=()
 if [[ "$GPUS" =~ ^[0-9]+$ ]]; then
@@ -76,15 +49,7 @@ elif [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)+$ ]]; then
 elif [[ "$GPUS" != all ]]; then
   die "--gpus must be a count, a comma-separated list or 'all', not '$GPUS'"
 fi
-for v in "$MESH_DATA" "$MESH_FSDP" "$MESH_TENSOR"; do
-  [[ "$v" =~ ^-?[0-9]+$ ]] || die "mesh sizes must be integers, not '$v'"
-done
-
-CMD=("$PYTHON" -m entrorouter_jax.train --config="$CONFIG" --workdir="$WORKDIR"
-     --config.mesh.data="$MESH_DATA" --config.mesh.fsdp="$MESH_FSDP"
-     --config.mesh.tensor="$MESH_TENSOR")
-[[ -z "$DATA_DIR" ]] || CMD+=(--config.data.data_dir="$DATA_DIR")
-CMD+=("${EXTRA[@]}")
+train_command
 
 cd "$(dirname "$0")/.."   # config paths are relative to the repository root
-run env "${ENV[@]}" "${CMD[@]}"
+run env "${ENV[@]}" "${TRAIN_CMD[@]}"

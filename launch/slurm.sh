@@ -39,9 +39,7 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; echo "Run launch/slurm.sh --help for usage." >&2; exit 2; }
-
-# q (quote a word for the printed command) and run (print, then run unless --dry-run).
+LAUNCH_SCRIPT=launch/slurm.sh
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -50,56 +48,20 @@ GPUS_PER_NODE=8
 PARTITION=''
 TIME=04:00:00
 JOB_NAME=entrorouter
-CONFIG=configs/rl.py
 WORKDIR=workdirs/slurm
-DATA_DIR=''
-MESH_DATA=-1
-MESH_FSDP=1
-MESH_TENSOR=1
-PYTHON=python
 SCRIPT=launch/entrorouter.sbatch
-EXTRA=()
-
-while (( $# )); do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --nodes=*|--gpus-per-node=*|--partition=*|--time=*|--job-name=*|--config=*|\
-    --workdir=*|--data-dir=*|--mesh-data=*|--mesh-fsdp=*|--mesh-tensor=*|--python=*|\
-    --script=*)
-      opt="${1%%=*}"; set -- "$opt" "${1#*=}" "${@:2}"; continue ;;
-    --nodes) NODES="${2?--nodes needs a value}"; shift ;;
-    --gpus-per-node) GPUS_PER_NODE="${2?--gpus-per-node needs a value}"; shift ;;
-    --partition) PARTITION="${2?--partition needs a value}"; shift ;;
-    --time) TIME="${2?--time needs a value}"; shift ;;
-    --job-name) JOB_NAME="${2?--job-name needs a value}"; shift ;;
-    --config) CONFIG="${2?--config needs a value}"; shift ;;
-    --workdir) WORKDIR="${2?--workdir needs a value}"; shift ;;
-    --data-dir) DATA_DIR="${2?--data-dir needs a value}"; shift ;;
-    --mesh-data) MESH_DATA="${2?--mesh-data needs a value}"; shift ;;
-    --mesh-fsdp) MESH_FSDP="${2?--mesh-fsdp needs a value}"; shift ;;
-    --mesh-tensor) MESH_TENSOR="${2?--mesh-tensor needs a value}"; shift ;;
-    --python) PYTHON="${2?--python needs a value}"; shift ;;
-    --script) SCRIPT="${2?--script needs a value}"; shift ;;
-    *) usage >&2; die "unknown argument: $1" ;;
-  esac
-  shift
-done
+gpu_train_options
+OPTIONS+=([--nodes]=NODES [--gpus-per-node]=GPUS_PER_NODE [--partition]=PARTITION [--time]=TIME
+          [--job-name]=JOB_NAME [--script]=SCRIPT)
+parse_options "$@"
 
 for v in "$NODES" "$GPUS_PER_NODE"; do
   [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "--nodes and --gpus-per-node must be positive integers, not '$v'"
 done
-for v in "$MESH_DATA" "$MESH_FSDP" "$MESH_TENSOR"; do
-  [[ "$v" =~ ^-?[0-9]+$ ]] || die "mesh sizes must be integers, not '$v'"
-done
 
 REPO_ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CMD=(srun "$PYTHON" -m entrorouter_jax.train --config="$CONFIG" --workdir="$WORKDIR"
-     --config.mesh.data="$MESH_DATA" --config.mesh.fsdp="$MESH_FSDP"
-     --config.mesh.tensor="$MESH_TENSOR")
-[[ -z "$DATA_DIR" ]] || CMD+=(--config.data.data_dir="$DATA_DIR")
-CMD+=("${EXTRA[@]}")
+train_command
+CMD=(srun "${TRAIN_CMD[@]}")
 srun_line=''
 for a in "${CMD[@]}"; do srun_line+="${srun_line:+ }$(q "$a")"; done
 

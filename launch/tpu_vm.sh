@@ -42,9 +42,7 @@ Example:
 USAGE
 }
 
-die() { echo "error: $*" >&2; echo "Run launch/tpu_vm.sh --help for usage." >&2; exit 2; }
-
-# q (quote a word for the printed command) and run (print, then run unless --dry-run).
+LAUNCH_SCRIPT=launch/tpu_vm.sh
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -60,34 +58,19 @@ DATA_DIR=''
 CONFIG=configs/rl.py
 REPO=''
 BRANCH=main
-EXTRA=()
+OPTIONS+=([--name]=NAME [--zone]=ZONE [--project]=PROJECT [--type]=TYPE [--version]=VERSION
+          [--bucket]=BUCKET [--workdir]=WORKDIR [--data-dir]=DATA_DIR [--config]=CONFIG
+          [--repo]=REPO [--branch]=BRANCH)
 
-while (( $# )); do
+on_word() {
   case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; EXTRA=("$@"); break ;;
-    --name=*|--zone=*|--project=*|--type=*|--version=*|--bucket=*|--workdir=*|\
-    --data-dir=*|--config=*|--repo=*|--branch=*)
-      opt="${1%%=*}"; set -- "$opt" "${1#*=}" "${@:2}"; continue ;;
-    --name) NAME="${2?--name needs a value}"; shift ;;
-    --zone) ZONE="${2?--zone needs a value}"; shift ;;
-    --project) PROJECT="${2?--project needs a value}"; shift ;;
-    --type) TYPE="${2?--type needs a value}"; shift ;;
-    --version) VERSION="${2?--version needs a value}"; shift ;;
-    --bucket) BUCKET="${2?--bucket needs a value}"; shift ;;
-    --workdir) WORKDIR="${2?--workdir needs a value}"; shift ;;
-    --data-dir) DATA_DIR="${2?--data-dir needs a value}"; shift ;;
-    --config) CONFIG="${2?--config needs a value}"; shift ;;
-    --repo) REPO="${2?--repo needs a value}"; shift ;;
-    --branch) BRANCH="${2?--branch needs a value}"; shift ;;
     create|install|train|logs|delete)
       [[ -z "$SUBCOMMAND" ]] || die "two subcommands: $SUBCOMMAND and $1"
       SUBCOMMAND="$1" ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
-  shift
-done
+}
+parse_options "$@"
 
 [[ -n "$SUBCOMMAND" ]] || { usage >&2; die "missing subcommand"; }
 

@@ -42,6 +42,34 @@ def shared_path(*parts: str) -> pathlib.Path:
   return path
 
 
+def final_state(workdir, stage: str = 'rl'):
+  """(latest step, leaves of the train state) of a workdir's `stage` checkpoints."""
+  import jax
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(pathlib.Path(workdir, 'checkpoints', stage).absolute(),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore()))['state']
+  return manager.latest_step(), jax.tree.leaves(state)
+
+
+def straight_and_resumed(cmd_of, tmp_path, env, kill_at_rl_step: int):
+  """Trains `cmd_of(workdir)` straight through, and again killed (-9) once its RL
+  checkpoint `kill_at_rl_step` exists, then rerun to the end. Asserts both end in the
+  same final RL state, bit for bit; returns (straight, resumed, the rerun's output)."""
+  import numpy as np
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  subprocess.run(cmd_of(straight), cwd=REPO_ROOT, env=env, check=True, capture_output=True)
+  out = kill_then_rerun(cmd_of(resumed), resumed / 'checkpoints' / 'rl' / str(kill_at_rl_step),
+                        env)
+  step_a, leaves_a = final_state(straight)
+  step_b, leaves_b = final_state(resumed)
+  assert step_a == step_b
+  for a, b in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  return straight, resumed, out
+
+
 def kill_then_rerun(cmd, marker: pathlib.Path, env, timeout: float = 300.0):
   """Starts `cmd`, kill -9s it once `marker` (a checkpoint folder) exists, then
   reruns it to the end; returns the rerun's CompletedProcess (text output)."""

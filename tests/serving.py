@@ -2,20 +2,17 @@
 subprocess (conftest.py's `serve_workdir` and `served` fixtures run these once a session)."""
 
 import contextlib
-import http.server
 import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import pytest
 
+from benchmarks.fake_upstream import Upstreams, free_port, wait_until_healthy
 from configs import rl as rl_config
 from entrorouter_jax import train
 
@@ -42,83 +39,6 @@ def tiny_default_config(tmp_path):
   return config
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-class Upstreams:
-  """One local HTTP server playing every pool model at /<slug>/v1/chat/completions.
-
-  `mode[slug]`: 'ok' (default), 'down' (503), 'slow' (answers after 10 s),
-  'reject' (400, the request's fault). `seen` records (slug, body, authorization).
-  """
-
-  def __init__(self):
-    self.mode, self.seen, self.lock = {}, [], threading.Lock()
-    outer = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-      protocol_version = 'HTTP/1.1'
-      disable_nagle_algorithm = True   # headers and body in separate writes: no 40 ms stall
-
-      def log_message(self, *args):
-        pass
-
-      def do_POST(self):
-        m = re.fullmatch(r'/([^/]+)/v1/chat/completions', self.path)
-        body = json.loads(self.rfile.read(int(self.headers['content-length'])))
-        slug = m.group(1) if m else '?'
-        with outer.lock:
-          outer.seen.append((slug, body, self.headers.get('authorization')))
-        mode = outer.mode.get(slug, 'ok')
-        if mode == 'slow':
-          time.sleep(10)
-        if mode in ('down', 'reject') or not m:
-          status = 400 if mode == 'reject' else 503
-          data = json.dumps({'error': {'message': f'{slug} says {mode}', 'type': mode}}).encode()
-          self.send_response(status)
-          self.send_header('content-type', 'application/json')
-          self.send_header('content-length', str(len(data)))
-          self.end_headers()
-          self.wfile.write(data)
-          return
-        text = f'answer from {body["model"]}'
-        if body.get('stream'):
-          self.send_response(200)
-          self.send_header('content-type', 'text/event-stream')
-          self.send_header('connection', 'close')
-          self.end_headers()
-          for piece in ('answer ', 'from ', body['model']):
-            chunk = {'id': 'c1', 'object': 'chat.completion.chunk', 'created': 1,
-                     'model': body['model'], 'choices': [
-                         {'index': 0, 'delta': {'content': piece}, 'finish_reason': None}]}
-            self.wfile.write(f'data: {json.dumps(chunk)}\n\n'.encode())
-          self.wfile.write(b'data: [DONE]\n\n')
-          self.close_connection = True
-          return
-        data = json.dumps({
-            'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
-            'choices': [{'index': 0, 'finish_reason': 'stop',
-                         'message': {'role': 'assistant', 'content': text}}],
-            'usage': {'prompt_tokens': 3, 'completion_tokens': 3, 'total_tokens': 6}}).encode()
-        self.send_response(200)
-        self.send_header('content-type', 'application/json')
-        self.send_header('content-length', str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    http.server.ThreadingHTTPServer.request_queue_size = 1024  # hundreds connect at once
-    self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
-    self.server.daemon_threads = True
-    self.port = self.server.server_address[1]
-    threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-  def close(self):
-    self.server.shutdown()
-
-
 def slug(name: str) -> str:
   return re.sub(r'[^a-z0-9]+', '-', name.lower())
 
@@ -136,7 +56,7 @@ def running_server(workdir, tmp, *extra_flags):
   names = json.loads((workdir / 'router.json').read_text())['model_names']
   upstreams = Upstreams()
   pool = {n: {'price_in': 1.0, 'price_out': 1.0,
-              'base_url': f'http://127.0.0.1:{upstreams.port}/{slug(n)}/v1',
+              'base_url': upstreams.url(slug(n)),
               'upstream_model': f'up-{slug(n)}', 'api_key_env': 'UPSTREAM_KEY'} for n in names}
   (tmp / 'pool.json').write_text(json.dumps(pool))
   port = free_port()
@@ -151,17 +71,8 @@ def running_server(workdir, tmp, *extra_flags):
         cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
   base = f'http://127.0.0.1:{port}'
   try:
-    deadline = time.time() + 240
-    while True:
-      try:
-        if httpx.get(f'{base}/healthz', timeout=2).status_code == 200:
-          break
-      except httpx.HTTPError:
-        pass
-      if proc.poll() is not None or time.time() > deadline:
-        proc.kill()
-        pytest.fail(f'the server did not come up: {log_path.read_text()[-3000:]}')
-      time.sleep(0.5)
+    if not wait_until_healthy(base, proc, 240):
+      pytest.fail(f'the server did not come up: {log_path.read_text()[-3000:]}')
     yield base, upstreams, names, log_path
   finally:
     proc.terminate()

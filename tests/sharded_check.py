@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from entrorouter_jax import sharding, train  # noqa: E402
+from entrorouter_jax import sharding, state as state_lib, train  # noqa: E402
 from entrorouter_jax.data import pipeline  # noqa: E402
 from test_train import tiny_config  # noqa: E402
 
@@ -97,8 +97,8 @@ def main(workdir):
   manager.wait_until_finished()
   for n, shape in ((4, (2, 2, 1)), (1, (1, 1, 1))):
     mesh = mesh_of(shape, n)
-    _, _, target_sh = train.abstract_train_state(config, 'sft', problem.tokenizer.vocab_size,
-                                                 len(problem.model_names), mesh)
+    _, _, target_sh = state_lib.abstract_train_state(config, 'sft', problem.tokenizer.vocab_size,
+                                                     len(problem.model_names), mesh)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, target_sh)
     restored = manager.restore(1, args=ocp.args.Composite(

@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from entrorouter_jax import backbones, features, policy, router as router_lib, sharding, train
+from entrorouter_jax import state as state_lib
 from entrorouter_jax.backbones import hf_encoder
 from entrorouter_jax.model import RouterModel
 
@@ -254,7 +255,7 @@ def test_clear_errors(tmp_path, tiny_bert):
   config = backbone_config(tmp_path, 'hf_encoder', tiny_bert)
   config.data.tokenizer = str(tmp_path / 'x.model')
   with pytest.raises(train.TrainingError, match='tokenizer comes from model.checkpoint'):
-    train.load_tokenizer(config, tmp_path)
+    state_lib.load_tokenizer(config, tmp_path)
   config = tiny_config(tmp_path)
   config.anchor.space = 'backbone'
   with pytest.raises(ValueError, match='needs a pretrained model.backbone'):

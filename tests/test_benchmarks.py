@@ -8,8 +8,8 @@ from benchmarks import pipeline_speed, run, stage0_speed
 
 
 def test_stage0_and_pipeline_figures_at_toy_sizes(monkeypatch):
-  from entrorouter_jax import capability
-  monkeypatch.setattr(capability, 'EXACT_MAX_ROWS', 2500)
+  from entrorouter_jax import neighbours
+  monkeypatch.setattr(neighbours, 'EXACT_MAX_ROWS', 2500)
   monkeypatch.setattr(stage0_speed, 'SAMPLE', 100)
   figs = stage0_speed.stage0_figures([2000, 3000], dim=32, time_exact_max=2000)
   exact, approx = figs

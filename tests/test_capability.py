@@ -5,8 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from entrorouter_jax.capability import (TfidfSpace, capability_estimates, knn_estimates,
-                                        reference_cost)
+from entrorouter_jax.capability import capability_estimates, knn_estimates, reference_cost
+from entrorouter_jax.features import TfidfSpace
 
 TASKS = ['a', 'b', 'c', '', None]
 
@@ -89,10 +89,10 @@ def test_matches_reference(prior, loo, k):
 
 
 def test_chunking_does_not_matter(monkeypatch):
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   d = _data(seed=3, n=60, num_q=25)
   want = _estimate(d, loo=True, k=5, alpha=2.0, prior='task')
-  monkeypatch.setattr(capability, '_MAX_CHUNK', 7)
+  monkeypatch.setattr(neighbours, '_MAX_CHUNK', 7)
   got = _estimate(d, loo=True, k=5, alpha=2.0, prior='task')
   np.testing.assert_array_equal(want[0], got[0])
   np.testing.assert_array_equal(want[1], got[1])
@@ -170,7 +170,7 @@ def test_ties_go_to_lowest_index():
 
 def test_top_k_large_rows_and_ties():
   """The candidate-filtered top-k (rows of >= 32k entries) equals a stable sort."""
-  from entrorouter_jax.capability import _top_k
+  from entrorouter_jax.neighbours import _top_k
   rng = np.random.default_rng(1)
   train = _unit(rng.normal(size=(3000, 16))).astype(np.float32)
   train[1500:1600] = train[7]  # 101 exact duplicates: ties straddle the k-th value
@@ -186,7 +186,7 @@ def test_half_precision_error_bounds_float16_products():
   """Similarities of float16 copies, summed in float32, stay within the bound
   of exact ones (float64), for unit vectors and for tiny (subnormal) entries;
   and the bound is tight enough to screen with (about 2^-10)."""
-  from entrorouter_jax.capability import half_precision_error
+  from entrorouter_jax.neighbours import half_precision_error
   rng = np.random.default_rng(3)
   for dim in (8, 640):
     bound = half_precision_error(dim)
@@ -203,7 +203,7 @@ def test_half_precision_error_bounds_float16_products():
 def test_screened_neighbours_are_exact_from_any_screen_within_its_error():
   """Whatever a screen's errors (up to eps either way) and however many rows it
   keeps, the reranked neighbours are the exact ones (ties to the lowest index)."""
-  from entrorouter_jax.capability import _exact_neighbours, screened_neighbours
+  from entrorouter_jax.neighbours import _exact_neighbours, screened_neighbours
   rng = np.random.default_rng(4)
   x = _unit(rng.normal(size=(500, 12))).astype(np.float32)
   x[100:110] = x[3]                                  # exact ties straddling the k-th
@@ -319,11 +319,11 @@ def _recall(exact, approx):
 
 @pytest.mark.parametrize('loo', [True, False])
 def test_ivf_search_finds_the_exact_neighbours(loo):
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   x = _clustered(3000)
   q = x if loo else _clustered(200, seed=1)
-  exact = capability.neighbours(q, x, 20, loo, 'exact')
-  approx = capability.neighbours(q, x, 20, loo, 'ivf', nprobe=8)
+  exact = neighbours.neighbours(q, x, 20, loo, 'exact')
+  approx = neighbours.neighbours(q, x, 20, loo, 'ivf', nprobe=8)
   assert approx.shape == exact.shape == (len(q), 20)
   assert all(len(np.unique(row)) == 20 for row in approx)       # no repeats
   assert ((approx >= 0) & (approx < len(x))).all()
@@ -331,8 +331,8 @@ def test_ivf_search_finds_the_exact_neighbours(loo):
     assert not (approx == np.arange(len(x))[:, None]).any()    # never itself
   assert _recall(exact, approx) > 0.9
   # Probing every cell is exact (up to ties: these features have none).
-  cells = capability.ivf_cells(len(x))
-  everything = capability.neighbours(q, x, 20, loo, 'ivf', nprobe=cells)
+  cells = neighbours.ivf_cells(len(x))
+  everything = neighbours.neighbours(q, x, 20, loo, 'ivf', nprobe=cells)
   np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
 
 
@@ -341,17 +341,17 @@ def test_ivf_search_is_the_same_whatever_the_grouping_of_blocks(loo, monkeypatch
   # Scoring cell by cell across a group of blocks (and the memory cap that
   # closes a group early) must give each block exactly what it gets alone.
   # Grid features: dot products are exact whatever the matmul shape.
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   x = _on_grid(_clustered(1500, seed=3))
   q = x if loo else _on_grid(_clustered(300, seed=4))
-  cells = capability.ivf_cells(len(x))
-  centroids = capability.spherical_kmeans(x, cells)
-  probes = capability._top_cells(q, centroids, 3)
-  index = capability.IvfIndex(x, 3, centroids, x_cell=probes[1] if loo else None)
+  cells = neighbours.ivf_cells(len(x))
+  centroids = neighbours.spherical_kmeans(x, cells)
+  probes = neighbours._top_cells(q, centroids, 3)
+  index = neighbours.IvfIndex(x, 3, centroids, x_cell=probes[1] if loo else None)
   alone = index.search(q, 10, loo, probes, block=8, group=1)
   for group in (2, 5, 64):
     np.testing.assert_array_equal(index.search(q, 10, loo, probes, block=8, group=group), alone)
-  monkeypatch.setattr(capability, '_BLOCK_CELLS', 8 * 400)   # a group closes every block or two
+  monkeypatch.setattr(neighbours, 'BLOCK_CELLS', 8 * 400)   # a group closes every block or two
   np.testing.assert_array_equal(index.search(q, 10, loo, probes, block=8, group=64), alone)
   if loo:
     assert not (alone == np.arange(len(x))[:, None]).any()
@@ -362,17 +362,17 @@ def test_ivf_search_breaks_ties_between_duplicates_like_exact(loo):
   # Duplicated rows tie; probing every cell must then return exact's
   # neighbours, the lowest index first. Grid features, so that twins tie
   # exactly although the two searches use matmuls of different shapes.
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   base = _on_grid(_clustered(400, seed=6))
   x = np.concatenate([base, base[:150], base[:60]])   # rows with 1 or 2 twins
   q = x if loo else np.concatenate([base[:30], _on_grid(_clustered(30, seed=7))])
-  exact = capability.neighbours(q, x, 12, loo, 'exact')
-  everything = capability.neighbours(q, x, 12, loo, 'ivf', nprobe=capability.ivf_cells(len(x)))
+  exact = neighbours.neighbours(q, x, 12, loo, 'exact')
+  everything = neighbours.neighbours(q, x, 12, loo, 'ivf', nprobe=neighbours.ivf_cells(len(x)))
   np.testing.assert_array_equal(np.sort(everything, 1), np.sort(exact, 1))
 
 
 def test_ivf_estimates_are_close_to_exact_and_auto_switches(monkeypatch):
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   x = _clustered(2000, seed=2)
   rng = np.random.default_rng(0)
   y = (rng.random((2000, 3)) < (0.3 + 0.4 * (x[:, :3] > 0))).astype(np.float64)
@@ -383,31 +383,31 @@ def test_ivf_estimates_are_close_to_exact_and_auto_switches(monkeypatch):
   # auto: exact up to EXACT_MAX_ROWS training rows, the approximate search above.
   auto = knn_estimates(*args, k=20, prior='global', search='auto')
   np.testing.assert_array_equal(auto[0], exact[0])
-  monkeypatch.setattr(capability, 'EXACT_MAX_ROWS', 1000)
+  monkeypatch.setattr(neighbours, 'EXACT_MAX_ROWS', 1000)
   auto = knn_estimates(*args, k=20, prior='global', search='auto', nprobe=8)
   np.testing.assert_array_equal(auto[0], approx[0])
 
 
 def test_ivf_search_with_fewer_rows_than_k_falls_back_to_exact():
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   x = _clustered(70, seed=3)   # 2 cells of ~35 rows; k = 60 needs both
-  exact = capability.neighbours(x[:5], x, 60, False, 'exact')
-  approx = capability.neighbours(x[:5], x, 60, False, 'ivf', nprobe=1)
+  exact = neighbours.neighbours(x[:5], x, 60, False, 'exact')
+  approx = neighbours.neighbours(x[:5], x, 60, False, 'ivf', nprobe=1)
   np.testing.assert_array_equal(np.sort(approx, 1), np.sort(exact, 1))
 
 
 def test_search_settings_are_checked():
-  from entrorouter_jax import capability
+  from entrorouter_jax import neighbours
   x = _clustered(50)
   with pytest.raises(ValueError, match="search must be one of"):
-    capability.neighbours(x, x, 5, True, 'faiss')
+    neighbours.neighbours(x, x, 5, True, 'faiss')
   with pytest.raises(ValueError, match='nprobe must be >= 1'):
-    capability.neighbours(x, x, 5, True, 'ivf', nprobe=0)
+    neighbours.neighbours(x, x, 5, True, 'ivf', nprobe=0)
 
 
 @pytest.mark.parametrize('search', ['exact', 'ivf'])
 def test_knn_table_prepared_once_gives_the_same_estimates(search, monkeypatch):
-  from entrorouter_jax import capability
+  from entrorouter_jax import capability, neighbours
   x = _clustered(1500, seed=4)
   rng = np.random.default_rng(1)
   y = (rng.random((1500, 3)) < 0.5).astype(np.float64)
@@ -418,8 +418,8 @@ def test_knn_table_prepared_once_gives_the_same_estimates(search, monkeypatch):
   table = capability.KnnTable(x, y, mask, cost, tasks, k=15, prior='task', search=search,
                               nprobe=4)
   built = []
-  real_index = capability.IvfIndex
-  monkeypatch.setattr(capability, 'IvfIndex',
+  real_index = neighbours.IvfIndex
+  monkeypatch.setattr(neighbours, 'IvfIndex',
                       lambda *a, **kw: built.append(1) or real_index(*a, **kw))
   for rows in (slice(0, 1), slice(0, 40), slice(5, 9)):
     want = knn_estimates(x, y, mask, cost, tasks, query_feats=q[rows],
@@ -445,3 +445,14 @@ def test_tfidf_projection_matches_the_svd_and_is_not_pickled():
   ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
   np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
   assert '_basis' not in pickle.loads(pickle.dumps(space)).__dict__
+
+
+def test_spaces_pickled_under_their_former_module_still_load():
+  """stage0.pkl files name capability.TfidfSpace; that name stays an alias."""
+  space = TfidfSpace(dim=4, min_df=1).fit(['add two numbers', 'two numbers sum', 'sum the list',
+                                           'the list sorted'])
+  data = pickle.dumps(space, protocol=2)
+  assert b'entrorouter_jax.features\nTfidfSpace' in data
+  old = pickle.loads(data.replace(b'entrorouter_jax.features\n', b'entrorouter_jax.capability\n'))
+  assert isinstance(old, TfidfSpace)
+  np.testing.assert_array_equal(old.transform(['two numbers']), space.transform(['two numbers']))

@@ -168,10 +168,10 @@ def test_read_queries_bytes_that_are_not_utf8_name_the_line(tmp_path):
 
 def test_device_search_finds_the_exact_neighbours_at_every_row_count(monkeypatch):
   import numpy as np
-  from entrorouter_jax import capability
-  exact = capability._exact_neighbours
+  from entrorouter_jax import capability, neighbours
+  exact = neighbours._exact_neighbours
   searched = []   # rows that went to the exact search (by the device's float32 product)
-  monkeypatch.setattr(capability, '_exact_neighbours',
+  monkeypatch.setattr(neighbours, '_exact_neighbours',
                       lambda q, *a: searched.append(len(q)) or exact(q, *a))
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3000, 24)).astype(np.float32)

@@ -269,6 +269,22 @@ def test_weight_errors(saved, tmp_path):
     load_state(tmp_path, cfg)
 
 
+def test_a_variable_left_unloaded_is_an_error(saved, monkeypatch):
+  """load_decoder checks that the checkpoint filled every variable of the module."""
+  from entrorouter_jax.backbones import hf_decoder
+  path, _ = saved['llama']
+
+  def without_up(model_dir, cfg):
+    pure = load_state(model_dir, cfg)
+    del pure['layers'][1]['mlp']['up']
+    return pure
+
+  monkeypatch.setattr(hf_decoder, 'load_state', without_up)
+  with pytest.raises(ValueError, match=r"1 decoder variables were not loaded from the "
+                                       r"checkpoint: \['layers/1/mlp/up"):
+    load_decoder(path)
+
+
 @pytest.mark.parametrize('ids', [dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1),    # Llama
                                  dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3)])    # Gemma
 def test_sentencepiece_tokenizer(tmp_path, ids):

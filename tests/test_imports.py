@@ -2,6 +2,9 @@
 
 import ast
 import collections
+import os
+import subprocess
+import sys
 
 from conftest import REPO_ROOT
 
@@ -48,7 +51,24 @@ def test_no_import_circles():
 def test_routing_never_imports_the_trainer():
   graph = _graph()
   for module in ('router', 'route', 'policy', 'state', 'model', 'features', 'capability',
-                 'serve', 'calibrate', 'batching'):
+                 'serve', 'calibrate', 'batching', 'serving.app'):
     reached = _reach(graph, f'entrorouter_jax.{module}')
     assert 'entrorouter_jax.train' not in reached, module
     assert 'entrorouter_jax.suite' not in reached, module
+
+
+def test_serving_reads_no_tables():
+  """The server reads its pool with data.pool: neither the table readers (pandas) nor the
+  trainer are reachable from it, nor loaded when it is imported."""
+  graph = _graph()
+  for module in ('serve', 'serving.app'):
+    reached = _reach(graph, f'entrorouter_jax.{module}')
+    assert 'entrorouter_jax.data.readers' not in reached, module
+    assert 'entrorouter_jax.train' not in reached, module
+  code = ('import sys, entrorouter_jax.serve, entrorouter_jax.serving.app; '
+          'print(sorted(m for m in ("entrorouter_jax.data.readers", "entrorouter_jax.train") '
+          'if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == '[]'

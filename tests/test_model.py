@@ -361,3 +361,19 @@ def test_cpu_compiler_options_fall_back_to_xla_defaults(monkeypatch):
     assert sharding.compiler_options() == {}
   finally:
     sharding.compiler_options.cache_clear()
+
+
+def test_router_model_builds_the_router_the_backbone_names():
+  """RouterModel(...) gives an EmbeddingsRouter for frozen embeddings (parameters
+  'members/...', no tokens read) and a TokenRouter otherwise."""
+  emb = RouterModel(make_cfg(backbone='embeddings', members=3, head='utility'),
+                    vocab_size=VOCAB, max_len=MAX_LEN, num_models=K, rngs=nnx.Rngs(0),
+                    feature_dim=8)
+  assert isinstance(emb, model_lib.EmbeddingsRouter) and isinstance(emb, model_lib.Router)
+  assert sorted(nnx.to_pure_dict(nnx.state(emb, nnx.Param))) == ['log_temperature', 'members']
+  features = jnp.ones((2, 8), jnp.float32)
+  assert emb(None, None, features=features, members=True).shape == (3, 2, K)
+  assert isinstance(make_model(), model_lib.TokenRouter)
+  with pytest.raises(ValueError, match='feature_dim'):
+    RouterModel(make_cfg(backbone='embeddings'), vocab_size=VOCAB, max_len=MAX_LEN,
+                num_models=K, rngs=nnx.Rngs(0))

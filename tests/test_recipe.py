@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -13,10 +12,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT, kill_then_rerun
+from conftest import REPO_ROOT, final_state, straight_and_resumed
 from configs import rl as rl_config
-from entrorouter_jax import (baselines, capability, features, policy, route, router as router_lib,
-                             sharding, suite, train)
+from entrorouter_jax import (baselines, features, policy, route, router as router_lib,
+                             selection, sharding, steps, suite, train)
 from entrorouter_jax import metrics as metrics_lib
 from entrorouter_jax.data import pipeline
 
@@ -58,10 +57,10 @@ def test_utility_policy_matches_numpy():
 
 def test_member_weights_and_spread_lambdas():
   fold = jnp.array([0, 1, 2, 0])
-  np.testing.assert_array_equal(train.member_weights(fold, 3, False),
+  np.testing.assert_array_equal(steps.member_weights(fold, 3, False),
                                 [[0, 1, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1]])
-  assert train.member_weights(fold, 1, False) is None
-  np.testing.assert_array_equal(train.member_weights(fold, 1, True), [[0, 1, 1, 0]])
+  assert steps.member_weights(fold, 1, False) is None
+  np.testing.assert_array_equal(steps.member_weights(fold, 1, True), [[0, 1, 1, 0]])
   # Two models: model 1 is better by 0.2 on every query and dearer by 1 (c_hat 0 vs 1).
   # Any lambda below 0.2 routes all to model 1 (cost 1), above it all to model 0 (cost 0).
   scores = np.array([[0.5, 0.7]] * 4)
@@ -82,8 +81,8 @@ def test_batch_size_scales_down_on_small_data():
 
 def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
   texts = [f'question {i} about {"math" if i % 2 else "law"} and topic {i % 7}' for i in range(80)]
-  tfidf = features.capability.TfidfSpace(dim=8, min_df=1)
-  both = features.ConcatSpace([tfidf, features.capability.TfidfSpace(dim=4, min_df=1)])
+  tfidf = features.TfidfSpace(dim=8, min_df=1)
+  both = features.ConcatSpace([tfidf, features.TfidfSpace(dim=4, min_df=1)])
   z = both.fit_transform(texts)
   assert z.shape == (80, 12)
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
@@ -112,7 +111,7 @@ def test_features_concat_space_and_encoder_cache(tmp_path, monkeypatch):
   other.transform(texts)                           # another encoder: another key
   assert calls == [80, 10, 10, 80]
   # Routing turns the disk cache off: its batches are new texts.
-  routed = features.for_routing(features.ConcatSpace([capability.TfidfSpace(), other]))
+  routed = features.for_routing(features.ConcatSpace([features.TfidfSpace(), other]))
   assert routed.spaces[1].disk_cache is False
   files = len(list((tmp_path / 'cache' / 'embeddings').glob('*.npy')))
   other.transform([t + ' (new)' for t in texts])
@@ -336,27 +335,12 @@ def _recipe_cmd(workdir, tmp_path):
            f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()])
 
 
-def _final_state(workdir):
-  manager = ocp.CheckpointManager(pathlib.Path(workdir, 'checkpoints', 'rl').absolute(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
-  return manager.latest_step(), jax.tree.leaves(state)
-
-
 def test_recipe_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   """kill -9 mid-RL (selection state included), rerun: the same final state, bit for bit."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  straight = tmp_path / 'straight'
-  subprocess.run(_recipe_cmd(straight, tmp_path), cwd=REPO_ROOT, env=env, check=True,
-                 capture_output=True)
-  resumed = tmp_path / 'resumed'
-  kill_then_rerun(_recipe_cmd(resumed, tmp_path), resumed / 'checkpoints' / 'rl' / '20', env)
-  step_a, leaves_a = _final_state(straight)
-  step_b, leaves_b = _final_state(resumed)
-  assert step_a == step_b == 40
-  for a, b in zip(leaves_a, leaves_b, strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  straight, resumed, _ = straight_and_resumed(lambda w: _recipe_cmd(w, tmp_path), tmp_path, env,
+                                              kill_at_rl_step=20)
+  assert final_state(resumed)[0] == 40
   rows = lambda d: [json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()]
   keys = [(r['stage'], r['step'], 'select_score' in r) for r in rows(resumed)]
   assert len(keys) == len(set(keys))
@@ -390,7 +374,7 @@ def test_selection_score_runs_each_member_on_its_own_rows(tmp_path):
   members = config.model.members
   rows = np.flatnonzero(problem.folds < members)
   member = problem.folds[rows]
-  model_graphdef, params, _ = train.scoring_params(graphdef, state['nnx'], mesh)
+  model_graphdef, params, _ = selection.scoring_params(graphdef, state['nnx'], mesh)
   params['members']['w1'][...] = params['members']['w1'][...] + jnp.arange(members)[:, None, None]
   state['nnx'][0]['members']['w1'][...] = params['members']['w1'][...]   # members differ
   arrays = policy.policy_arrays(problem.inputs('train', rows),

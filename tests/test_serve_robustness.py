@@ -64,7 +64,7 @@ def test_micro_batcher_fails_only_the_poisoned_item():
 
 # ========================================================== the real server ===
 def test_a_poisoned_request_among_32_fails_alone(served):
-  """The issue's case: a lone surrogate in one user message, 32 innocent requests beside it."""
+  """A lone surrogate in one user message, 32 innocent requests beside it."""
   base = served[0]
   poisoned = b'{"model": "router", "messages": [{"role": "user", "content": "bad \\ud800 text"}]}'
 
@@ -186,12 +186,15 @@ def test_fuzzed_bodies_never_get_a_500(fuzz_client, request):
 
 
 def test_after_the_fuzz_the_server_serves_and_counted_no_500(served, fuzz_client):
-  # Runs after the fuzz in file order; on its own it still checks a served request.
+  # Runs after the fuzz in file order; on its own (or on another test worker) it sends
+  # one bad body itself.
+  assert fuzz_client.post(CHAT, content=b'{"model": NaN}').status_code == 400
   r = fuzz_client.post(CHAT, json={'model': 'router',
                                    'messages': [{'role': 'user', 'content': QUERIES[0]}]})
   assert r.status_code == 200 and r.json()['choices'][0]['message']['content']
   metrics = fuzz_client.get('/metrics').text
-  assert not re.search(r'entrorouter_requests_total{[^}]*status="5\d\d"} [1-9]', metrics)
+  # (A 502 from a test of upstreams all down may share this server: 500 is the server's own.)
+  assert not re.search(r'entrorouter_requests_total{[^}]*status="500"} [1-9]', metrics)
   assert re.search(r'entrorouter_requests_total{endpoint="/v1/chat/completions",'
                    r'status="400"} [1-9]', metrics)
 

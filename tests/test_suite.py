@@ -122,9 +122,33 @@ def test_ablations_table_in_process(tmp_path):
     assert 0.0 < row['datasets']['tiny']['aiq_mean'] <= 1.0
     diag = row['diagnostics']
     assert diag['entropy'] >= 0.0 and 0.0 <= diag['strongest_share'] <= 1.0
-    assert diag['needed_never_picked'] >= 0
+    # A mean over seeds of a count of models (one seed here: a whole number of them).
+    assert float(diag['needed_never_picked']).is_integer()
+    assert 0 <= diag['needed_never_picked'] <= 3
   md = (tmp_path / 'w' / 'suite.md').read_text()
   assert '## Ablations' in md and 'Soft Supervision only' in md
   assert '| variant | seeds | tiny |' in md
   with pytest.raises(ValueError, match='ablation_seeds=0'):
     suite.run(config, tmp_path / 'w2', datasets, seeds=1, ablations=True, ablation_seeds=0)
+
+
+def test_collapse_diagnostics_against_a_hand_count():
+  """3 models, 100 queries: the anchor's rule sends 50 / 40 / 10 queries to the models,
+  the policy picks model 0 for 99 and model 1 for 1: model 2 (needed, >= 2%) is never
+  picked and model 1 (1%, >= 0.2%) is, so needed_never_picked is 1."""
+  p_hat = np.zeros((100, 3))
+  p_hat[:50, 0] = p_hat[50:90, 1] = p_hat[90:, 2] = 1.0
+  c_bar = np.zeros((100, 3))
+  probs = np.full((100, 3), 0.1)
+  probs[:99, 0] = 0.8
+  probs[99, 1] = 0.8
+  diag = suite.collapse_diagnostics(probs, (p_hat, c_bar), 0.5, strongest=0)
+  assert diag['needed_never_picked'] == 1
+  assert diag['strongest_share'] == pytest.approx(0.99)
+  entropy = -(0.8 * np.log(0.8) + 2 * 0.1 * np.log(0.1))
+  assert diag['entropy'] == pytest.approx(entropy)
+  # A cost weight that moves the anchor: c_bar makes model 0 dear, so its queries
+  # go to model 1 (p_hat ties broken by the cost), which the policy still picks once.
+  c_bar[:, 0] = 10.0
+  p_hat[:50, 1] = 0.5
+  assert suite.collapse_diagnostics(probs, (p_hat, c_bar), 0.5, 0)['needed_never_picked'] == 1

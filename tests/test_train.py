@@ -2,17 +2,14 @@
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from conftest import REPO_ROOT, kill_then_rerun
+from conftest import REPO_ROOT, final_state, straight_and_resumed
 from configs import common, rl as rl_config, sft as sft_config, transformer as transformer_config
 from entrorouter_jax import train
 
@@ -64,14 +61,6 @@ def test_tiny_sft_then_rl_beats_the_uniform_policy(tmp_path):
           'entropy_target', 'kl_old', 'batch_entropy'} <= set(records[-1])
 
 
-def _final_params(workdir):
-  manager = ocp.CheckpointManager(pathlib.Path(workdir, 'checkpoints', 'rl').absolute(),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  state = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))['state']
-  return manager.latest_step(), jax.tree.leaves(state)
-
-
 def _train_cmd(workdir, tmp_path, extra=()):
   overrides = {
       'data.data_dir': tmp_path / 'tfds', 'data.synthetic.num_train': 400,
@@ -89,21 +78,11 @@ def _train_cmd(workdir, tmp_path, extra=()):
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
   """kill -9 mid-RL, rerun: the final parameters equal an uninterrupted run's, bit for bit."""
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  straight = tmp_path / 'straight'
-  subprocess.run(_train_cmd(straight, tmp_path), cwd=REPO_ROOT, env=env, check=True,
-                 capture_output=True)
-
-  resumed = tmp_path / 'resumed'
-  out = kill_then_rerun(_train_cmd(resumed, tmp_path), resumed / 'checkpoints' / 'rl' / '20', env)
+  straight, resumed, out = straight_and_resumed(lambda w: _train_cmd(w, tmp_path), tmp_path, env,
+                                                kill_at_rl_step=20)
   # The rerun's RL progress bar starts at the checkpointed step (20 of 40).
   assert re.search(r'rl:\s+50%\|[^|\n]*\| 20/40 ', out.stderr), out.stderr[-4000:]
-
-  step_a, leaves_a = _final_params(straight)
-  step_b, leaves_b = _final_params(resumed)
-  assert step_a == step_b == 40
-  assert len(leaves_a) == len(leaves_b)
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert final_state(resumed)[0] == 40
   # The metrics file holds each logged step once.
   lines = [json.loads(l) for l in (resumed / 'metrics.jsonl').read_text().splitlines()]
   keys = [(r['stage'], r['step']) for r in lines]
@@ -134,20 +113,35 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     train.train_and_evaluate(config, tmp_path / 'bad')
 
 
+# Names the code gives a config section besides its own (config[stage] for both stages).
+SECTION_ALIASES = {'sft': ('stage_cfg',), 'rl': ('stage_cfg',)}
+
+
 @pytest.mark.parametrize('module', [common, rl_config, sft_config, transformer_config])
 def test_every_config_loads_and_every_key_is_read(module):
+  """Every leaf key is read where its section is: `section.key` (config.anchor.k,
+  anchor.k), `section_cfg.key` (a section passed on), through a name the section is
+  assigned to (`s = data_cfg.synthetic`; s.num_train), or by its quoted name;
+  top-level keys as `config.key`."""
   config = module.get_config() if hasattr(module, 'get_config') else module.get_base_config()
   source = '\n'.join(p.read_text() for p in (REPO_ROOT / 'entrorouter_jax').rglob('*.py'))
   unused = []
 
-  def walk(node, prefix):
+  def names_of(section):
+    assigned = re.findall(rf"^\s*(\w+) = [\w.]*\.{section}\s*$", source, re.M)
+    return {section, f'{section}_cfg', *assigned, *SECTION_ALIASES.get(section, ())}
+
+  def walk(node, prefix, section):
     for key, value in node.items():
       if hasattr(value, 'items') and key != 'read_options':
-        walk(value, prefix + key + '.')
-      elif not re.search(rf"\.{key}\b|['\"]{key}['\"]", source):
+        walk(value, prefix + key + '.', key)
+        continue
+      owners = names_of(section) if section else {'config'}
+      read = any(re.search(rf"\b{name}\.{key}\b", source) for name in owners)
+      if not read and not re.search(rf"['\"]{key}['\"]", source):
         unused.append(prefix + key)
 
-  walk(config, '')
+  walk(config, '', None)
   assert not unused, f'config keys that no code reads: {unused}'
 
 
@@ -156,6 +150,33 @@ def test_bad_stage_list_is_an_error(tmp_path):
   config.stages = 'rl,sft'
   with pytest.raises(train.TrainingError, match='stages'):
     train.stage_list(config)
+
+
+def test_workdir_files_of_older_runs_load(tmp_path):
+  """stage0.pkl is a pickled dict (older runs' too, some without the training
+  table), router.json may lack the newer keys; both load into their dataclasses."""
+  import pickle
+  from entrorouter_jax import workdir as workdir_lib
+  feats = np.ones((3, 2), np.float32)
+  full = {'key': 'k', 'strongest': 1, 'c_ref': 0.5, 'space': 'a space',
+          'tables': {'train': {'p_hat': feats, 'c_bar': feats}},
+          'features': {'train': feats}, 'train_feats': feats, 'train_outcomes': feats,
+          'train_mask': feats > 0, 'train_cost_hat': feats, 'train_tasks': ['t'] * 3}
+  (tmp_path / 'stage0.pkl').write_bytes(pickle.dumps(full))
+  stage0 = workdir_lib.load_stage0(tmp_path)
+  assert (stage0.strongest, stage0.c_ref, stage0.space, stage0.train_tasks) == (
+      1, 0.5, 'a space', ['t'] * 3)
+  workdir_lib.write_stage0(tmp_path, stage0)
+  assert list(pickle.loads((tmp_path / 'stage0.pkl').read_bytes())) == list(full)
+  older = {k: full[k] for k in ('strongest', 'c_ref', 'space', 'tables')}
+  (tmp_path / 'stage0.pkl').write_bytes(pickle.dumps(older))
+  assert workdir_lib.read_stage0(tmp_path).key is None
+  with pytest.raises(workdir_lib.RouterError, match='lacks the training table'):
+    workdir_lib.load_stage0(tmp_path)
+  (tmp_path / 'router.json').write_text(json.dumps(
+      {'model_names': ['a', 'b'], 'strongest': 1, 'c_ref': 0.5, 'model_costs': [0.1, 1.0]}))
+  info = workdir_lib.read_router_info(tmp_path)
+  assert (info.model_names, info.feature_dim, info.lambda_set) == (['a', 'b'], None, None)
 
 
 @pytest.mark.parametrize('content,expected', [
@@ -184,15 +205,25 @@ def test_cli_bad_data_file_exits_with_a_clear_error(tmp_path, content, expected)
     {'rl.ppo_epochs': 2, 'rl.normalize_advantage': True},
     {'model.anchor_in_logits': True, 'model.pooling': 'cls', 'model.positions': 'rotary'},
 ])
-def test_training_variants_run(tmp_path, overrides):
-  config = tiny_config(tmp_path, sft_steps=10, rl_steps=10)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  results = train.train_and_evaluate(config, tmp_path / 'run')
-  assert 0.0 <= results['router']['accuracy'] <= 1.0
-  records = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
-  assert records[-1]['stage'] == 'rl' and np.isfinite(records[-1]['loss'])
+def test_training_variants_learn(tmp_path, overrides):
+  """Each variant trains end to end: finite losses, RL moves the parameters SFT left,
+  and the router beats the uniform policy's expected utility."""
+  config = tiny_config(tmp_path, sft_steps=20, rl_steps=10)
+  config.update_from_flattened_dict(overrides)
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(config, workdir)
+  saved = json.loads((workdir / 'eval' / 'results.json').read_text())
+  utility = saved['expected_utility']
+  assert utility['router'] > utility['uniform'], utility
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert {r['stage'] for r in records} == {'sft', 'rl'}
+  assert all(np.isfinite(r['loss']) for r in records)
+  _, sft_leaves = final_state(workdir, 'sft')
+  _, rl_leaves = final_state(workdir, 'rl')
+  assert any(a.shape == b.shape and not np.array_equal(a, b)
+             for a, b in zip(map(np.asarray, sft_leaves), map(np.asarray, rl_leaves)))
+  if config.model.lambda_conditioned:   # one checkpoint, a policy per cost weight
+    from entrorouter_jax import router as router_lib
+    router = router_lib.load_router(workdir)
+    queries = ['What is 2 + 2?', 'Prove the theorem.', 'Write a sorting function.']
+    assert not np.allclose(router.probs(queries, 0.0), router.probs(queries, 1.0))

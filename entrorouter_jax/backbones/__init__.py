@@ -27,8 +27,9 @@ import numpy as np
 from flax import nnx
 
 from entrorouter_jax import sharding
+from entrorouter_jax.backbones.weights import build_loaded
 from entrorouter_jax.layers import bucket, width_bucket
-from entrorouter_jax.layers import pool  # noqa: F401  (backbones.pool, the pooling of every backbone)
+from entrorouter_jax.layers import pool  # noqa: F401  (backbones.pool: every backbone's)
 
 # 'embeddings' has no text encoder at all: the policy reads Stage 0's frozen
 # query embeddings (entrorouter_jax.features); 'scratch' is model.py's own.
@@ -103,7 +104,8 @@ class BackboneSpace:
   """Query texts -> float32[N, H] unit vectors: the pretrained backbone's pooled
   embeddings, untouched by training (Stage 0's kNN space with anchor.space='backbone').
 
-  Same interface as capability.TfidfSpace (fit / transform / fit_transform).
+  Same interface as features.TfidfSpace (fit / transform / fit_transform); it
+  lives here, beside the weights it loads, and features.py builds it.
   Picklable: it keeps only the settings and reloads the weights when needed.
   """
 
@@ -124,20 +126,16 @@ class BackboneSpace:
     if self._loaded is None:
       import ml_collections
       cfg = ml_collections.ConfigDict(self.settings)
-      with nnx.use_eager_sharding(False):
-        module = nnx.eval_shape(lambda: build(cfg, dtype=jnp.float32, dropout=0.0,
-                                              rngs=nnx.Rngs(0)))
+      module = build_loaded(lambda: build(cfg, dtype=jnp.float32, dropout=0.0, rngs=nnx.Rngs(0)),
+                            load_pretrained(cfg), self.settings['backbone'])
       graphdef, state = nnx.split(module, nnx.Param)
-      nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, load_pretrained(cfg)))
       how = self.settings['pooling']
-      # The weights travel as a flat tuple of arrays, which jit reads in C++:
-      # an nnx.State is flattened in Python on every call, a sizeable share
-      # of a one-query embedding's dispatch.
+      # The weights travel as a flat tuple of arrays, which jit reads in C++
+      # (an nnx.State would be flattened in Python on every call).
       leaves, treedef = jax.tree.flatten(state)
 
-      # XLA:CPU with YNNPACK doing the dots only (sharding.compiler_options):
-      # a data set's batches of 64 long queries embed ~20% faster than with
-      # its defaults (benchmarks/RESULTS.md), the same vectors up to rounding.
+      # The router's XLA:CPU options (sharding.compiler_options): faster here
+      # too, the same vectors up to rounding.
       @functools.partial(jax.jit, compiler_options=sharding.compiler_options())
       def embed(leaves, tokens, mask):
         hidden = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(tokens, mask)

@@ -34,10 +34,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 from flax import nnx
 
-from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
+from entrorouter_jax.backbones.weights import build_loaded, read_state, weight_files
 from entrorouter_jax.data import tokenizer as tokenizer_lib
 from entrorouter_jax.layers import MASK_VALUE, erf_gelu, param, pool as _pool
 
@@ -51,6 +50,42 @@ _embed_init = nnx.initializers.normal(stddev=0.02)
 
 # ---------------------------------------------------------------------------
 # Config
+
+
+def _rope_settings(raw: dict, path, bad) -> tuple[float, tuple | None]:
+  """(rope_theta, rope_scaling) from a config.json dict `raw`; `bad(key, expected)`
+  makes the error for an unsupported value."""
+  # RoPE: transformers >= 5 writes `rope_parameters` (with rope_theta inside);
+  # older files have top-level `rope_theta` and `rope_scaling` (type or rope_type).
+  if not isinstance(raw.get('rope_scaling') or {}, dict):
+    raise bad('rope_scaling', 'null or a dict')
+  rope = dict(raw.get('rope_scaling') or {})
+  rope_params = raw.get('rope_parameters') or {}
+  if not isinstance(rope_params, dict) or any(isinstance(v, dict) for v in rope_params.values()):
+    raise bad('rope_parameters', 'one flat dict (per-layer-type RoPE is not supported)')
+  rope.update(rope_params)
+  rope_theta = float(rope.pop('rope_theta', None) or raw.get('rope_theta') or 10000.0)
+  rope_type = rope.pop('rope_type', None) or rope.pop('type', None) or 'default'
+  rope.pop('type', None)
+  if rope_type not in _ROPE_TYPES:
+    key = 'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'
+    raise bad(key, f'null or a rope_type in {_ROPE_TYPES}')
+  if rope.get('partial_rotary_factor', 1.0) != 1.0:
+    raise bad('rope_parameters', 'partial_rotary_factor 1.0')
+  rope.pop('partial_rotary_factor', None)
+  rope_scaling = None
+  if rope_type != 'default':
+    rope.setdefault('original_max_position_embeddings',
+                    raw.get('max_position_embeddings'))
+    required = {'linear': ('factor',),
+                'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+                           'original_max_position_embeddings')}[rope_type]
+    missing = [k for k in required if rope.get(k) is None]
+    if missing:
+      raise ValueError(f'{path}: rope_type {rope_type!r} needs {missing} in its rope parameters')
+    rope_scaling = tuple(sorted({k: rope[k] for k in required}.items())) + (
+        ('rope_type', rope_type),)
+  return rope_theta, rope_scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,36 +141,7 @@ class DecoderConfig:
     if raw.get('use_bidirectional_attention'):
       raise bad('use_bidirectional_attention', 'null/false (causal attention)')
 
-    # RoPE: transformers >= 5 writes `rope_parameters` (with rope_theta inside);
-    # older files have top-level `rope_theta` and `rope_scaling` (type or rope_type).
-    if not isinstance(raw.get('rope_scaling') or {}, dict):
-      raise bad('rope_scaling', 'null or a dict')
-    rope = dict(raw.get('rope_scaling') or {})
-    rope_params = raw.get('rope_parameters') or {}
-    if not isinstance(rope_params, dict) or any(isinstance(v, dict) for v in rope_params.values()):
-      raise bad('rope_parameters', 'one flat dict (per-layer-type RoPE is not supported)')
-    rope.update(rope_params)
-    rope_theta = float(rope.pop('rope_theta', None) or raw.get('rope_theta') or 10000.0)
-    rope_type = rope.pop('rope_type', None) or rope.pop('type', None) or 'default'
-    rope.pop('type', None)
-    if rope_type not in _ROPE_TYPES:
-      key = 'rope_parameters' if raw.get('rope_parameters') else 'rope_scaling'
-      raise bad(key, f'null or a rope_type in {_ROPE_TYPES}')
-    if rope.get('partial_rotary_factor', 1.0) != 1.0:
-      raise bad('rope_parameters', 'partial_rotary_factor 1.0')
-    rope.pop('partial_rotary_factor', None)
-    rope_scaling = None
-    if rope_type != 'default':
-      rope.setdefault('original_max_position_embeddings',
-                      raw.get('max_position_embeddings'))
-      required = {'linear': ('factor',),
-                  'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
-                             'original_max_position_embeddings')}[rope_type]
-      missing = [k for k in required if rope.get(k) is None]
-      if missing:
-        raise ValueError(f'{path}: rope_type {rope_type!r} needs {missing} in its rope parameters')
-      rope_scaling = tuple(sorted({k: rope[k] for k in required}.items())) + (
-          ('rope_type', rope_type),)
+    rope_theta, rope_scaling = _rope_settings(raw, path, bad)
 
     hidden, heads = int(need('hidden_size')), int(need('num_attention_heads'))
     kv_heads = int(raw.get('num_key_value_heads') or heads)
@@ -398,13 +404,10 @@ def load_state(model_dir: str | os.PathLike, cfg: DecoderConfig) -> dict:
   prefix = embeds[0][:-len('embed_tokens.weight')]
 
   rows = _layout(cfg)
-  by_file: dict[pathlib.Path, list] = {}
   for row in rows:
-    name = prefix + row[0]
-    if name not in files:
-      raise ValueError(f'{listing}: missing tensor {name!r} (needed by the {cfg.model_type} '
-                       f'decoder with {cfg.num_layers} layers)')
-    by_file.setdefault(files[name], []).append(row)
+    if prefix + row[0] not in files:
+      raise ValueError(f'{listing}: missing tensor {prefix + row[0]!r} (needed by the '
+                       f'{cfg.model_type} decoder with {cfg.num_layers} layers)')
 
   # Anything else under the prefix would be silently dropped weights (e.g. biases).
   expected = {prefix + row[0] for row in rows}
@@ -414,19 +417,10 @@ def load_state(model_dir: str | os.PathLike, cfg: DecoderConfig) -> dict:
     raise ValueError(f'{listing}: unexpected tensors {unexpected[:5]}'
                      f'{" ..." if len(unexpected) > 5 else ""} for a {cfg.model_type} decoder '
                      f'with {cfg.num_layers} layers (biases or extra layers are not supported)')
-
-  pure: dict = {}
-  headers: dict = {}
-  for path, file_rows in by_file.items():
-    with safetensors.safe_open(str(path), framework='np') as handle:
-      for hf_name, ours, shape, convert in file_rows:
-        name = prefix + hf_name
-        found = tuple(handle.get_slice(name).get_shape())
-        if found != shape:
-          raise ValueError(f'{path}: tensor {name!r} has shape {found}; expected {shape} '
-                           'from config.json')
-        put(pure, ours, convert(read_tensor(handle, path, name, headers)))
-  return pure
+  mismatch = lambda name, file, found, shape: (
+      f'{file}: tensor {name!r} has shape {found}; expected {shape} from config.json')
+  return read_state(files, [(ours, prefix + name, shape, convert)
+                            for name, ours, shape, convert in rows], mismatch)
 
 
 def load_decoder(model_dir: str | os.PathLike, *, dtype=jnp.float32,
@@ -434,13 +428,9 @@ def load_decoder(model_dir: str | os.PathLike, *, dtype=jnp.float32,
   """(DecoderBackbone with the checkpoint's weights, its config) from a HF directory."""
   cfg = DecoderConfig.from_dir(model_dir)
   pure = load_state(model_dir, cfg)
-  with nnx.use_eager_sharding(False):
-    # Abstract construction: no random initialisation of weights we overwrite.
-    model = nnx.eval_shape(lambda: DecoderBackbone(cfg, dtype=dtype, dropout=dropout,
-                                                   rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-    nnx.update(model, state)
+  model = build_loaded(
+      lambda: DecoderBackbone(cfg, dtype=dtype, dropout=dropout, rngs=nnx.Rngs(0)),
+      pure, 'decoder')
   return model, cfg
 
 

@@ -36,11 +36,10 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 import tokenizers
 from flax import nnx
 
-from entrorouter_jax.backbones.weights import put, read_tensor, weight_files
+from entrorouter_jax.backbones.weights import build_loaded, read_state, weight_files
 from entrorouter_jax.data.tokenizer import pad
 from entrorouter_jax.layers import erf_gelu, heads_major_attention, param, pool as _pool
 
@@ -293,9 +292,7 @@ def load_state(model_dir, cfg: EncoderConfig) -> dict:
   """
   files, listing = weight_files(model_dir)
   prefix = 'bert.' if 'bert.embeddings.word_embeddings.weight' in files else ''
-  pure: dict = {}
-  handles: dict = {}
-  headers: dict = {}
+  rows = []
   for path, name, shape, convert in _weight_map(cfg):
     candidates = [prefix + name]
     if name.endswith('LayerNorm.weight'):
@@ -305,16 +302,10 @@ def load_state(model_dir, cfg: EncoderConfig) -> dict:
     found = next((c for c in candidates if c in files), None)
     if found is None:
       raise ValueError(f'tensor {prefix + name!r} (shape {shape}) is missing from {listing}')
-    file = files[found]
-    if file not in handles:
-      handles[file] = safetensors.safe_open(str(file), framework='np')
-    handle = handles[file]
-    found_shape = tuple(handle.get_slice(found).get_shape())
-    if found_shape != shape:
-      raise ValueError(f'tensor {found!r} in {file} has shape {found_shape}, expected '
-                       f'{shape} (from {pathlib.Path(model_dir) / "config.json"})')
-    put(pure, path, np.ascontiguousarray(convert(read_tensor(handle, file, found, headers))))
-  return pure
+    rows.append((path, found, shape, convert))
+  config = pathlib.Path(model_dir) / 'config.json'
+  return read_state(files, rows, lambda name, file, found, shape: (
+      f'tensor {name!r} in {file} has shape {found}, expected {shape} (from {config})'))
 
 
 def load_encoder(model_dir, *, dtype=jnp.float32,
@@ -322,15 +313,8 @@ def load_encoder(model_dir, *, dtype=jnp.float32,
   """Builds a BertEncoder (eager sharding off) filled with the weights in model_dir."""
   cfg = EncoderConfig.from_dir(model_dir)
   pure = load_state(model_dir, cfg)
-  # Built abstractly (random init of a full vocabulary costs seconds on CPU), then filled.
-  with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: BertEncoder(cfg, dtype=dtype, dropout=dropout,
-                                               rngs=nnx.Rngs(0)))
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-  nnx.update(model, state)
-  leftover = [v for v in jax.tree.leaves(nnx.state(model)) if isinstance(v, jax.ShapeDtypeStruct)]
-  assert not leftover, f'{len(leftover)} encoder variables were not loaded'
+  model = build_loaded(lambda: BertEncoder(cfg, dtype=dtype, dropout=dropout, rngs=nnx.Rngs(0)),
+                       pure, 'encoder')
   return model, cfg
 
 

@@ -4,6 +4,8 @@
                                              # or a sharded model.safetensors.index.json
   array = read_tensor(handle, path, name, headers)   # handle = safetensors.safe_open(...)
   put(pure, ('layers', 0, 'w_in'), array)           # into a module's pure-dict layout
+  pure = read_state(files, rows, mismatch)          # the tensors rows name, shapes checked
+  module = build_loaded(make, pure, 'decoder')      # a module holding exactly those weights
 
 Shared by the encoder and decoder loaders; nothing here imports torch.
 """
@@ -14,8 +16,11 @@ import json
 import pathlib
 import struct
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors
+from flax import nnx
 
 
 def put(pure: dict, path, value) -> None:
@@ -68,3 +73,43 @@ def weight_files(model_dir) -> tuple[dict[str, pathlib.Path], pathlib.Path]:
         raise FileNotFoundError(f'{model_dir / file} (listed in {index}) does not exist')
     return {name: model_dir / file for name, file in weight_map.items()}, index
   raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {model_dir}')
+
+
+def read_state(files: dict, rows, mismatch) -> dict:
+  """The tensors `rows` name as a pure dict of float32 NumPy arrays.
+
+  files: tensor name -> its safetensors file (weight_files); rows: (our
+  pure-dict path, tensor name, expected shape, checkpoint array -> ours) each.
+  Every file is opened once. A tensor of another shape raises
+  ValueError(mismatch(name, file, found shape, expected shape)).
+  """
+  by_file: dict[pathlib.Path, list] = {}
+  for row in rows:
+    by_file.setdefault(files[row[1]], []).append(row)
+  pure: dict = {}
+  headers: dict = {}
+  for file, file_rows in by_file.items():
+    with safetensors.safe_open(str(file), framework='np') as handle:
+      for ours, name, shape, convert in file_rows:
+        found = tuple(handle.get_slice(name).get_shape())
+        if found != tuple(shape):
+          raise ValueError(mismatch(name, file, found, shape))
+        put(pure, ours, np.ascontiguousarray(convert(read_tensor(handle, file, name, headers))))
+  return pure
+
+
+def build_loaded(make, pure: dict, what: str):
+  """`make()` built abstractly (no random initialisation of weights to be
+  overwritten; eager sharding off) with its nnx.Params taken from `pure`.
+  Raises ValueError naming the variables `pure` leaves unloaded."""
+  with nnx.use_eager_sharding(False):
+    module = nnx.eval_shape(make)
+    state = nnx.state(module, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
+    nnx.update(module, state)
+  leftover = ['/'.join(map(str, path)) for path, variable in nnx.to_flat_state(nnx.state(module))
+              if isinstance(variable.get_value(), jax.ShapeDtypeStruct)]
+  if leftover:
+    raise ValueError(f'{len(leftover)} {what} variables were not loaded from the checkpoint: '
+                     f'{leftover[:5]}{" ..." if len(leftover) > 5 else ""}')
+  return module

@@ -1,0 +1,141 @@
+"""Reading a request: the bearer token, the body limit, strict JSON, and what the router
+reads of a chat or route body. Every problem raises `RequestError` naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from typing import Optional
+
+from entrorouter_jax import strict_json
+from entrorouter_jax.serving.errors import RequestError
+
+ROUTER_MODEL = 'router'
+
+
+def authorize(request, token: Optional[str]) -> None:
+  """401 unless the request carries "Authorization: Bearer <token>" (None: no auth)."""
+  if token is None:
+    return
+  header = request.headers.get('authorization', '')
+  scheme, _, given = header.partition(' ')
+  if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),
+                                                           token.encode()):
+    raise RequestError(401, 'missing or wrong bearer token; expected the header '
+                       '"Authorization: Bearer <token>"', None, 'authentication_error',
+                       'invalid_api_key')
+
+
+async def read_json(request, max_bytes: int) -> dict:
+  """The body as a strict-JSON object; 413 past `max_bytes` (read no further), 400 otherwise."""
+  length = request.headers.get('content-length')
+  if length is not None and length.isdigit() and int(length) > max_bytes:
+    raise RequestError(413, f'request body of {length} bytes is over the limit of '
+                       f'{max_bytes} bytes', None, 'invalid_request_error',
+                       'request_too_large')
+  body = bytearray()
+  async for chunk in request.stream():
+    body.extend(chunk)
+    if len(body) > max_bytes:
+      raise RequestError(413, f'request body is over the limit of {max_bytes} '
+                         'bytes', None, 'invalid_request_error', 'request_too_large')
+  try:
+    data = strict_json.loads(bytes(body))
+  except strict_json.JsonError as e:
+    raise RequestError(400, f'the request body is not strict JSON: {e.message}; expected a '
+                       'JSON object (RFC 8259, UTF-8)', e.field) from None
+  if not isinstance(data, dict):
+    raise RequestError(400, f'the request body is a JSON {type(data).__name__}; expected an '
+                       'object')
+  return data
+
+
+def message_text(content, where: str) -> str:
+  """The text of a message's content: a string, or OpenAI's list of parts."""
+  if content is None:
+    return ''
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list):
+    texts = []
+    for i, part in enumerate(content):
+      if not isinstance(part, dict) or not isinstance(part.get('type'), str):
+        raise RequestError(400, f'{where}.content[{i}] is {part!r}; expected a content part '
+                           'object with a "type"', f'{where}.content')
+      if part['type'] == 'text':
+        if not isinstance(part.get('text'), str):
+          raise RequestError(400, f'{where}.content[{i}].text is missing; expected a string',
+                             f'{where}.content')
+        texts.append(part['text'])
+    return '\n'.join(texts)
+  raise RequestError(400, f'{where}.content is {type(content).__name__}; expected a string '
+                     'or a list of content parts', f'{where}.content')
+
+
+def conversation_text(messages, route_on: str) -> str:
+  """What the router reads of a chat request (after checking `messages`)."""
+  if not isinstance(messages, list) or not messages:
+    raise RequestError(400, 'messages is missing or empty; expected a non-empty list of '
+                       '{"role", "content"} objects', 'messages')
+  texts = []
+  for i, m in enumerate(messages):
+    where = f'messages[{i}]'
+    if not isinstance(m, dict):
+      raise RequestError(400, f'{where} is {type(m).__name__}; expected an object with '
+                         '"role" and "content"', where)
+    if not isinstance(m.get('role'), str) or not m['role']:
+      raise RequestError(400, f'{where}.role is {m.get("role")!r}; expected a string such as '
+                         '"user"', f'{where}.role')
+    texts.append((m['role'], message_text(m.get('content'), where)))
+  if route_on == 'last_user':
+    users = [t for role, t in texts if role == 'user' and t.strip()]
+    text = users[-1] if users else ''
+  else:
+    text = '\n'.join(t for _, t in texts if t.strip())
+  if not text.strip():
+    raise RequestError(400, 'messages hold no text to route on; expected a user message '
+                       'with text content', 'messages')
+  return text
+
+
+def route_text(body: dict, route_on: str) -> tuple[str, str]:
+  """(text, field) of a /v1/route body: {"query": ...} or {"messages": [...]}."""
+  if 'query' in body:
+    text = body['query']
+    if not isinstance(text, str) or not text.strip():
+      raise RequestError(400, f'query is {text!r}; expected a non-empty string', 'query')
+    return text, 'query'
+  if 'messages' in body:
+    return conversation_text(body['messages'], route_on), 'messages'
+  raise RequestError(400, 'query is missing; expected {"query": "..."} or {"messages": '
+                     '[...]}', 'query')
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+  """A checked chat request: the model asked for ("router" or a served pool model), the
+  text to route on and whether to stream."""
+  model: str
+  text: str
+  stream: bool
+
+
+def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
+  """Checks a /v1/chat/completions body against the served models."""
+  model = body.get('model')
+  if not isinstance(model, str) or not model:
+    raise RequestError(400, f'model is {model!r}; expected "router" or one of the pool '
+                       f'models {served}', 'model')
+  text = conversation_text(body.get('messages'), route_on)
+  stream = body.get('stream', False)
+  if not isinstance(stream, bool):
+    raise RequestError(400, f'stream is {stream!r}; expected true or false', 'stream')
+  if model != ROUTER_MODEL:
+    if model not in served:
+      raise RequestError(404, f'model {model!r} is not served here; expected "router" or '
+                         f'one of {served}', 'model', 'invalid_request_error',
+                         'model_not_found')
+    if 'cost_weight' in body:
+      raise RequestError(400, f'cost_weight applies to "model": "router" only; model is '
+                         f'{model!r}', 'cost_weight')
+  return ChatRequest(model, text, stream)

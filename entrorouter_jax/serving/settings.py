@@ -1,0 +1,37 @@
+"""The server's knobs: one `Settings`, checked before the app is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+ROUTE_ON = ('last_user', 'conversation')
+
+
+@dataclasses.dataclass
+class Settings:
+  """The server's settings: the flags of `python -m entrorouter_jax.serve` of the same names."""
+  max_batch: int = 64               # requests per router forward
+  max_wait_ms: float = 2.0          # wait after the first request for more
+  upstream_timeout: float = 120.0   # seconds per upstream call (connect: at most 10)
+  max_body_bytes: int = 1 << 20     # larger request bodies get 413
+  fallback: str = 'ranking'         # ranking | none
+  max_attempts: int = 3             # models tried per routed request
+  route_on: str = 'last_user'       # last_user | conversation
+  auth_token: Optional[str] = None  # the bearer token requests must carry (None: no auth)
+
+  def check(self) -> None:
+    if self.max_batch < 1:
+      raise ValueError(f'--max_batch={self.max_batch}; expected >= 1')
+    if self.max_wait_ms < 0:
+      raise ValueError(f'--max_wait_ms={self.max_wait_ms}; expected >= 0')
+    if self.upstream_timeout <= 0:
+      raise ValueError(f'--upstream_timeout={self.upstream_timeout}; expected seconds > 0')
+    if self.max_body_bytes < 1:
+      raise ValueError(f'--max_body_bytes={self.max_body_bytes}; expected >= 1')
+    if self.fallback not in ('ranking', 'none'):
+      raise ValueError(f'--fallback={self.fallback!r}; expected ranking or none')
+    if self.max_attempts < 1:
+      raise ValueError(f'--max_attempts={self.max_attempts}; expected >= 1')
+    if self.route_on not in ROUTE_ON:
+      raise ValueError(f'--route_on={self.route_on!r}; expected one of {ROUTE_ON}')
