@@ -1,4 +1,5 @@
-"""Evaluation of a trained router on a split: DIR/eval/results.json.
+"""Evaluation of a trained router on a split (DIR/eval/results.json), or off-policy on
+feedback logs (DIR/eval/offpolicy.json).
 
 `router_results` turns the policy's distribution over models on a split into
 the numbers METHOD.md defines (accuracy, cost, retained accuracy, cost saved,
@@ -335,6 +336,123 @@ def save_evaluation(workdir, results: dict) -> tuple[dict, str, list]:
   return results, report, plot_all(results, workdir)
 
 
+# ============================================== off-policy evaluation ===
+# python -m entrorouter_jax.evaluate --workdir=DIR --feedback=LOGS
+
+
+def feedback_tables(router, queries: list, workdir) -> tuple[np.ndarray, np.ndarray, tuple, object]:
+  """(success, c_bar, tables, feats) for logged queries: the predicted success float64[N, K]
+  (the utility head's s, else Stage 0's kNN p_hat) and expected normalised cost c_bar
+  (Stage 0's kNN), plus the (p_hat, c_bar) tables and features `router.probs` takes (None
+  where the router reads neither)."""
+  import dataclasses
+  from entrorouter_jax import workdir as workdir_lib
+  from entrorouter_jax.policy import is_utility
+  knn = router if router.stage0 is not None else dataclasses.replace(
+      router, stage0=workdir_lib.load_stage0(workdir))
+  feats = knn.features(queries)
+  p_hat, c_bar = knn.knn_table().estimates(feats)
+  tables = (p_hat, c_bar) if router.needs_stage0 else None
+  feats = feats if router.tokenizer is None else None
+  success = router.scores(queries, tables, feats)[0] if is_utility(router.config) else p_hat
+  return np.asarray(success, np.float64), np.asarray(c_bar, np.float64), tables, feats
+
+
+def offpolicy_results(router, data: RoutingDataset, workdir, *, bootstrap: int = 1000,
+                      seed: int = 0) -> dict:
+  """offpolicy.json's content: the router's policy evaluated on judged feedback rows.
+
+  Each row's cost weight lambda is the log's `cost_weight` where it has one, else the
+  router's operating one; reward r = score - lambda cost / c_ref, q_hat = s - lambda c_bar,
+  pi = router.probs at that lambda. 'ips', 'snips' and 'dr' hold the router's estimated
+  utility with a 95% bootstrap interval (offpolicy.estimate), 'dr' also its accuracy (r =
+  score, q_hat = s) and cost (r = cost, q_hat = c_bar c_ref); 'logging' the realised means
+  of the logged rows; 'improves' whether DR's lower end beats the logging utility;
+  'cost_weight' the lambda of every row (None where rows differ).
+  """
+  from entrorouter_jax import offpolicy, router as router_lib
+  from entrorouter_jax.data.dataset import DataError
+  where = data.source or data.name
+  if data.model_names != router.model_names:
+    raise router_lib.RouterError(f'{where}: the feedback has models {data.model_names}; '
+                                 f'expected the router\'s {router.model_names}, in that order')
+  propensity = getattr(data, 'propensities', None)
+  if propensity is None:
+    raise DataError(f'{where}: no propensity per row; expected feedback logs with a '
+                    '`propensity` column (pi_b(model | query))')
+  logged = np.asarray(data.logged_models(), np.int64)   # one judged cell per row
+  rows = np.arange(data.num_queries)
+  propensity = np.asarray(propensity, np.float64)
+  score = np.asarray(data.outcomes, np.float64)[rows, logged]
+  cost = np.asarray(data.costs, np.float64)[rows, logged]
+  queries = data.queries.tolist()
+
+  lam = np.full(len(rows), router.default_cost_weight)
+  own = getattr(data, 'cost_weights', None)
+  if own is not None:
+    own = np.asarray(own, np.float64)
+    lam = np.where(np.isfinite(own), own, lam)
+  success, c_bar, tables, feats = feedback_tables(router, queries, workdir)
+  pi = np.zeros(success.shape)
+  for value in np.unique(lam):
+    at = np.flatnonzero(lam == value)
+    part = None if tables is None else (tables[0][at], tables[1][at])
+    pi[at] = router.probs([queries[i] for i in at], float(value), part,
+                          None if feats is None else feats[at])
+  pi /= pi.sum(axis=1, keepdims=True)
+
+  reward = score - lam * cost / router.c_ref
+  q_hat = success - lam[:, None] * c_bar
+  est = offpolicy.estimate(pi, logged, propensity, reward, q_hat, bootstrap=bootstrap, seed=seed)
+  logging = {'utility': float(np.mean(reward)), 'accuracy': float(np.mean(score)),
+             'cost': float(np.mean(cost))}
+  dr = {'utility': est['dr']['value'], 'ci95': est['dr']['ci95'],
+        'accuracy': offpolicy.dr(pi, logged, propensity, score, success),
+        'cost': offpolicy.dr(pi, logged, propensity, cost, c_bar * router.c_ref)}
+  return {'ips': {'utility': est['ips']['value'], 'ci95': est['ips']['ci95']},
+          'snips': {'utility': est['snips']['value'], 'ci95': est['snips']['ci95']},
+          'dr': dr, 'logging': logging,
+          'improves': bool(dr['ci95'][0] > logging['utility']),
+          'rows': int(len(rows)),
+          'cost_weight': float(lam[0]) if np.all(lam == lam[0]) else None}
+
+
+def evaluate_feedback(workdir, files) -> tuple[dict, RoutingDataset]:
+  """Reads the feedback logs `files` (paths, or one comma-separated string) for the router in
+  `workdir` and evaluates its policy on them: (offpolicy_results, the logs' dataset)."""
+  from entrorouter_jax import paths, router as router_lib
+  from entrorouter_jax.data import readers
+  from entrorouter_jax.data.dataset import DataError
+  if isinstance(files, str):
+    files = [f.strip() for f in files.split(',') if f.strip()]
+  if not files:
+    raise DataError('--feedback names no file; expected one or more feedback logs, '
+                    'comma-separated')
+  workdir = paths.as_path(workdir)
+  router = router_lib.load_router(workdir)
+  data = readers.read_feedback(files, models=router.model_names)
+  return offpolicy_results(router, data, workdir), data
+
+
+def feedback_summary(results: dict, notes=()) -> str:
+  """A few human-readable lines on offpolicy.json's content."""
+  lam = results['cost_weight']
+  lam = f'lambda = {lam:g}' if lam is not None else 'each row\'s own lambda'
+  interval = lambda e: f"{e['utility']:.4f} [{e['ci95'][0]:.4f}, {e['ci95'][1]:.4f}]"
+  log, dr = results['logging'], results['dr']
+  lines = [*notes,
+           f"off-policy evaluation on {results['rows']} judged feedback rows ({lam}):",
+           f"  logging policy (realised): utility {log['utility']:.4f}, accuracy "
+           f"{log['accuracy']:.4f}, cost {log['cost']:.4g}",
+           f"  router (DR): utility {interval(dr)}, accuracy {dr['accuracy']:.4f}, "
+           f"cost {dr['cost']:.4g}",
+           f"  router (IPS): utility {interval(results['ips'])}; "
+           f"(SNIPS): utility {interval(results['snips'])}",
+           f"  improves on the logging policy: {'yes' if results['improves'] else 'no'} "
+           f"(DR's lower 95% end {dr['ci95'][0]:.4f} vs {log['utility']:.4f})"]
+  return '\n'.join(lines)
+
+
 def main(argv):
   from absl import flags
   from entrorouter_jax import logs, router as router_lib
@@ -344,6 +462,16 @@ def main(argv):
   FLAGS = flags.FLAGS
   from entrorouter_jax import paths
   workdir = paths.as_path(FLAGS.workdir)
+  if FLAGS.feedback is not None:
+    try:
+      results, data = evaluate_feedback(workdir, FLAGS.feedback)
+    except (router_lib.RouterError, DataError, FileNotFoundError, ValueError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    path = write_results(workdir, results, 'offpolicy.json')
+    print(feedback_summary(results, data.notes))
+    print(f'written: {path}')
+    return
   try:
     results = evaluate_workdir(workdir, FLAGS.split)
   except (router_lib.RouterError, DataError, FileNotFoundError) as e:
@@ -361,4 +489,6 @@ if __name__ == '__main__':
   from absl import app, flags
   flags.DEFINE_string('workdir', None, 'Workdir of a finished training run.', required=True)
   flags.DEFINE_string('split', 'test', 'Split to evaluate on.')
+  flags.DEFINE_string('feedback', None, 'Feedback logs (comma-separated): evaluate the router '
+                      'off-policy on them and write eval/offpolicy.json instead.')
   app.run(main)

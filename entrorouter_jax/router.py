@@ -123,6 +123,66 @@ class Router:
     out = self._run(queries, None, tables, feats)
     return out['success'], out['c_bar']
 
+  def sample(self, queries: Sequence[str], explore: Optional[float] = None,
+             cost_weight: Optional[float] = None, seed=0, served=None,
+             tables: Optional[tuple] = None, feats=None):
+    """Routes each query to a model drawn at random instead of the argmax: the deployed,
+    exploring policy whose choices, logged with their propensities, are feedback data.
+
+    The distribution over the K models is (1 - explore) pi(.|x) + explore / K' over
+    the served models (`served`: a bool[K] mask or a list of model names, default
+    all; pi renormalised over them; K' of them), pi itself at the policy's own
+    temperature where `explore` is None. Routers whose softmax head routes by a
+    threshold rule (`choose`) sample from pi too: the threshold, the fallback and
+    calibration.json's threshold play no part here, calibration.json's cost weight
+    does (as in `probs`). `seed` is an int (or a numpy Generator to draw on); the
+    same seed gives the same choices, and each row takes one uniform draw in turn,
+    so routing in batches on one Generator gives the choices of one call.
+
+    Returns (choice int[N], propensity float64[N], dist float64[N, K]) with
+    propensity[i] = dist[i, choice[i]] (pi_b(logged model | x) of the log).
+    """
+    mask = self.served_mask(served)
+    eps = check_explore(explore)
+    if cost_weight is not None:
+      cost_weight = self.check_cost_weight(cost_weight)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(
+        check_seed(seed))
+    dist = explore_distribution(self.probs(queries, cost_weight, tables, feats), mask, eps)
+    choice = draw(dist, rng)
+    return choice, dist[np.arange(len(choice)), choice], dist
+
+  def served_mask(self, served=None, name: str = 'served') -> np.ndarray:
+    """`served` (None: every model; a bool[K] mask; or model names) as a bool[K] mask
+    over `model_names`; RouterError naming `name` for unknown names, a mask of the
+    wrong shape or type, or no model served."""
+    k = len(self.model_names)
+    if served is None:
+      return np.ones(k, bool)
+    if isinstance(served, str):
+      served = [served]
+    if isinstance(served, np.ndarray):
+      items = served.tolist() if served.dtype.kind in 'UO' else None
+    else:
+      items = list(served) if isinstance(served, (list, tuple, set, frozenset)) else None
+    if items == []:
+      raise RouterError(f'{name} serves no model; expected at least one of {self.model_names}')
+    if items is not None and all(isinstance(v, str) for v in items):
+      unknown = [v for v in items if v not in self.model_names]
+      if unknown:
+        raise RouterError(f'{name}: {unknown[0]!r} is not in the pool; expected names from '
+                          f'{self.model_names}')
+      mask = np.isin(np.asarray(self.model_names, object), items)
+    else:
+      mask = np.asarray(served)
+      if mask.dtype != bool or mask.shape != (k,):
+        raise RouterError(f'{name} is an array of {mask.dtype} with shape {mask.shape}; '
+                          f'expected a bool mask of shape ({k},) or a list of model names '
+                          f'from {self.model_names}')
+    if not mask.any():
+      raise RouterError(f'{name} serves no model; expected at least one of {self.model_names}')
+    return mask
+
   def warm_up(self, max_batch: int) -> int:
     """Routes dummy queries at every shape up to `max_batch` queries can hit (the
     power-of-two batch buckets x the encoders' width buckets), so that no later
@@ -194,6 +254,56 @@ def choose(probs: np.ndarray, model_costs: np.ndarray, threshold: float = 1.0,
     fell_back = probs.max(axis=1) < min_confidence
     choice = np.where(fell_back, fallback, choice)
   return choice, fell_back
+
+
+def check_explore(value, name: str = 'explore') -> float:
+  """`value` as an exploration rate: None -> 0 (sample from pi), else a number in [0, 1]
+  (not a bool); RouterError naming `name` (a field or a flag) otherwise."""
+  if value is None:
+    return 0.0
+  number = None
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    try:
+      number = float(value)
+    except OverflowError:
+      number = None
+  if number is None or not 0.0 <= number <= 1.0:   # NaN fails both comparisons
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + '...'
+    raise RouterError(f'{name} is {shown}; expected a number in [0, 1]')
+  return number
+
+
+def check_seed(value, name: str = 'seed') -> int:
+  """`value` as a seed for numpy's Generator: an int >= 0 (not a bool); RouterError else."""
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + '...'
+    raise RouterError(f'{name} is {shown}; expected an integer >= 0')
+  return int(value)
+
+
+def explore_distribution(probs: np.ndarray, served: np.ndarray, explore: float) -> np.ndarray:
+  """The exploring policy, float64[N, K]: (1 - explore) pi_s + explore / K' on the K'
+  served models (bool[K]), 0 elsewhere, where pi_s is pi(m|x) float[N, K] renormalised
+  over the served models (uniform over them in a row where pi gives them no mass)."""
+  probs = np.asarray(probs, np.float64)
+  served = np.asarray(served, bool)
+  uniform = np.broadcast_to(served / served.sum(), probs.shape)
+  on_served = np.where(served[None, :], probs, 0.0)
+  total = on_served.sum(axis=1, keepdims=True)
+  pi_s = np.where(total > 0, on_served / np.where(total > 0, total, 1.0), uniform)
+  return (1.0 - explore) * pi_s + explore * uniform
+
+
+def draw(dist: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One index per row of dist float[N, K] (rows summing to 1), drawn with probability
+  dist[i, k] by inverse CDF on one uniform per row, in row order: int[N]. A cell of
+  probability 0 is never drawn."""
+  dist = np.asarray(dist, np.float64)
+  cdf = np.cumsum(dist, axis=1)
+  u = rng.random(len(dist)) * cdf[:, -1]
+  choice = (cdf <= u[:, None]).sum(axis=1)
+  last = dist.shape[1] - 1 - np.argmax(dist[:, ::-1] > 0, axis=1)   # rounding at the top end
+  return np.minimum(choice, last)
 
 
 def device_neighbours(train_feats):

@@ -8,6 +8,12 @@ Shapes (N queries, K models):
   ids[N] str, queries[N] str, tasks[N] str (may be ''), splits[N] str,
   outcomes[N, K] float32 in [0, 1] (0 where missing), outcome_mask[N, K] bool
   (True = observed), costs[N, K] float32 >= 0.
+
+A feedback log (`readers.read_feedback`) observes one cell per row, the model
+the deployed policy chose, and adds per row:
+  propensities[N] float64 in (0, 1]: pi_b(logged model | query),
+  cost_weights[N] float64 >= 0, NaN where the log gives none.
+Both are None for fully labelled data.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ class RoutingDataset:
   # Optional per-(query, model) truth, kept by the synthetic generator so the
   # Bayes-optimal expected utility is known exactly.
   true_prob: Optional[np.ndarray] = None
+  # Feedback logs only (see module docstring); rows, not models, so
+  # `select_models` keeps them as they are.
+  propensities: Optional[np.ndarray] = None
+  cost_weights: Optional[np.ndarray] = None
   source: str = ''          # file(s) the data came from, for error messages
   notes: list[str] = dataclasses.field(default_factory=list)  # assumptions made
 
@@ -55,6 +65,9 @@ class RoutingDataset:
     for field in ('ids', 'queries', 'tasks', 'splits'):
       setattr(self, field, np.asarray(
           [str(x) for x in getattr(self, field)], dtype=object).reshape(-1))
+    for field in ('propensities', 'cost_weights'):
+      if getattr(self, field) is not None:
+        setattr(self, field, np.asarray(getattr(self, field), dtype=np.float64))
 
   @property
   def model_names(self) -> list[str]:
@@ -78,7 +91,8 @@ class RoutingDataset:
         self, ids=self.ids[rows], queries=self.queries[rows],
         tasks=self.tasks[rows], splits=self.splits[rows],
         outcomes=self.outcomes[rows], outcome_mask=self.outcome_mask[rows],
-        costs=self.costs[rows], true_prob=take(self.true_prob))
+        costs=self.costs[rows], true_prob=take(self.true_prob),
+        propensities=take(self.propensities), cost_weights=take(self.cost_weights))
 
   def split(self, name: str) -> 'RoutingDataset':
     rows = self.splits == name
@@ -89,7 +103,11 @@ class RoutingDataset:
     return self.subset(rows)
 
   def select_models(self, names: Sequence[str]) -> 'RoutingDataset':
-    """Keeps only the named models, in the given order."""
+    """Keeps only the named models, in the given order.
+
+    Every row stays, with its propensity and cost weight: a feedback row whose
+    logged model is dropped keeps them and has no observed cell left.
+    """
     known = self.model_names
     missing = [n for n in names if n not in known]
     if missing:
@@ -102,6 +120,21 @@ class RoutingDataset:
         self, models=[self.models[i] for i in cols],
         outcomes=self.outcomes[:, cols], outcome_mask=self.outcome_mask[:, cols],
         costs=self.costs[:, cols], true_prob=take(self.true_prob))
+
+  def logged_models(self) -> np.ndarray:
+    """int64[N]: the column of each row's one observed cell (the model a feedback log chose).
+
+    DataError naming the first query with no observed cell, or with several.
+    """
+    counts = self.outcome_mask.sum(axis=1)
+    bad = np.flatnonzero(counts != 1)
+    if bad.size:
+      i = bad[0]
+      observed = [self.model_names[j] for j in np.flatnonzero(self.outcome_mask[i])]
+      raise DataError(f'{self.source or self.name}: query {self.ids[i]!r} has {int(counts[i])} '
+                      f'observed outcomes {observed}; expected exactly one (the logged model) '
+                      f'on every row ({bad.size} rows differ)')
+    return np.argmax(self.outcome_mask, axis=1).astype(np.int64)
 
   def validate(self) -> 'RoutingDataset':
     """Checks shapes, ranges and emptiness; raises DataError naming the culprit."""
@@ -117,19 +150,22 @@ class RoutingDataset:
       raise DataError(f'{where}: model names {dup} appear more than once')
     for field in ('queries', 'tasks', 'splits'):
       if getattr(self, field).shape != (n,):
-        raise DataError(f'{where}: {field} has shape {getattr(self, field).shape}, expected ({n},)')
+        raise DataError(f'{where}: {field} has shape {getattr(self, field).shape}, '
+                        f'expected ({n},)')
     for field in ('outcomes', 'outcome_mask', 'costs'):
       if getattr(self, field).shape != (n, k):
-        raise DataError(f'{where}: {field} has shape {getattr(self, field).shape}, expected ({n}, {k})')
+        raise DataError(f'{where}: {field} has shape {getattr(self, field).shape}, '
+                        f'expected ({n}, {k})')
     if len(set(self.ids.tolist())) != n:
       raise DataError(f'{where}: query ids are not unique')
     empty = [i for i, q in enumerate(self.queries) if not q.strip()]
     if empty:
-      raise DataError(f'{where}: query {self.ids[empty[0]]!r} has empty text; expected a non-empty query')
-    obs = self.outcomes[self.outcome_mask]
-    bad = ~np.isfinite(obs) | (obs < 0) | (obs > 1)
+      raise DataError(f'{where}: query {self.ids[empty[0]]!r} has empty text; '
+                      'expected a non-empty query')
+    out_of_range = ~np.isfinite(self.outcomes) | (self.outcomes < 0) | (self.outcomes > 1)
+    bad = self.outcome_mask & out_of_range
     if bad.any():
-      i, j = np.argwhere(self.outcome_mask & (~np.isfinite(self.outcomes) | (self.outcomes < 0) | (self.outcomes > 1)))[0]
+      i, j = np.argwhere(bad)[0]
       raise DataError(f'{where}: query {self.ids[i]!r}, model {names[j]!r}: outcome '
                       f'{self.outcomes[i, j]!r} is outside [0, 1]')
     bad = ~np.isfinite(self.costs) | (self.costs < 0)
@@ -137,7 +173,29 @@ class RoutingDataset:
       i, j = np.argwhere(bad)[0]
       raise DataError(f'{where}: query {self.ids[i]!r}, model {names[j]!r}: cost '
                       f'{self.costs[i, j]!r} is negative or not a number; expected a cost >= 0')
+    self._validate_rows(where)
     for s in self.split_names():
       if not (self.splits == s).any():  # pragma: no cover - split_names comes from splits
         raise DataError(f'{where}: split {s!r} is empty')
     return self
+
+  def _validate_rows(self, where: str) -> None:
+    """The per-row fields of feedback logs: shape (N,), propensities in (0, 1],
+    cost weights >= 0 or NaN."""
+    n = self.num_queries
+    for field, what, ok, expected in (
+        ('propensities', 'propensity', lambda p: (p > 0) & (p <= 1),
+         "the logging policy's probability of the logged model, in (0, 1]"),
+        ('cost_weights', 'cost weight', lambda w: np.isnan(w) | ((w >= 0) & np.isfinite(w)),
+         'a cost weight >= 0, or NaN where the log gives none')):
+      values = getattr(self, field)
+      if values is None:
+        continue
+      if values.shape != (n,):
+        raise DataError(f'{where}: {field} has shape {values.shape}, expected ({n},)')
+      with np.errstate(invalid='ignore'):
+        bad = np.flatnonzero(~ok(values))
+      if bad.size:
+        i = bad[0]
+        raise DataError(f'{where}: query {self.ids[i]!r}: {what} {float(values[i])!r} is out of '
+                        f'range; expected {expected}')

@@ -6,6 +6,9 @@ Formats (N queries, K models; costs are dollars per answered query):
   long      one row per (query, model): id, query, model, score[, cost, tokens].
   routerdc  RouterDC JSON lists of {"question", "scores": {model: score}}.
   routellm  RouteLLM eval CSVs: the prompt and one True/False column per model.
+  feedback  a deployed router's log, one row per routed query: id, query, the
+            model it chose, the propensity of that choice, its cost and score;
+            only that one cell of the row is observed.
 
 Where a file gives no cost, it is computed from the model pool's list prices
 (dollars per 1M tokens) x token counts, and the counts are estimated from the
@@ -34,14 +37,16 @@ from entrorouter_jax import strict_json
 from entrorouter_jax.data.dataset import DataError, ModelInfo, RoutingDataset  # noqa: F401
 from entrorouter_jax.data.pool import Pool, check_utf8 as _check_utf8, prices as _prices
 from entrorouter_jax.data import pool as pool_lib
+from entrorouter_jax.data.feedback import read_feedback
 from entrorouter_jax.data.tables import (  # noqa: F401 -- _read_table: tests read a file alone
-    CHARS_PER_TOKEN, _amounts, _assemble, _estimated_tokens, _model_costs, _Notes, _number, _outcomes, _paths, _pick_column, _read_table, _Rows, _sha1,
-    _short, _source, _texts, _unique)
+    CHARS_PER_TOKEN, _amounts, _assemble, _estimated_tokens, _model_costs, _Notes, _number,
+    _outcomes, _paths, _pick_column, _read_table, _Rows, _sha1, _short, _source, _texts,
+    _unique)
 
 # Model-pool files are read by pool.py; these names stay importable from here.
 Endpoint, read_pool, read_endpoints = pool_lib.Endpoint, pool_lib.read_pool, pool_lib.read_endpoints
 
-FORMATS = ('wide', 'long', 'routerdc', 'routellm')
+FORMATS = ('wide', 'long', 'routerdc', 'routellm', 'feedback')
 # Columns of a wide table that are never model outcomes, even when numeric
 # ('Unnamed: 0' is the index pandas writes with to_csv).
 WIDE_KNOWN_COLUMNS = ('id', 'sample_id', 'prompt', 'query', 'task', 'eval_name', 'split',
@@ -397,7 +402,7 @@ def _read_routellm_file(path, prices, models, notes, assumed_output_tokens) -> _
 
 
 READERS = {'wide': read_wide, 'long': read_long, 'routerdc': read_routerdc,
-           'routellm': read_routellm}
+           'routellm': read_routellm, 'feedback': read_feedback}
 
 
 def load_routing_files(files, format: str, *, pool: Pool = None, **options) -> RoutingDataset:

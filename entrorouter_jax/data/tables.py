@@ -7,7 +7,7 @@
   rows    _Rows, one file's block; _assemble joins blocks into a RoutingDataset (ids,
           splits, repeats merged), with every assumption in _Notes
 
-`readers` builds each format (wide, long, RouterDC, RouteLLM) from these.
+`readers` builds each format (wide, long, RouterDC, RouteLLM, feedback) from these.
 """
 
 from __future__ import annotations
