@@ -30,7 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.data_dir = ''                 # where TFDS keeps prepared data ('' = TFDS default)
   data.manual_dir = ''               # routerbench: folder holding the local file
   data.files = ''                    # routing_files: comma-separated paths
-  data.format = 'wide'               # routing_files: wide | long | routerdc | routellm
+  data.format = 'wide'               # routing_files: wide | long | routerdc | routellm | feedback
   data.pool = ''                     # model-pool file (YAML/JSON) with prices per 1M tokens
   data.read_options = ml_collections.ConfigDict()  # extra reader keywords (see readers.py)
   data.models = ''                   # comma-separated subset of the pool ('' = all)

@@ -212,3 +212,123 @@ def rl_loss(logits, batch, cost_weight, *, rng, beta, alpha, tau_anchor, stronge
                  kl_old=jnp.mean(kl_divergence(old_log_probs, log_probs)),
                  beta=jnp.asarray(beta, jnp.float32), alpha=jnp.asarray(alpha, jnp.float32))
   return loss, metrics
+
+
+# ------------------------------------------------- learning from feedback ---
+# A feedback batch holds one logged row per query: the deployed policy pi_b chose
+# `logged` int[B] with probability `propensity` float[B] in (0, 1], and only that
+# cell of `outcomes` / `outcome_mask` is observed.
+def take_logged(table, logged):
+  """table[i, logged[i]] per row: [B, K] -> [B]."""
+  return jnp.take_along_axis(table, logged[:, None], axis=-1)[:, 0]
+
+
+def inverse_propensity_weights(propensity, w_max):
+  """min(1 / p, w_max) per row: float32[B] (clipped importance weights)."""
+  return jnp.minimum(1.0 / propensity, w_max)
+
+
+def weighted_success_loss(success_logits, outcomes, outcome_mask, propensity, w_max,
+                          weights=None):
+  """The success head's binary cross-entropy on the observed (logged) cells only,
+  each cell weighted by min(1 / p, w_max), p its row's propensity, so the models
+  the logging policy seldom chose are not under-represented; normalised by the
+  sum of the weights (rows further weighted by `weights`).
+
+  Returns (loss, metrics): `success_loss`, the mean weight over the observed
+  cells (`mean_ipw`) and the share of them whose 1 / p was cut at w_max
+  (`ipw_clip_fraction`).
+  """
+  if isinstance(w_max, (int, float)) and not w_max > 0:
+    raise ValueError(f'w_max={w_max!r}; expected a weight cap > 0 (inf for none)')
+  labels = jnp.where(outcome_mask, outcomes, 0.0)
+  cell = optax.sigmoid_binary_cross_entropy(success_logits, labels)
+  observed = outcome_mask.astype(jnp.float32)
+  if weights is not None:
+    observed = observed * weights[:, None]
+  ipw = inverse_propensity_weights(propensity, w_max)
+  w = observed * ipw[:, None]
+  loss = jnp.sum(jnp.where(outcome_mask, cell, 0.0) * w) / jnp.maximum(jnp.sum(w), 1e-9)
+  n_observed = jnp.maximum(jnp.sum(observed), 1e-9)
+  clipped = (1.0 / propensity > w_max).astype(jnp.float32)
+  metrics = {
+      'success_loss': loss,
+      'mean_ipw': jnp.sum(observed * ipw[:, None]) / n_observed,
+      'ipw_clip_fraction': jnp.sum(observed * clipped[:, None]) / n_observed,
+  }
+  return loss, metrics
+
+
+def offpolicy_loss(logits, success_logits, batch, cost_weight, *, log_behaviour, beta, alpha,
+                   clip_eps, weights=None, log_anchor=None, beta_anchor=0.0):
+  """L = -J + beta KL(pi || pi_b) + beta_anchor KL(pi || anchor) - alpha H(pi), on logged rows.
+
+  J is METHOD.md's doubly robust surrogate, maximised, per row; the success
+  estimate s = sigmoid(success_logits) is held fixed inside it (no gradient):
+    J = sum_m pi(m|x) (s(x, m) - lambda c_bar(x, m)) + min(rho A, clip(rho, 1 - eps, 1 + eps) A)
+    rho = pi(a|x) / p,  r = y(x, a) - lambda c_hat(x, a),  A = r - (s(x, a) - lambda c_hat(x, a))
+  with a = batch['logged'] int[B], p = batch['propensity'] float[B],
+  y = batch['outcomes'] at the logged cell (batch['outcome_mask'] says it is
+  observed; a row whose logged cell is not observed keeps the first term only),
+  c_hat = batch['cost_hat'] float[B, K] (the logged cell's realised cost / c_ref)
+  and c_bar = batch['c_bar'] float[B, K]. The first term is the exact value of pi
+  under the model's own predictions; the second corrects it with the observed
+  residual, the ratio clipped to the trust region around the logging policy
+  (the min keeps the pessimistic of the two). `log_behaviour` float[B, K] is
+  log pi_b (finite: the deployed policy explores every model), `log_anchor`
+  float[B, K] an optional second anchor (Stage 0's kNN anchor) weighted by
+  `beta_anchor`.
+
+  Metrics: every term (`direct`, `correction`, `value` = mean J, `pg_loss` = -value,
+  `behaviour_loss`, `anchor_loss`, `entropy_loss`), `kl_behaviour`, `kl_anchor`,
+  `entropy`, `rho` (mean ratio), `clip_fraction` (share of ratios outside
+  [1 - eps, 1 + eps]), `clip_binding` (share of rows where the min takes the
+  clipped term strictly), `reward` (mean r: the logging policy's realised
+  utility) and `advantage` (mean A), over the rows whose logged cell is observed
+  where a row statistic.
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  probs = jnp.exp(log_probs)
+  s = jax.lax.stop_gradient(jax.nn.sigmoid(success_logits))
+  lam = cost_weight[:, None]
+  logged, propensity = batch['logged'], batch['propensity']
+  observed = take_logged(batch['outcome_mask'], logged)
+  y = jnp.where(observed, take_logged(batch['outcomes'], logged), 0.0)
+  c_logged = take_logged(batch['cost_hat'], logged)
+  reward = y - cost_weight * c_logged
+  adv = jnp.where(observed, reward - (take_logged(s, logged) - cost_weight * c_logged), 0.0)
+
+  direct = jnp.sum(probs * (s - lam * batch['c_bar']), axis=-1)
+  rho = jnp.exp(take_logged(log_probs, logged) - jnp.log(propensity))
+  clipped = jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps)
+  correction = jnp.minimum(rho * adv, clipped * adv)
+  per_row = direct + correction
+
+  value = weighted_mean(per_row, weights)
+  kl_behaviour = weighted_mean(kl_divergence(log_probs, log_behaviour), weights)
+  mean_entropy = weighted_mean(entropy(log_probs), weights)
+  loss = -value + beta * kl_behaviour - alpha * mean_entropy
+  kl_anchor = jnp.zeros(())
+  if log_anchor is not None:
+    kl_anchor = weighted_mean(kl_divergence(log_probs, log_anchor), weights)
+    loss = loss + beta_anchor * kl_anchor
+
+  row_w = observed.astype(jnp.float32)
+  if weights is not None:
+    row_w = row_w * weights
+  over_observed = lambda v: jnp.sum(jax.lax.stop_gradient(v) * row_w) / jnp.maximum(
+      jnp.sum(row_w), 1e-9)
+  metrics = {
+      'loss': loss, 'value': value, 'pg_loss': -value,
+      'direct': weighted_mean(direct, weights), 'correction': weighted_mean(correction, weights),
+      'kl_behaviour': kl_behaviour, 'behaviour_loss': beta * kl_behaviour,
+      'kl_anchor': kl_anchor,
+      'anchor_loss': beta_anchor * kl_anchor,
+      'entropy': mean_entropy, 'entropy_loss': -alpha * mean_entropy,
+      'rho': over_observed(rho),
+      'clip_fraction': over_observed((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32)),
+      'clip_binding': over_observed((clipped * adv < rho * adv).astype(jnp.float32)),
+      'reward': over_observed(reward), 'advantage': over_observed(adv),
+      'beta': jnp.asarray(beta, jnp.float32), 'alpha': jnp.asarray(alpha, jnp.float32),
+  }
+  return loss, metrics

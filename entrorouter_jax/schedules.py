@@ -36,6 +36,21 @@ def entropy_target(step, num_steps: int, h0, h_min: float, shape: str = 'linear'
   return interpolate(h0, h_min, step, num_steps, shape)
 
 
+def entropy_target_with_floor(step, num_steps: int, h0, h_min: float, h_floor=0.0,
+                              shape: str = 'linear'):
+  """max(H*_t, H_floor): `entropy_target`, never below the floor `h_floor` (nats, >= 0).
+
+  The floor overrides the rule that the target stays at H_0 when the policy
+  starts low: with a floor > 0 (learning from feedback) the controller raises
+  alpha until the policy is at least that stochastic, so the next deployment
+  still explores. h_floor = 0 gives `entropy_target` unchanged wherever
+  h_min >= 0 (H_0, an entropy, is >= 0).
+  """
+  if isinstance(h_floor, (int, float)) and not h_floor >= 0:
+    raise ValueError(f'entropy floor h_floor={h_floor!r}; expected a number of nats >= 0')
+  return jnp.maximum(entropy_target(step, num_steps, h0, h_min, shape), h_floor)
+
+
 def dual_ascent(alpha, target_entropy, mean_entropy, lr: float):
   """alpha <- max(0, alpha + eta (H*_t - H_mean)).
 

@@ -105,6 +105,42 @@ def test_tfds_routing_files_wide_csv(tmp_path):
     sources.load_splits(cfg, ('train',))
 
 
+# The features every fully labelled builder has written from the start: prepared
+# folders of these builders must stay readable, so they must not change.
+FULLY_LABELLED_FEATURES = {
+    'index': ('Tensor', 'int64', ()), 'id': ('Text', 'object', ()),
+    'query': ('Text', 'object', ()), 'task': ('Text', 'object', ()),
+    'outcomes': ('Tensor', 'float32', (None,)), 'outcome_mask': ('Tensor', 'bool', (None,)),
+    'costs': ('Tensor', 'float32', (None,)), 'true_prob': ('Tensor', 'float32', (None,))}
+
+
+def _feature_spec(builder) -> dict:
+  """{name: (feature class, numpy dtype, shape)} of a builder's features."""
+  f = builder.info.features
+  return {k: (type(f[k]).__name__, np.dtype(f[k].np_dtype).name, f[k].shape) for k in f.keys()}
+
+
+def test_fully_labelled_features_and_batches_are_unchanged(tmp_path):
+  csv = tmp_path / 'table.csv'
+  csv.write_text('id,prompt,a,b,a|total_cost,b|total_cost,split\n'
+                 + ''.join(f'q{i},query {i},1,0,0.1,1.0,train\n' for i in range(6))
+                 + 'q9,last one,,1,0.2,2.0,test\n')
+  wide = sources.prepare(data_config(tmp_path, name='routing_files', files=str(csv),
+                                     format='wide'))
+  synth = sources.prepare(data_config(tmp_path))
+  for builder in (wide, synth):
+    assert _feature_spec(builder) == FULLY_LABELLED_FEATURES, builder.name
+    source = builder.as_data_source(split='train')
+    assert set(source[0]) == set(FULLY_LABELLED_FEATURES), builder.name
+    data = read_split(builder, 'train')
+    assert data.propensities is None and data.cost_weights is None
+    assert pipeline.feedback_tables(data) == {}
+    batch = next(iter(pipeline.make_dataset(source, pipeline.Featurize(None, 8),
+                                            global_batch_size=4, seed=0)))
+    assert set(batch) == {'index', 'outcomes', 'outcome_mask', 'costs'}, builder.name
+  assert wide.builder_config.name.startswith('wide_') and str(wide.version) == '1.0.0'
+
+
 def test_tfds_routing_files_missing_file_and_bad_format(tmp_path):
   cfg = data_config(tmp_path, name='routing_files', files=str(tmp_path / 'nope.csv'))
   with pytest.raises(DataError, match='nope.csv'):

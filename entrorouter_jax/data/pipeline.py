@@ -20,10 +20,13 @@ import grain
 import jax
 import numpy as np
 
+from entrorouter_jax.data.dataset import RoutingDataset
 from entrorouter_jax.data.tokenizer import Tokenizer
 
 PREFETCH = 8       # batches prepared ahead of the train step (data.prefetch)
 READ_THREADS = 2   # threads preparing them (data.read_threads)
+# A feedback log's per-row batch entries (float32[b]): RoutingDataset field -> key.
+FEEDBACK_KEYS = {'propensities': 'propensity', 'cost_weights': 'cost_weight'}
 
 
 def read_options(prefetch: int = PREFETCH, threads: int = READ_THREADS) -> grain.ReadOptions:
@@ -45,8 +48,10 @@ class Featurize(grain.transforms.Map):
 
   Output per example: index int32, tokens int32[L], token_mask bool[L] (none
   when `tokenizer` is None: the embeddings backbone reads `extras['features']`),
-  outcomes float32[K], outcome_mask bool[K], costs float32[K], plus
-  extras[name][index] for every per-query table in `extras` (e.g. the anchor).
+  outcomes float32[K], outcome_mask bool[K], costs float32[K], for a feedback
+  log's records also propensity float32 and cost_weight float32 (NaN = none;
+  `FEEDBACK_KEYS`), plus extras[name][index] for every per-query table in
+  `extras` (e.g. the anchor).
   """
 
   def __init__(self, tokenizer: Optional[Tokenizer], max_len: int, truncate: str = 'right',
@@ -64,6 +69,9 @@ class Featurize(grain.transforms.Map):
         'outcome_mask': np.asarray(record['outcome_mask'], bool),
         'costs': np.asarray(record['costs'], np.float32),
     }
+    for key in FEEDBACK_KEYS.values():
+      if key in record:
+        out[key] = np.float32(record[key])
     if self.tokenizer is not None:
       query = record['query']
       query = query.decode('utf-8') if isinstance(query, bytes) else query
@@ -95,6 +103,14 @@ def make_dataset(source, featurize: Featurize, *, global_batch_size: int, seed: 
       read_options(prefetch, read_threads))
 
 
+def feedback_tables(data: RoutingDataset) -> dict[str, np.ndarray]:
+  """{'propensity', 'cost_weight'}: float32[N] each, for a feedback log's
+  `make_table_dataset` tables (the entries `Featurize` reads from its records);
+  {} for fully labelled data."""
+  return {key: np.asarray(getattr(data, field), np.float32)
+          for field, key in FEEDBACK_KEYS.items() if getattr(data, field) is not None}
+
+
 class GatherRows(grain.transforms.Map):
   """A batch of row indices int[b] -> {name: table[rows]} for every in-memory table."""
 
@@ -114,7 +130,8 @@ def make_table_dataset(tables: Mapping[str, np.ndarray], *, global_batch_size: i
   embeddings backbone reads no text): the same seeded shuffle of row indices,
   the same per-process rows of each global batch, gathered a batch at a time.
 
-  tables: {name: array[N, ...]} (outcomes, outcome_mask, costs, features, ...).
+  tables: {name: array[N, ...]} (outcomes, outcome_mask, costs, features, and
+  for a feedback log `feedback_tables`, ...).
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count

@@ -4,7 +4,9 @@
   synthetic_routing  the embedded default (seeded, no download)
   routerbench        RouterBench; `data.manual_dir` holds the local file
   routing_files      `data.files` (comma-separated) in `data.format`
-                     (wide | long | routerdc | routellm), prices from `data.pool`
+                     (wide | long | routerdc | routellm | feedback), prices from
+                     `data.pool`; a feedback log's splits carry `propensities`
+                     and `cost_weights`
 Prepared data is cached under `data.data_dir` (TFDS's default when empty).
 """
 
@@ -21,7 +23,7 @@ from entrorouter_jax.data.tfds_base import read_split
 log = logging.getLogger(__name__)
 
 DATA_NAMES = ('synthetic_routing', 'routerbench', 'routing_files')
-FORMATS = ('wide', 'long', 'routerdc', 'routellm')
+FORMATS = ('wide', 'long', 'routerdc', 'routellm', 'feedback')
 
 
 def _as_list(value) -> list[str]:
@@ -78,8 +80,10 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def load_splits(data_cfg, splits=('train', 'test')) -> tuple[tfds.core.DatasetBuilder, dict[str, RoutingDataset]]:
-  """Prepares the data and reads the named splits, restricted to `data.models` if set."""
+def load_splits(data_cfg, splits=('train', 'test')
+                ) -> tuple[tfds.core.DatasetBuilder, dict[str, RoutingDataset]]:
+  """Prepares the data and reads the named splits, restricted to `data.models` if set
+  (a feedback log's splits keep their `propensities` and `cost_weights`)."""
   builder = prepare(data_cfg)
   models = _as_list(data_cfg.models)
   out = {}

@@ -1,4 +1,6 @@
-"""`routing_files`: a user's own routing tables (wide, long, RouterDC or RouteLLM).
+"""`routing_files`: a user's own routing tables (wide, long, RouterDC or RouteLLM) or
+feedback logs (format 'feedback': one observed cell per query, plus its propensity and
+cost weight as per-example features).
 
 The config name is a digest of the files' contents and the reading options,
 so editing a file prepares a fresh copy instead of reusing a stale one.
@@ -58,6 +60,10 @@ class RoutingFiles(RoutingBuilder):
   """Routing tables read from local files."""
 
   VERSION = tfds.core.Version('1.0.0')
+
+  def _feedback_rows(self) -> bool:
+    """Feedback logs carry a propensity and a cost weight per query (format 'feedback')."""
+    return self.builder_config.format == 'feedback'
 
   def _load(self, dl_manager):
     c = self.builder_config
