@@ -15,6 +15,16 @@ sends requests from that many concurrent clients and prints one JSON line:
   overhead_ms_p50        chat_ms_p50 - direct_ms_p50
   mean_batch             requests per router forward (from /metrics)
 Clients, upstream and server share this machine's cores.
+
+  python benchmarks/serve_speed.py --overhead [--workdir=DIR] [--package_root=CHECKOUT]
+
+times the server's own work per chat request instead, in one process: the app
+(`serve.create_app`) behind httpx's ASGI transport, the router's forward
+replaced by a fixed distribution and every upstream by httpx.MockTransport, so
+what is left is parsing, routing bookkeeping, middleware and forwarding; 64
+concurrent clients, one JSON line per round (`us_per_request`). With
+--package_root the package is imported from another checkout (a commit to
+compare against).
 """
 
 from __future__ import annotations
@@ -122,11 +132,79 @@ def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]
   return out
 
 
+def overhead_figures(workdir: str, requests: int = 2000, concurrency: int = 64,
+                     rounds: int = 4) -> list[dict]:
+  """The server's own microseconds per chat request (see the module docstring)."""
+  import httpx
+  from entrorouter_jax import router as router_lib, serve
+  try:
+    from entrorouter_jax.data.pool import Endpoint
+  except ImportError:   # checkouts before data/pool.py
+    from entrorouter_jax.data.readers import Endpoint
+  router = router_lib.load_router(workdir)
+  k = len(router.model_names)
+  fixed = np.full(k, 1.0 / k, np.float32)
+  fixed[0] += 0.01
+  fixed /= fixed.sum()
+  router.probs = lambda texts, *args, **kwargs: np.tile(fixed, (len(texts), 1))
+  reply = json.dumps({'id': 'b', 'object': 'chat.completion', 'created': 0, 'model': 'up',
+                      'choices': [{'index': 0, 'finish_reason': 'stop',
+                                   'message': {'role': 'assistant', 'content': 'ok'}}]}).encode()
+  real_client = httpx.AsyncClient
+
+  class MockedUpstreams(real_client):   # the server's upstream client, answering at once
+    def __init__(self, *args, **kwargs):
+      kwargs['transport'] = httpx.MockTransport(lambda request: httpx.Response(
+          200, content=reply, headers={'content-type': 'application/json'}))
+      super().__init__(*args, **kwargs)
+
+  endpoints = {n: Endpoint(n, 'http://upstream.invalid/v1') for n in router.model_names}
+  body = {'model': 'router', 'messages': [{'role': 'system', 'content': 'Be brief.'},
+                                          {'role': 'user', 'content': 'What is 17 times 23?'}]}
+  out = []
+
+  async def measure():
+    httpx.AsyncClient = MockedUpstreams
+    try:
+      app = serve.create_app(router, endpoints, serve.Settings(max_wait_ms=0.0, max_batch=64),
+                             warm_up=False)
+      async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with real_client(transport=transport, base_url='http://server') as client:
+          for i in range(rounds):
+            latencies, wall = await _load(client, '/v1/chat/completions', [body] * requests,
+                                          concurrency)
+            out.append({'figure': 'serve_overhead', 'round': i, 'requests': requests,
+                        'concurrency': concurrency,
+                        'us_per_request': round(1e6 * wall / requests, 1),
+                        'requests_per_s': round(requests / wall, 1),
+                        'package': os.path.dirname(os.path.dirname(serve.__file__))})
+    finally:
+      httpx.AsyncClient = real_client
+
+  asyncio.run(measure())
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default=None, help='a trained router (default: train one)')
   parser.add_argument('--requests', type=int, default=300, help='requests per concurrency')
+  parser.add_argument('--overhead', action='store_true',
+                      help='time the server\'s own work per request, in one process')
+  parser.add_argument('--package_root', default=None,
+                      help='import entrorouter_jax from this checkout (with --overhead)')
   args = parser.parse_args()
+  if args.overhead:
+    if args.package_root:
+      sys.path.insert(0, os.path.abspath(args.package_root))
+    workdir = args.workdir
+    if workdir is None:
+      from benchmarks import routing_speed
+      workdir = routing_speed.train_short_router(tempfile.mkdtemp(prefix='serve_overhead_'))
+    for fig in overhead_figures(workdir, max(args.requests, 2000)):
+      print(json.dumps(fig), flush=True)
+    return
   for fig in serve_figures(args.workdir, args.requests):
     print(json.dumps(fig), flush=True)
 
