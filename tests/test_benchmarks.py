@@ -106,3 +106,18 @@ def test_summary_counts_every_ratio_against_torch():
   assert summary['targets_met']['every jax_over_torch >= 1'] is False
   figs[1]['jax_over_torch'] = 1.1
   assert run.summarize(figs, 'cpu', 1.0)['targets_met']['every jax_over_torch >= 1'] is True
+
+
+def test_serve_overhead_figure_at_a_toy_size(serve_workdir):
+  """The in-process overhead figure answers every request (forward stubbed, upstreams
+  mocked) and gives httpx its client class back."""
+  import httpx
+  from benchmarks import serve_speed
+  client_class = httpx.AsyncClient
+  figs = serve_speed.overhead_figures(str(serve_workdir), requests=40, concurrency=8, rounds=2)
+  assert [f['round'] for f in figs] == [0, 1]
+  for f in figs:
+    assert f['figure'] == 'serve_overhead' and f['requests'] == 40 and f['concurrency'] == 8
+    assert f['us_per_request'] > 0 and f['requests_per_s'] == pytest.approx(
+        1e6 / f['us_per_request'], rel=0.01)
+  assert httpx.AsyncClient is client_class
