@@ -1,0 +1,386 @@
+"""The replay simulator: a full-information data set becomes a stream of traffic on which
+bandit learners route, see only the cell they chose, and redeploy (METHOD.md, "Learning from
+feedback": the replay protocol).
+
+  python -m entrorouter_jax.online --workdir=DIR [--seeds=3] [--seed_labels=20]
+      [--datasets=NAME=FORMAT:PATH,...] [--pools=NAME=POOL.yaml] [--methods=a,b]
+      [--config.KEY=VALUE ...]
+
+Data sets as the quality suite has them (`suite_datasets`: without --datasets everything in
+../shared/data; `default` names those inside a list). Per data set and seed:
+  - features: the recipe's frozen query space (`config.anchor.space`, fitted on the training
+    queries' texts), the same for every method;
+  - `seed_labels` training queries, a seeded sample, are fully labelled; c_ref (the strongest
+    seed-label model's mean cost: c_hat = c / c_ref) and the operating lambda
+    (`bandits.operating_cost_weight`: the slope of the seed labels' single-model hull at the
+    middle of their cost range) come from them alone;
+  - the rest of the training split, shuffled by the seed, arrives in rounds of 20, 40, 80, ...
+    queries (`bandits.round_sizes`; the last round what is left); each round is routed by the
+    learner's deployed policy, only the chosen cell (outcome and cost) is revealed and logged
+    with its propensity, then the learner updates from the seed labels and all logs so far;
+  - every method sees the same seed labels, stream and features. `full_info` is told whole
+    rows; its routing of each round (by the model fitted before it, so no query's own outcomes)
+    is the regret reference.
+Measured per method and seed: the realised utility y - lambda c_hat of every stream query
+(`stream_utility_mean`: the mean over the stream, then over seeds), the cumulative regret
+sum (u_full_info - u_method) over the stream, the test split's AIQ after the seed labels and
+after each round (the learner's success estimates as a `baselines.ScoreRouter` curve scored by
+`metrics.aiq` over the test single models' cost range, as the suite scores its baselines),
+the final policy's routing shares on the test split (its mean deployed distribution) and the
+models it never chose during the stream.
+
+Writes DIR/online.json ({data set: {method: {final_aiq, final_aiq_mean, regret, regret_mean,
+stream_utility_mean, never_tried, shares}, dr_coverage}}), DIR/online_info.json (lambda,
+c_ref, rounds and the per-round figures of every seed), DIR/online.md (the tables: mean and
+95% t-interval over seeds) and DIR/regret.png, DIR/aiq_by_round.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from entrorouter_jax import bandits, baselines, capability, features, metrics, paths
+from entrorouter_jax.data import sources
+from entrorouter_jax.suite_datasets import REPO, SHARED, Dataset, available_defaults, parse_datasets
+
+FIRST_ROUND = 20
+REFERENCE = 'full_info'
+
+
+# ================================================================ the data ===
+@dataclasses.dataclass
+class Table:
+  """One split's full-information table in the recipe's feature space."""
+  feats: np.ndarray          # float32[N, D]
+  outcomes: np.ndarray       # float64[N, K], 0 where missing
+  mask: np.ndarray           # bool[N, K]
+  costs: np.ndarray          # float64[N, K], dollars (or the data set's unit)
+
+
+@dataclasses.dataclass
+class Stream:
+  """One data set and seed: the seed labels, the stream's order and its units."""
+  train: Table
+  test: Table
+  model_names: list
+  seed_rows: np.ndarray      # int[S]: the fully labelled training rows
+  stream_rows: np.ndarray    # int[N - S]: the rest, in arrival order
+  c_ref: float
+  cost_weight: float
+  cost_range: tuple          # the test single models' (min, max) mean cost: AIQ's range
+
+  @property
+  def cost_hat(self) -> np.ndarray:
+    return self.train.costs / self.c_ref
+
+
+def apply_overrides(config, overrides: dict):
+  """A copy of `config` with {"dotted.key": value} set (ml_collections' flattened update)."""
+  config = copy.deepcopy(config)
+  config.update_from_flattened_dict(dict(overrides))
+  return config
+
+
+def load_tables(config) -> tuple[Table, Table, list]:
+  """(train, test, model names) of `config.data` in `config.anchor.space`'s features."""
+  _, parts = sources.load_splits(config.data, ('train', 'test'))
+  train, test = parts['train'], parts['test']
+  space = features.make_space(config)
+  train_feats = space.fit_transform(train.queries.tolist())
+  test_feats = space.transform(test.queries.tolist())
+  table = lambda d, f: Table(np.asarray(f, np.float32),
+                             np.where(d.outcome_mask, d.outcomes, 0.0).astype(np.float64),
+                             np.asarray(d.outcome_mask, bool), np.asarray(d.costs, np.float64))
+  return table(train, train_feats), table(test, test_feats), train.model_names
+
+
+def make_stream(train: Table, test: Table, names, seed: int, seed_labels: int) -> Stream:
+  """The seed labels (a sample seeded by `seed`), the stream order, c_ref and lambda."""
+  n = len(train.feats)
+  if not 2 <= seed_labels < n:
+    raise ValueError(f'--seed_labels={seed_labels}; expected at least 2 and fewer than the '
+                     f'{n} training queries')
+  order = np.random.default_rng([seed, 0]).permutation(n)
+  seed_rows, stream_rows = order[:seed_labels], order[seed_labels:]
+  _, c_ref = capability.reference_cost(train.outcomes[seed_rows], train.mask[seed_rows],
+                                       train.costs[seed_rows])
+  lam = bandits.operating_cost_weight(train.outcomes[seed_rows], train.mask[seed_rows],
+                                      train.costs[seed_rows] / c_ref)
+  single = metrics.single_models(test.outcomes, test.mask, test.costs, names)
+  return Stream(train, test, list(names), seed_rows, stream_rows, c_ref, lam,
+                metrics.single_model_cost_range(single))
+
+
+# =========================================================== one learner ===
+def aiq_on_test(learner: bandits.Learner, stream: Stream) -> float:
+  """AIQ on the test split of the learner's success estimates' cost/quality curve."""
+  s, c = learner.estimates(stream.test.feats)
+  _, choices = baselines.ScoreRouter(learner.name, s, c).choices()
+  cy, cc = metrics.chosen_tables(choices, stream.test.outcomes, stream.test.mask,
+                                 stream.test.costs)
+  return metrics.aiq(cc.mean(axis=1), cy.mean(axis=1), stream.cost_range)
+
+
+def revealed(stream: Stream, rows, choice, full: bool):
+  """(outcomes, mask, cost_hat) of stream rows as the learner is told them: the chosen
+  cell only (its outcome where the data set has one; cost_hat NaN elsewhere), or whole rows
+  for a full-information learner."""
+  y, mask, c_hat = stream.train.outcomes[rows], stream.train.mask[rows], stream.cost_hat[rows]
+  if full:
+    return y, mask, c_hat
+  chosen = np.zeros_like(mask)
+  chosen[np.arange(len(rows)), choice] = True
+  return np.where(chosen, y, 0.0), chosen & mask, np.where(chosen, c_hat, np.nan)
+
+
+def simulate(learner: bandits.Learner, stream: Stream, progress: str = '') -> dict:
+  """Runs one learner over the stream: {'utility' float[n] per stream query, 'choice' int[n],
+  'round_sizes', 'round_utility', 'aiq_by_round' (after the seed labels, then each round),
+  'shares' float[K] (the final policy's mean deployed distribution on the test split)}."""
+  from tqdm import tqdm
+  train, lam = stream.train, stream.cost_weight
+  seed = stream.seed_rows
+  logs = bandits.labelled_logs(train.feats[seed], train.outcomes[seed], train.mask[seed],
+                               stream.cost_hat[seed])
+  learner.update(logs)
+  sizes = bandits.round_sizes(len(stream.stream_rows), FIRST_ROUND)
+  aiq = [aiq_on_test(learner, stream)]
+  utility, choices, round_utility = [], [], []
+  start = 0
+  for size in tqdm(sizes, desc=progress or learner.name, leave=False, file=sys.stderr,
+                   disable=None):
+    rows = stream.stream_rows[start:start + size]
+    start += size
+    choice, propensity = learner.deploy(train.feats[rows])
+    choice = np.asarray(choice, np.int64)
+    propensity = np.asarray(propensity, np.float64)
+    if choice.shape != (size,) or propensity.shape != (size,) or not (
+        np.all((propensity > 0) & (propensity <= 1))):
+      raise ValueError(f'{learner.name}: deploy gave choices {choice.shape} and propensities '
+                       f'{propensity.shape} (range {propensity.min()}..{propensity.max()}); '
+                       f'expected ({size},) each, propensities in (0, 1]')
+    u = (train.outcomes[rows, choice] - lam * stream.cost_hat[rows, choice])
+    utility.append(u)
+    choices.append(choice)
+    round_utility.append(float(u.mean()))
+    outcomes, mask, c_hat = revealed(stream, rows, choice, learner.full_information)
+    logs = bandits.append(logs, train.feats[rows], outcomes, mask, c_hat, choice, propensity)
+    learner.update(logs)
+    aiq.append(aiq_on_test(learner, stream))
+  shares = learner.policy(stream.test.feats).mean(axis=0)
+  return {'utility': np.concatenate(utility) if utility else np.zeros(0),
+          'choice': np.concatenate(choices) if choices else np.zeros(0, np.int64),
+          'round_sizes': sizes, 'round_utility': round_utility, 'aiq_by_round': aiq,
+          'shares': shares}
+
+
+def cumulative_regret(run: dict, reference: dict) -> list[float]:
+  """sum over the stream so far of (u_reference - u_run), at the end of each round."""
+  gap = np.cumsum(reference['utility'] - run['utility'])
+  ends = np.cumsum(run['round_sizes']) - 1
+  return [float(gap[e]) for e in ends]
+
+
+# ============================================================ a data set ===
+def run_dataset(config, ds: Dataset, seeds: int, seed_labels: int, methods: list[str]):
+  """Every method over the seeds: (online.json's entry, online_info.json's entry)."""
+  started = time.time()
+  cfg = apply_overrides(config, {f'data.{k}': v for k, v in ds.data.items()})
+  train, test, names = load_tables(cfg)
+  runs = {m: [] for m in methods}
+  info = {'about': ds.about, 'train': len(train.feats), 'test': len(test.feats),
+          'models': names, 'seed_labels': seed_labels, 'seeds': [], 'methods': {}}
+  order = [REFERENCE] + [m for m in methods if m != REFERENCE]
+  for seed in range(seeds):
+    stream = make_stream(train, test, names, seed, seed_labels)
+    seed_runs = {}
+    for name in order:
+      learner = bandits.make_learner(name, len(names), stream.cost_weight, seed=seed,
+                                     config=cfg)
+      seed_runs[name] = simulate(learner, stream, f'{ds.name} seed {seed} {name}')
+    reference = seed_runs[REFERENCE]
+    info['seeds'].append({'seed': seed, 'cost_weight': stream.cost_weight,
+                          'c_ref': stream.c_ref, 'round_sizes': reference['round_sizes']})
+    for name in methods:
+      run = seed_runs[name]
+      run['regret'] = cumulative_regret(run, reference)
+      runs[name].append(run)
+  entry = {}
+  for name in methods:
+    seed_runs = runs[name]
+    final = [r['aiq_by_round'][-1] for r in seed_runs]
+    regret = [r['regret'][-1] if r['regret'] else 0.0 for r in seed_runs]
+    never = sorted({names[j] for r in seed_runs for j in range(len(names))
+                    if not np.any(r['choice'] == j)}, key=names.index)
+    shares = np.mean([r['shares'] for r in seed_runs], axis=0)
+    entry[name] = {'final_aiq': final, 'final_aiq_mean': float(np.mean(final)),
+                   'regret': regret, 'regret_mean': float(np.mean(regret)),
+                   'stream_utility_mean': float(np.mean([r['utility'].mean()
+                                                         for r in seed_runs])),
+                   'never_tried': never,
+                   'shares': {n: float(s) for n, s in zip(names, shares)}}
+    info['methods'][name] = [{'round_utility': r['round_utility'], 'regret': r['regret'],
+                              'aiq_by_round': r['aiq_by_round'],
+                              'stream_utility': float(r['utility'].mean())} for r in seed_runs]
+  entry['dr_coverage'] = None
+  info['seconds'] = round(time.time() - started, 1)
+  return entry, info
+
+
+# ================================================================ tables ===
+def t_interval(values) -> list[float] | None:
+  """The 95% t-interval of the mean over seeds, [lo, hi]; None for one seed."""
+  from scipy import stats
+  v = np.asarray(values, np.float64)
+  if len(v) < 2:
+    return None
+  half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+  return [float(v.mean() - half), float(v.mean() + half)]
+
+
+def _fmt(values, digits: int = 4) -> str:
+  ci = t_interval(values)
+  mean = f'{np.mean(values):.{digits}f}'
+  return mean if ci is None else f'{mean} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]'
+
+
+def render(results: dict, infos: dict, command: str, seconds: float) -> str:
+  """online.md: one table per data set, mean over seeds and its 95% t-interval."""
+  lines = ['# The replay simulator', '', f'`{command}`; {seconds / 60:.1f} min.', '',
+           'Each figure is the mean over seeds with its 95% t-interval over seeds in brackets '
+           '(none with one seed). Regret is cumulative over the stream, against full_info\'s '
+           'out-of-fold routing of the same stream; utility is y - lambda c / c_ref of the '
+           'chosen cell; AIQ on the test split after the last round.', '']
+  for name, entry in results.items():
+    info = infos[name]
+    lams = [s['cost_weight'] for s in info['seeds']]
+    lines += [f'## {name}', '', f"{info['about']}. {info['train']} train / {info['test']} test "
+              f"queries, {len(info['models'])} models, {info['seed_labels']} seed labels, "
+              f"{len(lams)} seed(s), lambda {', '.join(f'{v:.4g}' for v in lams)}; "
+              f"{info['seconds'] / 60:.1f} min.", '',
+              '| method | final AIQ | regret | stream utility | never tried | top shares |',
+              '|---|---|---|---|---|---|']
+    for method, e in entry.items():
+      if method == 'dr_coverage':
+        continue
+      utility = [r['stream_utility'] for r in info['methods'][method]]
+      top = sorted(e['shares'].items(), key=lambda kv: -kv[1])[:3]
+      lines.append(f"| {method} | {_fmt(e['final_aiq'])} | {_fmt(e['regret'], 2)} | "
+                   f"{_fmt(utility)} | {', '.join(e['never_tried']) or '-'} | "
+                   f"{', '.join(f'{n} {s:.0%}' for n, s in top)} |")
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plot(infos: dict, workdir: pathlib.Path) -> None:
+  """regret.png (cumulative regret by logged queries) and aiq_by_round.png (test AIQ), one
+  panel per data set, the mean over seeds per method."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  for key, filename, ylabel in (('regret', 'regret.png', 'cumulative regret'),
+                                ('aiq_by_round', 'aiq_by_round.png', 'test AIQ')):
+    fig, axes = plt.subplots(1, len(infos), figsize=(5 * len(infos), 4), squeeze=False)
+    for ax, (name, info) in zip(axes[0], infos.items()):
+      ends = np.cumsum(info['seeds'][0]['round_sizes']).tolist()
+      x = ([0] + ends) if key == 'aiq_by_round' else ends
+      for method, seed_runs in info['methods'].items():
+        curves = [r[key] for r in seed_runs]
+        if all(len(c) == len(x) for c in curves) and x:
+          ax.plot(x, np.mean(curves, axis=0), marker='o', label=method)
+      ax.set(title=name, xlabel='logged queries', ylabel=ylabel)
+      if key == 'regret' or max(x, default=0) > 0:
+        ax.set_xscale('symlog', linthresh=FIRST_ROUND)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(workdir / filename, dpi=100)
+    plt.close(fig)
+
+
+# =================================================================== run ===
+def run(config, workdir, datasets: list[Dataset], seeds: int = 3, seed_labels: int = 20,
+        methods=None, command: str = 'python -m entrorouter_jax.online') -> dict:
+  """The simulator on every data set; returns online.json's content (also written)."""
+  methods = list(methods or bandits.LEARNERS)
+  unknown = [m for m in methods if m not in bandits.LEARNERS]
+  if unknown:
+    raise ValueError(f'--methods: {unknown[0]!r} is unknown; expected names from '
+                     f'{sorted(bandits.LEARNERS)}')
+  if seeds < 1:
+    raise ValueError(f'--seeds={seeds}; expected >= 1')
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  started = time.time()
+  results, infos = {}, {}
+  for ds in datasets:
+    results[ds.name], infos[ds.name] = run_dataset(config, ds, seeds, seed_labels, methods)
+    seconds = time.time() - started
+    paths.write_atomic(workdir / 'online.json', json.dumps(results, indent=2) + '\n')
+    paths.write_atomic(workdir / 'online_info.json',
+                       json.dumps({'datasets': infos, 'command': command,
+                                   'seconds': round(seconds, 1)}, indent=2) + '\n')
+    paths.write_atomic(workdir / 'online.md', render(results, infos, command, seconds))
+    plot(infos, workdir)
+    for method, e in results[ds.name].items():
+      if method != 'dr_coverage':
+        print(f"online: {ds.name}: {method}: final AIQ {e['final_aiq_mean']:.4f}, regret "
+              f"{e['regret_mean']:.2f}, stream utility {e['stream_utility_mean']:.4f}",
+              flush=True)
+  print(f'online: {(time.time() - started) / 60:.1f} min wall time; tables in '
+        f'{workdir / "online.md"}', flush=True)
+  return results
+
+
+# =================================================================== CLI ===
+def main(argv):
+  from absl import flags
+  from entrorouter_jax import cli, logs
+  FLAGS = flags.FLAGS
+  del argv
+  logs.show_progress_logs()
+  try:
+    if FLAGS.datasets:
+      datasets = parse_datasets(FLAGS.datasets, FLAGS.pools or '')
+    else:
+      if FLAGS.pools:
+        raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
+      datasets = available_defaults()
+      if not datasets:
+        raise FileNotFoundError(f'no data set found under {SHARED}; give '
+                                '--datasets=NAME=FORMAT:PATH')
+    methods = [m.strip() for m in FLAGS.methods.split(',') if m.strip()] or None
+    command = ' '.join(['python -m entrorouter_jax.online'] + sys.argv[1:])
+    run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.seed_labels, methods, command)
+  except cli.user_errors() as e:
+    if os.environ.get('ENTROROUTER_DEBUG'):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', str(REPO / 'configs' / 'rl.py'),
+                                  'The recipe (default configs/rl.py), for its feature space; '
+                                  'override keys with --config.KEY=VALUE.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where online.json, online.md and the plots go.',
+                      required=True)
+  flags.DEFINE_integer('seeds', 3, 'Seeds per data set (seed labels, stream order, learners).')
+  flags.DEFINE_integer('seed_labels', 20, 'Fully labelled training queries the learners start '
+                       'from.')
+  flags.DEFINE_string('datasets', '', 'NAME=FORMAT:PATH[,...]; default: ../shared/data.')
+  flags.DEFINE_string('pools', '', 'NAME=POOL.yaml[,...]: prices for --datasets entries '
+                      'whose files carry no costs.')
+  flags.DEFINE_string('methods', '', 'Comma-separated learners (default: every one of '
+                      'bandits.LEARNERS); full_info always runs as the regret reference.')
+  app.run(main)

@@ -1,0 +1,170 @@
+"""The bandit learners' math against NumPy references: LinUCB's scores, Thompson's posterior and
+policy, epsilon-greedy's propensities, the round schedule and the operating lambda rule."""
+
+import math
+
+import numpy as np
+import pytest
+
+from entrorouter_jax import bandits
+
+
+def _logs(seed=0, n_seed=6, n_stream=15, d=3, k=3):
+  """Seed labels (every cell) followed by logged rows (one cell each), random but fixed."""
+  rng = np.random.default_rng(seed)
+  feats = rng.normal(size=(n_seed + n_stream, d)).astype(np.float32)
+  y = (rng.random((n_seed + n_stream, k)) < 0.5).astype(np.float64)
+  c = rng.random((n_seed + n_stream, k)) + np.arange(k)
+  logs = bandits.labelled_logs(feats[:n_seed], y[:n_seed], np.ones((n_seed, k), bool),
+                               c[:n_seed])
+  chosen = rng.integers(0, k, n_stream)
+  mask = np.zeros((n_stream, k), bool)
+  mask[np.arange(n_stream), chosen] = True
+  logs = bandits.append(logs, feats[n_seed:], np.where(mask, y[n_seed:], 0.0), mask,
+                        np.where(mask, c[n_seed:], np.nan), chosen, rng.uniform(0.2, 1, n_stream))
+  return logs, feats, y, c
+
+
+def _reference_ridge(logs, k):
+  """A_m = I + sum x x^T, b_m = sum x y over the revealed cells of m, x = [feats, 1]."""
+  x = np.concatenate([logs.feats.astype(np.float64), np.ones((logs.num_rows, 1))], axis=1)
+  d = x.shape[1]
+  a, b = [], []
+  for m in range(k):
+    am, bm = np.eye(d), np.zeros(d)
+    for i in range(logs.num_rows):
+      if logs.mask[i, m]:
+        am += np.outer(x[i], x[i])
+        bm += x[i] * logs.outcomes[i, m]
+    a.append(am)
+    b.append(bm)
+  return x, a, b
+
+
+@pytest.mark.parametrize('n', [0, 1, 20, 21, 59, 60, 100, 300])
+def test_round_sizes_double_and_end_with_what_is_left(n):
+  sizes = bandits.round_sizes(n)
+  assert sum(sizes) == n
+  expected, size, left = [], 20, n
+  while left:
+    expected.append(min(size, left))
+    left -= expected[-1]
+    size *= 2
+  assert sizes == expected
+  assert bandits.round_sizes(300) == [20, 40, 80, 160]
+  assert bandits.round_sizes(100) == [20, 40, 40]
+  with pytest.raises(ValueError, match='first >= 1'):
+    bandits.round_sizes(10, first=0)
+
+
+def test_logs_keep_one_cell_per_logged_row_and_mean_costs():
+  logs, feats, y, c = _logs()
+  f, chosen, outcome, cost, prop = logs.stream()
+  assert len(chosen) == 15 and np.array_equal(f, feats[6:])
+  np.testing.assert_allclose(outcome, y[6 + np.arange(15), chosen])
+  np.testing.assert_allclose(cost, c[6 + np.arange(15), chosen])
+  assert np.all((prop > 0) & (prop <= 1))
+  assert np.isnan(logs.propensity[:6]).all() and (logs.logged[:6] == -1).all()
+  observed = ~np.isnan(logs.cost_hat)
+  expected = [c[observed[:, m], m].mean() for m in range(3)]
+  np.testing.assert_allclose(logs.mean_costs(), expected)
+
+
+def test_linucb_scores_and_choice_match_numpy():
+  logs, _, _, c = _logs()
+  lam = 0.3
+  learner = bandits.LinUCB(3, lam, seed=0)
+  half = bandits.Logs(*(getattr(logs, f)[:10] for f in
+                        ('feats', 'outcomes', 'mask', 'cost_hat', 'logged', 'propensity')))
+  learner.update(half)            # warm start: the rest is added on the next update
+  learner.update(logs)
+  x, a, b = _reference_ridge(logs, 3)
+  q = np.random.default_rng(5).normal(size=(7, 3)).astype(np.float32)
+  xq = np.concatenate([q.astype(np.float64), np.ones((7, 1))], axis=1)
+  ucb = np.stack([xq @ np.linalg.solve(a[m], b[m])
+                  + 1.0 * np.sqrt(np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]), xq))
+                  for m in range(3)], axis=1)
+  np.testing.assert_allclose(learner.ucb(q), ucb, rtol=1e-9, atol=1e-9)
+  costs = logs.mean_costs()
+  pick = np.argmax(ucb - lam * costs[None], axis=1)
+  policy = learner.policy(q)
+  np.testing.assert_array_equal(policy, np.eye(3)[pick])
+  choice, prop = learner.deploy(q)
+  np.testing.assert_array_equal(choice, pick)
+  np.testing.assert_array_equal(prop, np.ones(7))
+
+
+def test_thompson_posterior_and_policy_match_numpy():
+  logs, _, _, _ = _logs(seed=1, k=2)
+  lam = 0.1
+  learner = bandits.Thompson(2, lam, seed=3)
+  learner.update(logs)
+  _, a, b = _reference_ridge(logs, 2)
+  q = np.random.default_rng(2).normal(size=(40, 3)).astype(np.float32) * 0.3
+  xq = np.concatenate([q.astype(np.float64), np.ones((40, 1))], axis=1)
+  mean = np.stack([xq @ np.linalg.solve(a[m], b[m]) for m in range(2)], axis=1)
+  var = np.stack([0.5 ** 2 * np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]), xq)
+                  for m in range(2)], axis=1)
+  got_mean, got_width = learner.mean_and_width(q)
+  np.testing.assert_allclose(got_mean, mean, rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose((0.5 * got_width) ** 2, var, rtol=1e-9, atol=1e-12)
+  # P(model 0 best) = Phi((u0 - u1) / sqrt(var0 + var1)) for two independent Gaussians.
+  u = mean - lam * logs.mean_costs()[None]
+  z = (u[:, 0] - u[:, 1]) / np.sqrt(var.sum(axis=1))
+  exact = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) for v in z])
+  policy = learner.policy(q)
+  np.testing.assert_allclose(policy.sum(axis=1), 1.0)
+  assert np.max(np.abs(policy[:, 0] - exact)) < 4 * 0.5 / math.sqrt(bandits.THOMPSON_DRAWS)
+  np.testing.assert_array_equal(learner.policy(q), policy)     # a function of the state
+  choice, prop = learner.deploy(q)
+  np.testing.assert_array_equal(prop, policy[np.arange(40), choice])
+  assert np.all((prop > 0) & (prop <= 1))
+
+
+class _FixedScores(bandits.EpsilonGreedy):
+  """Epsilon-greedy on given success estimates (no fitting)."""
+
+  def update(self, logs):
+    self.costs = logs.mean_costs()
+
+  def estimates(self, feats):
+    s = np.asarray(feats, np.float64)[:, :self.num_models]
+    return s, np.broadcast_to(self.costs, s.shape).copy()
+
+
+def test_epsilon_greedy_propensities_exactly():
+  k, lam = 4, 0.2
+  learner = _FixedScores(k, lam, seed=7)
+  learner.update(bandits.labelled_logs(np.zeros((2, k)), np.zeros((2, k)), np.ones((2, k), bool),
+                                       np.tile([0.1, 0.4, 0.2, 1.0], (2, 1))))
+  s = np.random.default_rng(0).random((500, k))
+  best = np.argmax(s - lam * np.array([0.1, 0.4, 0.2, 1.0])[None], axis=1)
+  expected = np.full((500, k), 0.05 / k)
+  expected[np.arange(500), best] += 0.95
+  np.testing.assert_allclose(learner.policy(s), expected, rtol=0, atol=1e-15)
+  choice, prop = learner.deploy(s)
+  np.testing.assert_allclose(prop, np.where(choice == best, 0.95 + 0.05 / k, 0.05 / k),
+                             rtol=0, atol=1e-15)
+  assert 0.01 < np.mean(choice != best) < 0.1       # explores at about 0.05 (1 - 1 / K)
+
+
+def test_operating_cost_weight_is_the_hull_slope_at_the_middle_cost():
+  y = np.array([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]], float)   # means 0.5, 0.75, 0.75
+  y[3, 2] = 1.0                                                       # model 2: 1.0
+  c = np.tile([0.1, 0.5, 1.0], (4, 1))
+  # Hull (0.1, 0.5), (0.5, 0.75), (1.0, 1.0); middle cost 0.55 lies on the last segment.
+  assert bandits.operating_cost_weight(y, np.ones_like(y, bool), c) == pytest.approx(0.25 / 0.5)
+  cheap_best = np.tile([1.0, 0.5, 0.2], (4, 1))
+  assert bandits.operating_cost_weight(cheap_best, np.ones_like(y, bool), c) == 0.0
+  mask = np.ones_like(y, bool)
+  mask[:, 2] = False                          # unobserved outcomes count 0: model 2 is useless
+  assert bandits.operating_cost_weight(y, mask, c) == 0.0
+
+
+def test_make_learner_names_the_known_learners():
+  assert set(bandits.LEARNERS) == {'greedy', 'epsilon_greedy', 'linucb', 'thompson',
+                                   'seed_only', 'full_info'}
+  with pytest.raises(ValueError, match="'nope' is unknown"):
+    bandits.make_learner('nope', 3, 0.1)
+  with pytest.raises(ValueError, match='cost_weight'):
+    bandits.make_learner('greedy', 3, -1.0)

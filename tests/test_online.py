@@ -1,0 +1,173 @@
+"""The replay simulator: what a learner is told, its logged propensities, the regret reference,
+and the CLI's contract files on a tiny long-format file."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO_ROOT
+from entrorouter_jax import bandits, online
+from entrorouter_jax.data import synthetic
+
+ENV = dict(os.environ, JAX_PLATFORMS='cpu')
+
+
+def _stream(seed=0, n_train=120, n_test=30, d=5, k=4, seed_labels=10):
+  rng = np.random.default_rng(seed)
+
+  def table(n):
+    y = (rng.random((n, k)) < np.linspace(0.3, 0.9, k)).astype(np.float64)
+    mask = rng.random((n, k)) > 0.05
+    return online.Table(rng.normal(size=(n, d)).astype(np.float32), np.where(mask, y, 0.0),
+                        mask, rng.random((n, k)) * 0.1 + np.linspace(0.1, 1.0, k))
+
+  names = [f'm{j}' for j in range(k)]
+  return online.make_stream(table(n_train), table(n_test), names, seed, seed_labels)
+
+
+class Spy(bandits.Learner):
+  """Routes by a fixed softmax of its features and records every Logs it is given."""
+
+  name = 'spy'
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.given, self.deployed = [], []
+    self.w = np.random.default_rng(0).normal(size=(5, self.num_models))
+
+  def update(self, logs):
+    self.given.append(logs)
+
+  def estimates(self, feats):
+    s = np.asarray(feats, np.float64) @ self.w
+    return s, np.zeros_like(s)
+
+  def policy(self, feats):
+    z = np.exp(np.asarray(feats, np.float64) @ self.w)
+    return z / z.sum(axis=1, keepdims=True)
+
+  def deploy(self, feats):
+    choice, prop = super().deploy(feats)
+    self.deployed.append((self.policy(feats), choice, prop))
+    return choice, prop
+
+
+def test_a_learner_is_told_only_the_chosen_cell_with_its_propensity():
+  stream = _stream()
+  spy = Spy(4, stream.cost_weight, seed=0)
+  run = online.simulate(spy, stream)
+  sizes = bandits.round_sizes(110)
+  assert run['round_sizes'] == sizes == [20, 40, 50]
+  assert len(spy.given) == 1 + len(sizes) and len(spy.deployed) == len(sizes)
+  logs = spy.given[-1]
+  train, seed = stream.train, stream.seed_rows
+  np.testing.assert_array_equal(logs.feats[:10], train.feats[seed])
+  np.testing.assert_array_equal(logs.mask[:10], train.mask[seed])      # seed labels: every cell
+  rows = stream.stream_rows
+  choice = np.concatenate([c for _, c, _ in spy.deployed])
+  assert np.array_equal(logs.logged[10:], choice)
+  chosen = np.eye(4, dtype=bool)[choice]
+  np.testing.assert_array_equal(logs.mask[10:], chosen & train.mask[rows])
+  np.testing.assert_array_equal(logs.outcomes[10:], np.where(chosen, train.outcomes[rows], 0.0))
+  assert np.isnan(logs.cost_hat[10:][~chosen]).all()
+  np.testing.assert_allclose(logs.cost_hat[10:][chosen], train.costs[rows, choice] / stream.c_ref)
+  for dist, c, p in spy.deployed:
+    assert np.all((p > 0) & (p <= 1))
+    np.testing.assert_array_equal(p, dist[np.arange(len(c)), c])
+  np.testing.assert_array_equal(logs.propensity[10:], np.concatenate([p for *_, p in spy.deployed]))
+  for earlier, later in zip(spy.given, spy.given[1:]):          # logs only grow, by appending
+    np.testing.assert_array_equal(later.logged[:earlier.num_rows], earlier.logged)
+  u = train.outcomes[rows, choice] - stream.cost_weight * train.costs[rows, choice] / stream.c_ref
+  np.testing.assert_allclose(run['utility'], u)
+  ends = np.cumsum(sizes)
+  np.testing.assert_allclose(run['round_utility'],
+                             [u[e - s:e].mean() for e, s in zip(ends, sizes)])
+  assert len(run['aiq_by_round']) == 1 + len(sizes)
+
+
+def test_full_info_sees_whole_rows_and_has_no_regret_against_itself():
+  stream = _stream(seed=1)
+  full = bandits.make_learner('full_info', 4, stream.cost_weight, seed=1)
+  seen = []
+  update = full.update
+  full.update = lambda logs: (seen.append(logs), update(logs))
+  run = online.simulate(full, stream)
+  rows = stream.stream_rows
+  np.testing.assert_array_equal(seen[-1].mask[10:], stream.train.mask[rows])
+  assert online.cumulative_regret(run, run) == [0.0] * len(run['round_sizes'])
+  other = dict(run, utility=run['utility'] - 0.5)
+  np.testing.assert_allclose(online.cumulative_regret(other, run),
+                             0.5 * np.cumsum(run['round_sizes']))
+  assert all(0.0 < a <= 1.0 for a in run['aiq_by_round'])
+  np.testing.assert_allclose(run['shares'].sum(), 1.0)
+
+
+def test_make_stream_seed_labels_and_lambda_from_the_seed_rows_alone():
+  a, b = _stream(seed=0), _stream(seed=0)
+  np.testing.assert_array_equal(a.seed_rows, b.seed_rows)
+  assert sorted(np.concatenate([a.seed_rows, a.stream_rows]).tolist()) == list(range(120))
+  seed = a.seed_rows
+  assert a.cost_weight == bandits.operating_cost_weight(
+      a.train.outcomes[seed], a.train.mask[seed], a.train.costs[seed] / a.c_ref)
+  with pytest.raises(ValueError, match='seed_labels=1'):
+    online.make_stream(a.train, a.test, a.model_names, 0, 1)
+
+
+def test_t_interval_matches_scipy_free_formula():
+  v = [0.5, 0.7, 0.6]
+  half = 4.302652729911275 * np.std(v, ddof=1) / np.sqrt(3)     # t(0.975, 2)
+  np.testing.assert_allclose(online.t_interval(v), [0.6 - half, 0.6 + half])
+  assert online.t_interval([0.5]) is None
+
+
+def test_run_rejects_unknown_methods(tmp_path):
+  with pytest.raises(ValueError, match="'entrorouter' is unknown"):
+    online.run(None, tmp_path, [], methods=['greedy', 'entrorouter'])
+
+
+def _write_long(path, num_train=160, num_test=60):
+  data = synthetic.generate(seed=0, num_train=num_train, num_validation=0, num_test=num_test)
+  rows = [{'id': data.ids[i], 'query': data.queries[i], 'task': data.tasks[i], 'model': name,
+           'score': float(data.outcomes[i, j]), 'cost': float(data.costs[i, j]),
+           'split': data.splits[i]}
+          for i in range(data.num_queries) for j, name in enumerate(data.model_names)]
+  pd.DataFrame(rows).to_csv(path, index=False)
+  return path, data.model_names
+
+
+def test_online_cli_writes_the_contract(tmp_path):
+  path, names = _write_long(tmp_path / 'tiny.csv')
+  workdir = tmp_path / 'online'
+  cmd = [sys.executable, '-m', 'entrorouter_jax.online', f'--workdir={workdir}',
+         f'--datasets=tiny=long:{path}', '--seeds=1', '--seed_labels=20',
+         '--methods=greedy,seed_only', '--config.anchor.space=tfidf', '--config.anchor.dim=24',
+         f'--config.data.data_dir={tmp_path / "tfds"}']
+  out = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'wall time' in out.stdout
+  results = json.loads((workdir / 'online.json').read_text())
+  assert list(results) == ['tiny']
+  entry = results['tiny']
+  assert set(entry) == {'greedy', 'seed_only', 'dr_coverage'} and entry['dr_coverage'] is None
+  for method in ('greedy', 'seed_only'):
+    e = entry[method]
+    assert set(e) == {'final_aiq', 'final_aiq_mean', 'regret', 'regret_mean',
+                      'stream_utility_mean', 'never_tried', 'shares'}
+    assert len(e['final_aiq']) == 1 and 0.0 < e['final_aiq'][0] <= 1.0
+    assert e['final_aiq_mean'] == e['final_aiq'][0] and e['regret_mean'] == e['regret'][0]
+    assert set(e['never_tried']) <= set(names)
+    assert list(e['shares']) == names and sum(e['shares'].values()) == pytest.approx(1.0)
+  info = json.loads((workdir / 'online_info.json').read_text())['datasets']['tiny']
+  assert info['seeds'][0]['round_sizes'] == [20, 40, 80]           # 140 stream queries
+  # The seed-only learner is never updated: its test AIQ is the same after every round.
+  aiq = info['methods']['seed_only'][0]['aiq_by_round']
+  assert len(aiq) == 4 and len(set(aiq)) == 1
+  md = (workdir / 'online.md').read_text()
+  assert '| greedy |' in md and '| seed_only |' in md
+  for png in ('regret.png', 'aiq_by_round.png'):
+    assert (workdir / png).read_bytes()[:4] == b'\x89PNG'
