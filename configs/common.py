@@ -162,7 +162,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   rl.warmup_steps = 20
   rl.init_checkpoint = ''            # an SFT workdir/checkpoint; '' = run SFT first
   rl.cost_weight = 0.1               # lambda: accuracy points per strongest-model cost
-  rl.estimator = 'reinforce'         # reinforce | exact (variance-free reference)
+  # reinforce | exact (variance-free reference) | offpolicy (learning from feedback logs,
+  # configs/feedback.py: the doubly robust surrogate on the logged rows, METHOD.md)
+  rl.estimator = 'reinforce'
   rl.group_size = 8                  # G actions per query
   # (choice) divide by the group std + 1e-6 as in GRPO. Off by default: the std
   # rescales each group's reward gaps to unit size, so when every sample
@@ -181,6 +183,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   rl.select = 'utility'              # as sft.select
   rl.select_every = 50
   rl.patience = 0
+  # --- rl.estimator = 'offpolicy' only (configs/feedback.py) ---
+  rl.clip_eps = 0.2                  # eps_c: rho = pi / p clipped to [1 - eps_c, 1 + eps_c]
+  rl.w_max = 20.0                    # (choice) success head's weights min(1 / p, w_max)
+  # H_floor (nats): the entropy target never falls below it, so the next
+  # deployment still explores. KL(pi || pi_b) is weighted by the beta schedule.
+  rl.entropy_floor = 0.1
 
   # --- scale-out ---
   config.mesh = mesh = ml_collections.ConfigDict()

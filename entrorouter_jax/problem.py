@@ -5,22 +5,32 @@ in DIR/stage0.pkl, `workdir.Stage0`) and fixes what every stage reads alike:
 the strongest model and c_ref, the utility head's lambda set, each training
 query's fold and the models' base rates. `stage_list` and `holds_out` read the
 stage settings that decide how the training queries are split.
+
+Learning from feedback (`rl.estimator='offpolicy'`, configs/feedback.py): the
+data is a deployed router's log, one observed cell per query, and the stage
+starts from that router (`InitRouter`, rl.init_checkpoint). Its model and
+query-space settings are adopted (`adopt_init_router`), Stage 0 embeds the
+logged queries in its fitted space and estimates p_hat, c_bar by kNN over the
+logged (observed) cells in its c_ref's units, and its lambda set is kept, so
+that lambda (and the log's cost_weight) means what it meant for that router.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+from typing import Optional
 
 import jax
 import numpy as np
 
-from entrorouter_jax import baselines, capability, features
+from entrorouter_jax import baselines, capability, features, paths
 from entrorouter_jax import state as state_lib
-from entrorouter_jax import workdir as workdir_lib
+from entrorouter_jax import router as router_lib, workdir as workdir_lib
 from entrorouter_jax import neighbours
-from entrorouter_jax.data import sources
+from entrorouter_jax.data import pipeline, sources
 from entrorouter_jax.data.dataset import RoutingDataset
 from entrorouter_jax.data.splits import unit_hash
 from entrorouter_jax.model import num_members
@@ -50,6 +60,10 @@ class Problem:
   base_rates: np.ndarray               # float32[K]: each model's training success rate
   max_len: int = 64                    # token backbones: data.max_len and data.truncate
   truncate: str = 'right'
+  # Learning from feedback: log pi_b(m|x, lambda), float32[N_train, L + 1, K], the
+  # logging router's policy on the training rows at the L lambdas of
+  # `behaviour_lambdas` and at the row's logged one (`train.behaviour_table`).
+  log_behaviour: Optional[np.ndarray] = None
 
   @property
   def model_names(self) -> list[str]:
@@ -59,14 +73,28 @@ class Problem:
   def feature_dim(self) -> int:
     return int(self.features['train'].shape[1])
 
+  @property
+  def is_feedback(self) -> bool:
+    """Whether the training data is a feedback log (one observed cell per query)."""
+    return self.train.propensities is not None
+
   def train_table(self) -> dict:
     """Per training query, what the steps read besides tokens: Stage 0's
     tables, the fold, and for the embeddings backbone the features, outcomes,
-    outcome mask and costs ({name: array[N_train, ...]})."""
+    outcome mask and costs ({name: array[N_train, ...]}). A feedback log adds
+    `logged` (int32, the logged column), its `propensity` and `cost_weight`
+    (float32, NaN = none; TFDS records carry these two for token backbones)
+    and, once set, `log_behaviour` (log pi_b, float32[N_train, L + 1, K])."""
     table = dict(self.tables['train'], fold=self.folds)
     if self.tokenizer is None:
       table.update(features=self.features['train'], outcomes=self.train.outcomes,
                    outcome_mask=self.train.outcome_mask, costs=self.train.costs)
+    if self.is_feedback:
+      table['logged'] = self.train.logged_models().astype(np.int32)
+      if self.tokenizer is None:
+        table.update(pipeline.feedback_tables(self.train))
+    if self.log_behaviour is not None:
+      table['log_behaviour'] = self.log_behaviour
     return table
 
   def inputs(self, split: str, rows=None) -> dict:
@@ -81,22 +109,128 @@ class Problem:
     return {'tokens': tokens, 'token_mask': mask}
 
 
-def stage0_key(config, data_name: str, train: RoutingDataset, test: RoutingDataset) -> str:
+# ====================================================== learning from feedback ===
+OFFPOLICY = 'offpolicy'
+
+
+def is_offpolicy(config) -> bool:
+  """Whether the run learns from feedback logs: the RL stage with rl.estimator='offpolicy'."""
+  return config.rl.estimator == OFFPOLICY and 'rl' in workdir_lib.stage_names(config)
+
+
+@dataclasses.dataclass
+class InitRouter:
+  """The router that logged the feedback (rl.init_checkpoint, a finished run's workdir)."""
+  workdir: object
+  config: object           # its config.json
+  info: workdir_lib.RouterInfo
+  stage0: workdir_lib.Stage0
+
+  @property
+  def final_stage(self) -> str:
+    return self.info.final_stage or workdir_lib.stage_names(self.config)[-1]
+
+
+def read_init_router(config) -> Optional[InitRouter]:
+  """The logging router of an off-policy run (None for any other run); TrainingError
+  where rl.init_checkpoint is unset or not a finished run's workdir."""
+  if not is_offpolicy(config):
+    return None
+  where = config.rl.init_checkpoint
+  if not where:
+    raise TrainingError("rl.estimator='offpolicy' (configs/feedback.py) needs "
+                        'rl.init_checkpoint=DIR, the router that logged the data')
+  workdir = paths.as_path(where)
+  missing = workdir_lib.missing_run_files(workdir)
+  s0 = None if missing else workdir_lib.read_stage0(workdir)
+  if missing or s0 is None or not s0.has_training_table:
+    name = missing[0].name if missing else workdir_lib.STAGE0
+    raise TrainingError(f'rl.init_checkpoint={str(where)!r}: {name} is missing or incomplete '
+                        'there; expected the workdir of a finished training run (the router '
+                        'that logged the data)')
+  return InitRouter(workdir=workdir, config=workdir_lib.read_config(workdir),
+                    info=workdir_lib.read_router_info(workdir), stage0=s0)
+
+
+def adopt_init_router(config, init: Optional[InitRouter]):
+  """`config` as an off-policy run from `init` trains it: a copy with the logging
+  router's model and anchor sections (its network and query space), its token
+  settings and tokenizer (token backbones) and its model names as the feedback
+  reader's columns (data.read_options.models, unless set); `config` itself where
+  `init` is None."""
+  if init is None:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    for section in ('model', 'anchor'):
+      if config[section].to_dict() != init.config[section].to_dict():
+        log.info('rl.init_checkpoint: using its %s settings', section)
+      config[section] = copy.deepcopy(init.config[section])
+    if 'models' not in config.data.read_options:
+      config.data.read_options.models = list(init.info.model_names)
+    for key in ('max_len', 'truncate'):
+      config.data[key] = init.config.data[key]
+    tokenizer = paths.as_path(init.workdir) / 'tokenizer.model'
+    if not config.data.tokenizer and tokenizer.is_file():
+      config.data.tokenizer = str(tokenizer)
+  return config
+
+
+def behaviour_lambdas(config, problem: 'Problem') -> np.ndarray:
+  """float32[L]: the lambdas an off-policy step draws from, at which the logging
+  policy is tabulated: the lambda set (utility head), else rl.cost_weight alone;
+  TrainingError for a lambda-conditioned router (its draws are continuous)."""
+  from entrorouter_jax.policy import is_utility
+  if is_utility(config):
+    return np.asarray(problem.lambda_set, np.float32)
+  if config.model.lambda_conditioned:
+    raise TrainingError("rl.estimator='offpolicy' needs model.head='utility' or a fixed cost "
+                        'weight; model.lambda_conditioned=True draws lambdas the logging '
+                        'policy is not tabulated at')
+  return np.asarray([config.rl.cost_weight], np.float32)
+
+
+class _FittedSpace:
+  """A fitted query space whose fit() keeps it as it is (Stage 0 in the logging
+  router's space)."""
+
+  def __init__(self, space):
+    self.space = space
+
+  def fit(self, texts):
+    del texts
+    return self
+
+  def transform(self, texts):
+    return self.space.transform(texts)
+
+
+# ================================================================ Stage 0 ===
+def stage0_key(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
+               init: Optional[InitRouter] = None) -> str:
   """What Stage 0's results depend on: the prepared data set's full name (for
   routing_files it holds a digest of the files' contents), the model subset,
-  the split sizes, `config.anchor` and the space's settings."""
-  return json.dumps({'anchor': config.anchor.to_dict(), 'models': train.model_names,
-                     'data': data_name, 'sizes': [train.num_queries, test.num_queries],
-                     'space': features.space_key(config)}, sort_keys=True, default=str)
+  the split sizes, `config.anchor` and the space's settings (and the logging
+  router whose space it uses, where `init` is given)."""
+  key = {'anchor': config.anchor.to_dict(), 'models': train.model_names,
+         'data': data_name, 'sizes': [train.num_queries, test.num_queries],
+         'space': features.space_key(config)}
+  if init is not None:
+    key['init'] = [str(init.workdir), init.stage0.key]
+  return json.dumps(key, sort_keys=True, default=str)
 
 
-def compute_stage0(config, key: str, train: RoutingDataset,
-                   test: RoutingDataset) -> workdir_lib.Stage0:
+def compute_stage0(config, key: str, train: RoutingDataset, test: RoutingDataset,
+                   init: Optional[InitRouter] = None) -> workdir_lib.Stage0:
   """Stage-0 capability estimates and the query space: the space (to embed new
   queries), both splits' tables and embeddings, and the training table (the
-  kNN of routing time)."""
+  kNN of routing time).
+
+  With `init` (learning from feedback) the space is the logging router's, as
+  fitted, and strongest, c_ref are its own: the kNN estimates over the observed
+  (logged) cells are rescaled to that c_ref (c_bar is linear in the costs)."""
   try:
-    space = features.make_space(config)
+    space = features.make_space(config) if init is None else _FittedSpace(init.stage0.space)
   except ValueError as e:
     raise TrainingError(str(e)) from None
   log.info('Stage 0: query space %s, kNN capability estimates (k=%d) on %d training queries',
@@ -107,6 +241,12 @@ def compute_stage0(config, key: str, train: RoutingDataset,
       k=config.anchor.k, alpha=config.anchor.alpha, prior=config.anchor.prior,
       dim=config.anchor.dim, min_df=config.anchor.min_df, space=space,
       **neighbours.search_settings(config.anchor))
+  if init is not None:
+    scale = est['c_ref'] / init.stage0.c_ref
+    for split in ('train', 'test'):
+      est[split] = (est[split][0], (est[split][1] * scale).astype(np.float32))
+    est.update(strongest=init.stage0.strongest, c_ref=init.stage0.c_ref,
+               space=init.stage0.space)
   return workdir_lib.Stage0(
       key=key, strongest=int(est['strongest']), c_ref=float(est['c_ref']), space=est['space'],
       tables={s: {'p_hat': est[s][0], 'c_bar': est[s][1]} for s in ('train', 'test')},
@@ -117,22 +257,26 @@ def compute_stage0(config, key: str, train: RoutingDataset,
 
 
 def stage0(config, data_name: str, train: RoutingDataset, test: RoutingDataset,
-           workdir) -> workdir_lib.Stage0:
+           workdir, init: Optional[InitRouter] = None) -> workdir_lib.Stage0:
   """Stage 0 for this data and config: DIR/stage0.pkl where its key matches,
   else computed (`compute_stage0`) and stored there."""
-  key = stage0_key(config, data_name, train, test)
+  key = stage0_key(config, data_name, train, test, init)
   cached = workdir_lib.read_stage0(workdir)
   if cached is not None and cached.key == key:
     return cached
-  result = compute_stage0(config, key, train, test)
+  result = compute_stage0(config, key, train, test, init)
   if jax.process_index() == 0:
     workdir_lib.write_stage0(workdir, result)
   return result
 
 
-def lambda_set(config, train: RoutingDataset, s0: workdir_lib.Stage0) -> np.ndarray:
-  """The lambdas the utility head trains on (`model.lambda_set`): 'auto' or a list."""
+def lambda_set(config, train: RoutingDataset, s0: workdir_lib.Stage0,
+               init: Optional[InitRouter] = None) -> np.ndarray:
+  """The lambdas the utility head trains on (`model.lambda_set`): 'auto' or a list;
+  learning from feedback, 'auto' is the logging router's set (router.json)."""
   spec = str(config.model.get('lambda_set', 'auto')).strip()
+  if spec == 'auto' and init is not None and init.info.lambda_set:
+    return np.asarray(init.info.lambda_set, np.float32)
   if spec != 'auto':
     try:
       values = [float(v) for v in spec.split(',') if v.strip()]
@@ -180,17 +324,50 @@ def holds_out(config) -> bool:
       state_lib.selects(config, s) for s in stage_list(config))
 
 
-def prepare_problem(config, workdir) -> Problem:
-  """Prepares the data (TFDS), the tokenizer and the Stage-0 tables."""
+def prepare_problem(config, workdir, init: Optional[InitRouter] = None) -> Problem:
+  """Prepares the data (TFDS), the tokenizer and the Stage-0 tables (in the logging
+  router's space and units where `init` is given)."""
   builder, splits = sources.load_splits(config.data, ('train', 'test'))
   train, test = splits['train'], splits['test']
+  if init is not None and train.model_names != list(init.info.model_names):
+    raise TrainingError(f'data.files={config.data.files!r}: the feedback has models '
+                        f'{train.model_names}; expected rl.init_checkpoint\'s '
+                        f'{list(init.info.model_names)}, in that order (data.models, '
+                        'data.read_options.models)')
   tok = state_lib.load_tokenizer(config, workdir, train.queries.tolist())
-  s0 = stage0(config, builder.info.full_name, train, test, workdir)
+  s0 = stage0(config, builder.info.full_name, train, test, workdir, init)
   members = num_members(config.model)
   return Problem(builder=builder, train=train, test=test, tokenizer=tok,
                  strongest=s0.strongest, c_ref=s0.c_ref, tables=s0.tables,
-                 features=s0.features, lambda_set=lambda_set(config, train, s0),
+                 features=s0.features, lambda_set=lambda_set(config, train, s0, init),
                  folds=fold_ids(train.ids, config.seed,
                                 members if members > 1 else HOLDOUT_FOLDS),
                  base_rates=base_rates(train), max_len=config.data.max_len,
                  truncate=config.data.truncate)
+
+
+def behaviour_table(config, init: InitRouter, problem: Problem, mesh) -> np.ndarray:
+  """log pi_b(m|x, lambda), float32[N_train, L + 1, K]: the logging router's own
+  policy on the training rows (its query space, Stage-0 tables and checkpoint) at
+  the L lambdas the stage draws from (`behaviour_lambdas`), and in slot L at the
+  row's logged cost weight (its operating one where the log has none), so that the
+  KL term compares pi and pi_b at the same lambda."""
+  router = router_lib.load_router(init.workdir, mesh)
+  queries = problem.train.queries.tolist()
+  lambdas = behaviour_lambdas(config, problem)
+  lam = np.full(len(queries), router.default_cost_weight)
+  own = problem.train.cost_weights
+  if own is not None:
+    lam = np.where(np.isfinite(own), own, lam)
+  feats = router.features(queries)
+  tables = router.anchor_tables(queries, feats)
+  probs = np.zeros((len(queries), len(lambdas) + 1, len(problem.model_names)))
+  for slot, value in enumerate(lambdas):
+    probs[:, slot] = router.probs(queries, float(value), tables, feats)
+  for value in np.unique(lam):
+    rows = np.flatnonzero(lam == value)
+    probs[rows, -1] = router.probs([queries[i] for i in rows], float(value),
+                                   (tables[0][rows], tables[1][rows]), feats[rows])
+  log.info('rl: the logging policy pi_b from %s on %d training rows at %d lambdas',
+           init.workdir, len(queries), len(lambdas))
+  return np.log(np.maximum(probs, 1e-30)).astype(np.float32)

@@ -1,5 +1,6 @@
 """The jitted optimisation step of each stage: Soft Supervision (`sft_update`) and
-RL with the Soft Anchor (`rl_update`), around what both read (`step_inputs`).
+RL with the Soft Anchor (`rl_update`; learning from feedback logs, `offpolicy_update`),
+around what they read (`step_inputs`).
 
 `make_train_step` builds `(state, batch[, soft_weight]) -> (state, metrics)`
 for a stage; the state is `state.py`'s dict.
@@ -18,7 +19,10 @@ from flax import nnx
 from entrorouter_jax import objectives, schedules
 from entrorouter_jax.model import num_members
 from entrorouter_jax.policy import is_utility, logits_from_outputs, member_outputs
-from entrorouter_jax.problem import Problem, holds_out
+from entrorouter_jax.problem import OFFPOLICY, Problem, behaviour_lambdas, holds_out
+
+# A feedback log's per-row batch entries the off-policy update reads.
+FEEDBACK_ROWS = ('logged', 'propensity', 'log_behaviour')
 
 
 def sample_cost_weight(config, stage_cfg, rng, batch_size, lambdas=None):
@@ -33,6 +37,16 @@ def sample_cost_weight(config, stage_cfg, rng, batch_size, lambdas=None):
   return jnp.full((batch_size,), stage_cfg.cost_weight, jnp.float32)
 
 
+def behaviour_at(log_behaviour, cost_weight, own, lambdas):
+  """log pi_b at each row's lambda, float32[B, K], from the table float32[B, L + 1, K]:
+  slot L (the log's own lambda) where `own`, else the slot of the drawn `cost_weight`
+  among `lambdas` float[L]."""
+  lambdas = jnp.asarray(lambdas, jnp.float32)
+  slot = jnp.argmin(jnp.abs(cost_weight[:, None] - lambdas[None, :]), axis=-1)
+  slot = jnp.where(own, lambdas.shape[0], slot)
+  return jnp.take_along_axis(log_behaviour, slot[:, None, None], axis=1)[:, 0]
+
+
 def member_weights(fold, members: int, hold_out: bool):
   """float32[M, B]: 1 where member j trains on the row (its fold is not j), or
   None (one member trained on every row)."""
@@ -45,7 +59,8 @@ def member_weights(fold, members: int, hold_out: bool):
 class StepInputs:
   """One batch as both stages' losses read it, its M x B rows member-major."""
   forward: Callable        # model -> (success outputs f, policy logits), float32[M * B, K]
-  rows: dict               # outcomes, outcome_mask, cost_hat, p_hat, c_bar, tiled per member
+  rows: dict               # outcomes, outcome_mask, cost_hat, p_hat, c_bar (and a feedback
+                           # log's logged, propensity, log_behaviour), tiled per member
   cost_weight: jax.Array   # lambda per row, float32[M * B]
   weights: Optional[jax.Array]   # whether the row's member trains on it, or None (all do)
   dense_weight: float      # the stage's dense_weight
@@ -61,13 +76,20 @@ class StepInputs:
 
 def step_inputs(config, stage: str, problem: Problem, batch, lam_rng, drop_rng) -> StepInputs:
   """The batch's rows stacked once per member, with their cost weights and member
-  weights, and the forward pass of the model on them."""
+  weights, and the forward pass of the model on them. A feedback log's rows keep
+  the log's cost weight where it has one (the drawn lambda elsewhere)."""
   stage_cfg = config[stage]
   members = num_members(config.model)
   deterministic = config.model.dropout == 0.0 and config.model.get('input_noise', 0.0) == 0.0
   batch = dict(batch, cost_hat=batch['costs'] / problem.c_ref)
   cost_weight = sample_cost_weight(config, stage_cfg, lam_rng, batch['outcomes'].shape[0],
                                    problem.lambda_set)
+  if 'cost_weight' in batch:
+    own = ~jnp.isnan(batch['cost_weight'])
+    if 'log_behaviour' in batch:
+      batch['log_behaviour'] = behaviour_at(batch['log_behaviour'], cost_weight, own,
+                                            behaviour_lambdas(config, problem))
+    cost_weight = jnp.where(own, batch['cost_weight'], cost_weight)
   weights = member_weights(batch.get('fold'), members, holds_out(config))
   if weights is not None:
     weights = weights.reshape(-1)
@@ -83,7 +105,7 @@ def step_inputs(config, stage: str, problem: Problem, batch, lam_rng, drop_rng) 
   return StepInputs(
       forward=forward,
       rows={k: tile(batch[k]) for k in ('outcomes', 'outcome_mask', 'cost_hat', 'p_hat',
-                                        'c_bar')},
+                                        'c_bar', *FEEDBACK_ROWS) if k in batch},
       cost_weight=tile(cost_weight), weights=weights,
       dense_weight=float(stage_cfg.get('dense_weight', 0.0)),
       common=dict(tau_anchor=config.anchor.tau, strongest=problem.strongest,
@@ -118,6 +140,8 @@ def rl_update(config, inputs: StepInputs, model, optimizer, state, act_rng, soft
   coefficient toward the scheduled target. Returns (metrics, grads, {'alpha'})."""
   del soft_weight
   rl = config.rl
+  if rl.estimator == OFFPOLICY:
+    return offpolicy_update(config, inputs, model, optimizer, state, act_rng)
   beta = schedules.interpolate(rl.beta_start, rl.beta_end, state['step'], rl.num_steps,
                                rl.entropy_schedule)
   target = schedules.entropy_target(state['step'], rl.num_steps, state['h0'],
@@ -142,6 +166,43 @@ def rl_update(config, inputs: StepInputs, model, optimizer, state, act_rng, soft
   for _ in range(rl.ppo_epochs):
     (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     optimizer.update(model, grads)
+  alpha = schedules.dual_ascent(state['alpha'], target, metrics['entropy'], rl.entropy_lr)
+  metrics['entropy_target'] = target
+  return metrics, grads, {'alpha': alpha}
+
+
+def offpolicy_update(config, inputs: StepInputs, model, optimizer, state, act_rng):
+  """RL on a feedback log (rl.estimator='offpolicy', METHOD.md "Learning from feedback").
+
+  Policy: `objectives.offpolicy_loss`, the doubly robust surrogate with the ratio
+  rho = pi(a|x) / p on the logged propensities p, clipped to 1 +- rl.clip_eps, and
+  KL(pi || pi_b) weighted by the beta schedule, pi_b the logging router's full
+  policy on the row at the row's lambda (`log_behaviour`, fixed). Success head: the logged cells'
+  cross-entropy weighted by min(1 / p, rl.w_max) (`objectives.weighted_success_loss`,
+  weighed by rl.dense_weight). Entropy: dual ascent toward the scheduled target,
+  never below rl.entropy_floor. Returns (metrics, grads, {'alpha'})."""
+  del act_rng
+  rl, rows = config.rl, inputs.rows
+  beta = schedules.interpolate(rl.beta_start, rl.beta_end, state['step'], rl.num_steps,
+                               rl.entropy_schedule)
+  target = schedules.entropy_target_with_floor(state['step'], rl.num_steps, state['h0'],
+                                               rl.entropy_min, rl.entropy_floor,
+                                               rl.entropy_schedule)
+
+  def loss_fn(m):
+    f, logits = inputs.forward(m)
+    loss, metrics = objectives.offpolicy_loss(
+        logits, f, rows, inputs.cost_weight, log_behaviour=rows['log_behaviour'], beta=beta,
+        alpha=state['alpha'], clip_eps=rl.clip_eps, weights=inputs.weights)
+    success, success_metrics = objectives.weighted_success_loss(
+        f, rows['outcomes'], rows['outcome_mask'], rows['propensity'], rl.w_max,
+        inputs.weights)
+    loss = loss + inputs.dense_weight * success
+    metrics.update(success_metrics, loss=loss, dense_loss=success)
+    return loss, metrics
+
+  (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+  optimizer.update(model, grads)
   alpha = schedules.dual_ascent(state['alpha'], target, metrics['entropy'], rl.entropy_lr)
   metrics['entropy_target'] = target
   return metrics, grads, {'alpha': alpha}

@@ -8,6 +8,13 @@ Reading order: `problem.prepare_problem` (data, tokenizer, Stage-0 tables),
 `train_and_evaluate` (the stages in order, then the test split). Rerunning on
 a workdir resumes from its last checkpoint; what routing reads of the workdir
 is `workdir.py`'s.
+
+Learning from feedback (configs/feedback.py, rl.estimator='offpolicy'): the RL
+stage starts from the router that logged the data (rl.init_checkpoint, its
+final stage's parameters) and trains on the log's rows by `steps.offpolicy_update`.
+The logged propensities give the ratio rho; the full distribution pi_b of the
+KL term is the logging router's own policy on the training rows
+(`behaviour_table`), computed once at the start and held fixed.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from entrorouter_jax import backbones, evaluate, paths, sharding
+from entrorouter_jax import router as router_lib
 from entrorouter_jax import state as state_lib
 from entrorouter_jax import workdir as workdir_lib
 from entrorouter_jax.data import pipeline
 from entrorouter_jax.policy import is_utility
-from entrorouter_jax.problem import STAGES, Problem, holds_out, prepare_problem, stage_list
+from entrorouter_jax.problem import (STAGES, InitRouter, Problem, adopt_init_router,
+                                     behaviour_table, holds_out, prepare_problem,
+                                     read_init_router, stage_list)
 from entrorouter_jax.selection import dataset_probs, make_selection_score
 from entrorouter_jax.state import (TrainingError, make_optimizer, model_params,
                                    set_model_params)
@@ -177,10 +187,14 @@ def stage_dataset(config, stage: str, problem: Problem, mesh, label: str):
 
 def initialise(run: StageRun, state, init_params=None, init_from=None):
   """A fresh stage's starting point (in place): the previous stage's parameters,
-  the SFT checkpoint under `init_from`, or the pretrained backbone and the
+  the SFT checkpoint under `init_from` (or, an `InitRouter`, the final stage of
+  the router that logged the feedback), or the pretrained backbone and the
   utility head's base-rate bias; RL's initial entropy H_0."""
   config, problem, shardings = run.config, run.problem, run.shardings
-  if init_from is not None:
+  if isinstance(init_from, InitRouter):
+    init_params = _restore_params(init_from.config, init_from.workdir, init_from.final_stage,
+                                  problem, run.mesh)
+  elif init_from is not None:
     init_params = _restore_params(config, init_from, 'sft', problem, run.mesh)
   if init_params is not None:
     set_model_params(state, jax.device_put(init_params, model_params(shardings)))
@@ -352,7 +366,8 @@ def load_pretrained_backbone(config, state, shardings):
 
 
 def _restore_params(config, workdir, stage: str, problem: Problem, mesh):
-  """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init)."""
+  """The model parameters of `stage`'s last checkpoint under `workdir` (RL's init),
+  `config` being the one that checkpoint was trained with."""
   path = paths.as_path(workdir)
   _, target = state_lib.abstract_state(config, stage, state_lib.vocab_size(problem.tokenizer),
                                        len(problem.model_names), mesh, problem.feature_dim)
@@ -403,15 +418,25 @@ def router_info(workdir, problem: Problem, final_stage: str) -> workdir_lib.Rout
 
 # ================================================================ the run ===
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-  """Runs the configured stages on `workdir` (resuming where it stopped), then evaluates."""
+  """Runs the configured stages on `workdir` (resuming where it stopped), then evaluates.
+
+  On feedback logs the test split's results.json counts the cells no one logged
+  as failures; results['offpolicy'] (eval/offpolicy.json) holds the router's
+  off-policy estimates on the test split's logged rows (`evaluate.offpolicy_results`).
+  """
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   stages = stage_list(config)
+  init = read_init_router(config)
+  config = adopt_init_router(config, init)
   if jax.process_index() == 0:
     paths.write_atomic(workdir / workdir_lib.CONFIG, config.to_json_best_effort(indent=2))
   mesh = sharding.make_mesh(config.mesh)
   started = time.time()
-  problem = prepare_problem(config, workdir)
+  problem = prepare_problem(config, workdir, init)
+  if init is not None:
+    problem = dataclasses.replace(problem, log_behaviour=behaviour_table(config, init, problem,
+                                                                         mesh))
   log.info('data: %s, %d train / %d test queries, %d models; strongest %s, c_ref %.3g',
            problem.builder.name, problem.train.num_queries, problem.test.num_queries,
            len(problem.model_names), problem.model_names[problem.strongest], problem.c_ref)
@@ -419,6 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   params = None
   init_from = paths.as_path(config.rl.init_checkpoint) if config.rl.init_checkpoint else None
+  if init is not None:
+    init_from = init
   for stage in stages:
     if stage == 'sft' and state_lib.soft_weight_choices(config):
       graphdef, state = run_sft_candidates(config, problem, mesh, workdir, writer)
@@ -437,6 +464,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
   results = evaluate.router_results(problem.test, probs, strongest=problem.strongest,
                                     c_ref=problem.c_ref, cost_weight=cost_weight,
                                     dataset=problem.builder.name)
+  if problem.is_feedback and problem.test.num_queries and jax.process_index() == 0:
+    results['offpolicy'] = evaluate.offpolicy_results(router_lib.load_router(workdir, mesh),
+                                                      problem.test, workdir)
+    evaluate.write_results(workdir, results['offpolicy'], 'offpolicy.json')
   results['train_seconds'] = round(time.time() - started, 1)
   if jax.process_index() == 0:
     evaluate.write_results(workdir, results)
