@@ -33,6 +33,15 @@ data set (never tuned per data set):
                   seeded by the learner's seed and update count), and the choice is drawn from
                   that pi: the logged propensity is exactly the probability the choice had.
   seed_only       greedy fitted on the seed labels alone, never updated.
+  entrorouter     the recipe's learning-from-feedback stage run online (`EntroRouterLearner`):
+                  a success head s(x, m) and the utility-head policy
+                  pi = softmax((s - lambda c_hat) / T), T learned, trained each round on the
+                  weighted success loss plus the doubly robust surrogate with the KL trust
+                  region around the policy that logged each row and the entropy floor;
+                  deployed as (1 - eps) pi + eps / K, ENTRO_EXPLORE = 0.02.
+  entrorouter_no_anchor   the same with beta = 0 (no KL to the logging policy).
+  entrorouter_no_entropy  the same with no entropy control, no floor and no exploration
+                  (alpha = 0, eps = 0).
   full_info       greedy's predictor on every cell of every query seen so far: the simulator
                   reveals whole rows to it (`full_information = True`); the upper bound, and
                   its routing of each round (fitted before the round) is the regret reference.
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+
 import numpy as np
 
 from entrorouter_jax import baselines, metrics
@@ -55,6 +65,11 @@ LINUCB_ALPHA = 1.0
 THOMPSON_V = 0.5
 THOMPSON_DRAWS = 512
 RIDGE = 1.0                 # A_m = RIDGE * I + sum x x^T (the prior of both linear learners)
+ENTRO_EXPLORE = 0.02        # entrorouter's deployed eps (config rl.explore overrides it)
+ENTRO_BATCH = 128           # rows per optax step (sampled with replacement, fixed shape)
+ENTRO_LR = 1e-3             # Adam's learning rate of entrorouter's network
+ENTRO_STEPS = (50, 400)     # steps per update: 50 + logged rows / 4, capped at 400
+ENTRO_HIDDEN = 64           # hidden width without a config (config: model.hidden)
 
 
 # ------------------------------------------------------------------ logs ---
@@ -308,8 +323,275 @@ class Thompson(_Linear):
     return counts / self.draws
 
 
+# ---------------------------------------------------------- entrorouter ---
+_RL_DEFAULTS = dict(clip_eps=0.2, w_max=20.0, entropy_floor=0.1, beta_start=0.1, beta_end=0.01,
+                    entropy_min=0.1, entropy_lr=0.5, num_steps=600, dense_weight=1.0,
+                    entropy_schedule='linear', alpha_init=0.0)
+_LOG_FLOOR = 1e-30          # log pi_b of a cell the deployed policy gave (numerically) no mass
+
+
+def _build_net(dim: int, hidden: int, k: int, temperature: float, seed: int):
+  """An NNX MLP [D] -> hidden (ReLU) -> [K] success logits, with a learned log T."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  class UtilityMLP(nnx.Module):
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(dim, hidden, rngs=rngs)
+      self.out = nnx.Linear(hidden, k, rngs=rngs)
+      self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature), jnp.float32))
+
+    def __call__(self, x):
+      return self.out(nnx.relu(self.hidden(x)))
+
+    def temperature(self):
+      return jnp.exp(self.log_temperature[...])
+
+  return UtilityMLP(nnx.Rngs(params=seed))
+
+
+class EntroRouterLearner(Learner):
+  """The recipe's learning from feedback (METHOD.md; `steps.offpolicy_update`) as an online
+  learner on the simulator's frozen features.
+
+  Network: a small Flax NNX MLP (one member, hidden width config.model.hidden, ENTRO_HIDDEN
+  without a config) giving the success logits f(x, m), s = sigmoid(f), and the utility-head
+  policy pi = softmax((s - lambda c_hat) / T) at the stream's lambda, T learned (from
+  config.model.temperature); c_hat(m) = the mean observed cost (`Logs.mean_costs`). It takes
+  the recipe's loss functions, not the recipe's `RouterModel` (whose member folds and Stage-0
+  tables the simulator has no use for).
+  update(logs): 50 + (logged rows) / 4 Adam steps (capped at 400; ENTRO_STEPS), warm-started
+  from the previous round's parameters and optimiser; each step draws ENTRO_BATCH rows of all
+  rows (seed labels with propensity 1 on every cell, logged rows on their cell) for
+  `objectives.weighted_success_loss` (weights min(1 / p, rl.w_max), times rl.dense_weight) and
+  ENTRO_BATCH logged rows for `objectives.offpolicy_loss` (ratio clipped at 1 +- rl.clip_eps,
+  KL to log pi_b = the distribution deployed when the row was logged, beta from the
+  rl.beta_start -> rl.beta_end schedule over rl.num_steps steps counted across rounds), then
+  alpha by `schedules.dual_ascent` toward `schedules.entropy_target_with_floor` (H_0 the
+  policy's entropy at its first policy step, never below rl.entropy_floor). Shapes never
+  change, so the step is compiled once per learner.
+  policy(feats): (1 - eps) pi + eps / K (`router.explore_distribution`, as `Router.sample`),
+  eps = config rl.explore if set, else ENTRO_EXPLORE.
+  """
+
+  name = 'entrorouter'
+  anchor = True               # False: beta = 0
+  entropy_control = True      # False: alpha = 0, no floor, eps = 0
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    rl = self.config.get('rl', {}) if self.config is not None else {}
+    self.rl = {key: rl.get(key, default) for key, default in _RL_DEFAULTS.items()}
+    model_cfg = self.config.get('model', {}) if self.config is not None else {}
+    self.hidden = int(model_cfg.get('hidden', ENTRO_HIDDEN) or ENTRO_HIDDEN)
+    self.temperature0 = float(model_cfg.get('temperature', 0.1))
+    self.epsilon = float(rl.get('explore', ENTRO_EXPLORE)) if self.entropy_control else 0.0
+    if not 0.0 <= self.epsilon < 1.0:
+      raise ValueError(f'{self.name}: rl.explore={self.epsilon}; expected a share in [0, 1)')
+    self.alpha = float(self.rl['alpha_init']) if self.entropy_control else 0.0
+    self.h0 = None
+    self.step = 0
+    self.built = False
+    self.costs = None
+    self.behaviour = np.zeros((0, self.num_models))    # log pi_b per logged row, in order
+    self.pending = None                                 # the last deployed distribution
+    self.seen = 0
+    self.batch_rng = np.random.default_rng([self.seed, 3])
+    self.history = []                                   # per update: its last step's metrics
+
+  # ---- the jitted step ---------------------------------------------------
+  def _init(self, dim: int) -> None:
+    import jax
+    import optax
+    from flax import nnx
+    from entrorouter_jax import objectives
+
+    self.dim = dim
+    model = _build_net(dim, self.hidden, self.num_models, self.temperature0, self.seed)
+    optimizer = nnx.Optimizer(model, optax.adam(ENTRO_LR), wrt=nnx.Param)
+    self.graphdef, self.state = nnx.split((model, optimizer))
+    lam = np.float32(self.cost_weight)
+    rl = self.rl
+
+    def loss_fn(m, batch, beta, alpha, policy_on):
+      f_all = m(batch['x_all'])
+      success, _ = objectives.weighted_success_loss(
+          f_all, batch['y_all'], batch['mask_all'], batch['p_all'], rl['w_max'])
+      f = m(batch['x'])
+      logits = (jax.nn.sigmoid(f) - lam * batch['c_bar']) / m.temperature()
+      cost_weight = jax.numpy.full((f.shape[0],), lam)
+      pg, metrics = objectives.offpolicy_loss(
+          logits, f, batch, cost_weight, log_behaviour=batch['log_behaviour'], beta=beta,
+          alpha=alpha, clip_eps=rl['clip_eps'])
+      loss = rl['dense_weight'] * success + policy_on * pg
+      metrics.update(loss=loss, success_loss=success, policy_loss=pg)
+      return loss, metrics
+
+    def step(state, batch, beta, alpha, policy_on):
+      model, optimizer = nnx.merge(self.graphdef, state)
+      (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+          model, batch, beta, alpha, policy_on)
+      optimizer.update(model, grads)
+      return nnx.state((model, optimizer)), metrics
+
+    def forward(state, x):
+      model, _ = nnx.merge(self.graphdef, state)
+      return jax.nn.sigmoid(model(x)), model.temperature()
+
+    self._step = jax.jit(step)
+    self._forward = jax.jit(forward)
+    self._loss = jax.jit(lambda state, batch, beta, alpha, on: loss_fn(
+        nnx.merge(self.graphdef, state)[0], batch, beta, alpha, on))
+
+  def num_steps(self, logs: Logs) -> int:
+    """Optax steps of one update: 50 + logged rows / 4, capped at 400 (ENTRO_STEPS)."""
+    low, high = ENTRO_STEPS
+    return int(min(high, low + int(np.sum(logs.logged >= 0)) // 4))
+
+  def _record_behaviour(self, logs: Logs) -> None:
+    """Appends log pi_b of the rows logged since the last update (the deployed distribution)."""
+    new = logs.logged[self.seen:]
+    k = self.num_models
+    rows = np.full((len(new), k), math.log(1.0 / k))
+    stream = np.flatnonzero(new >= 0)
+    if stream.size:
+      if self.pending is None or len(self.pending) != stream.size:
+        got = None if self.pending is None else len(self.pending)
+        raise RuntimeError(f'{self.name}: {stream.size} new logged rows but the last deploy '
+                           f'routed {got}; expected one deploy per logged round')
+      rows[stream] = np.log(np.maximum(self.pending, _LOG_FLOOR))
+      self.pending = None
+    self.behaviour = np.concatenate([self.behaviour, rows])
+    self.seen = logs.num_rows
+
+  def batch(self, logs: Logs, all_rows, stream_rows) -> dict:
+    """One step's inputs (numpy, fixed shapes): ENTRO_BATCH of `all_rows` for the success
+    loss and of `stream_rows` (all rows where none is logged yet) for the policy loss."""
+    k = self.num_models
+    prop = np.where(logs.logged >= 0, logs.propensity, 1.0)
+    logged = np.maximum(logs.logged, 0)
+    cost = np.nan_to_num(logs.cost_hat, nan=0.0)
+    a = all_rows[self.batch_rng.integers(0, len(all_rows), ENTRO_BATCH)]
+    b = stream_rows[self.batch_rng.integers(0, len(stream_rows), ENTRO_BATCH)]
+    f32 = lambda v: np.asarray(v, np.float32)
+    return {'x_all': f32(logs.feats[a]), 'y_all': f32(logs.outcomes[a]),
+            'mask_all': logs.mask[a], 'p_all': f32(prop[a]),
+            'x': f32(logs.feats[b]), 'outcomes': f32(logs.outcomes[b]),
+            'outcome_mask': logs.mask[b], 'cost_hat': f32(cost[b]),
+            'c_bar': f32(np.broadcast_to(self.costs, (ENTRO_BATCH, k))),
+            'logged': logged[b].astype(np.int32), 'propensity': f32(prop[b]),
+            'log_behaviour': f32(self.behaviour[b])}
+
+  def _prepare(self, logs: Logs) -> None:
+    """Builds the network on the first logs, records the new rows' log pi_b and the costs."""
+    if not self.built:
+      self._init(logs.feats.shape[1])
+      self.built = True
+    if logs.num_rows > self.seen:
+      self._record_behaviour(logs)
+    self.costs = logs.mean_costs()
+
+  def loss(self, logs: Logs, rows: int = 1024, beta=None, alpha=None) -> float:
+    """The update's objective on a fixed sample of `rows` rows of `logs` (for checks): success
+    loss plus, where rows are logged, the policy loss at `beta` and `alpha` (default: the
+    current ones)."""
+    self._prepare(logs)
+    beta = self._beta() if beta is None else np.float32(beta)
+    alpha = np.float32(self.alpha if alpha is None else alpha)
+    saved = self.batch_rng
+    self.batch_rng = np.random.default_rng([self.seed, 4])
+    all_rows = np.arange(logs.num_rows)
+    stream = np.flatnonzero(logs.logged >= 0)
+    total = 0.0
+    for _ in range(max(1, rows // ENTRO_BATCH)):
+      batch = self.batch(logs, all_rows, stream if stream.size else all_rows)
+      value, _ = self._loss(self.state, batch, beta, alpha, np.float32(stream.size > 0))
+      total += float(value)
+    self.batch_rng = saved
+    return total / max(1, rows // ENTRO_BATCH)
+
+  def _beta(self) -> np.float32:
+    from entrorouter_jax import schedules
+    if not self.anchor:
+      return np.float32(0.0)
+    rl = self.rl
+    return np.float32(schedules.interpolate(rl['beta_start'], rl['beta_end'], self.step,
+                                            rl['num_steps'], rl['entropy_schedule']))
+
+  # ---- the interface -----------------------------------------------------
+  def update(self, logs: Logs) -> None:
+    from entrorouter_jax import schedules
+    self._prepare(logs)
+    all_rows = np.arange(logs.num_rows)
+    stream = np.flatnonzero(logs.logged >= 0)
+    policy_on = np.float32(stream.size > 0)
+    rl = self.rl
+    metrics = {}
+    for _ in range(self.num_steps(logs)):
+      batch = self.batch(logs, all_rows, stream if stream.size else all_rows)
+      self.state, metrics = self._step(self.state, batch, self._beta(), np.float32(self.alpha),
+                                       policy_on)
+      if stream.size:
+        self.step += 1
+        if self.entropy_control:
+          h = float(metrics['entropy'])
+          if self.h0 is None:
+            self.h0 = h
+          target = schedules.entropy_target_with_floor(
+              self.step, rl['num_steps'], self.h0, rl['entropy_min'], rl['entropy_floor'],
+              rl['entropy_schedule'])
+          self.alpha = float(schedules.dual_ascent(self.alpha, target, h, rl['entropy_lr']))
+    self.history.append({k: float(v) for k, v in metrics.items()})
+    self.updates += 1
+
+  def estimates(self, feats):
+    if not self.built:
+      raise RuntimeError(f'{self.name}: estimates before the first update')
+    s, _ = self._forward(self.state, np.asarray(feats, np.float32))
+    s = np.asarray(s, np.float64)
+    return s, np.broadcast_to(self.costs, s.shape).copy()
+
+  def temperature(self) -> float:
+    """The utility head's learned T."""
+    return float(self._forward(self.state, np.zeros((1, self.dim), np.float32))[1])
+
+  def greedy_policy(self, feats) -> np.ndarray:
+    """pi = softmax((s - lambda c_hat) / T), float64[N, K] (no exploration)."""
+    s, _ = self.estimates(feats)
+    z = (s - self.cost_weight * self.costs[None, :]) / self.temperature()
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+  def policy(self, feats) -> np.ndarray:
+    if not self.built:
+      raise RuntimeError(f'{self.name}: policy before the first update')
+    return explore_distribution(self.greedy_policy(feats), np.ones(self.num_models, bool),
+                                self.epsilon)
+
+  def deploy(self, feats):
+    dist = self.policy(feats)
+    choice = draw(dist, self.rng)
+    self.pending = dist
+    return choice, dist[np.arange(len(choice)), choice]
+
+
+class EntroRouterNoAnchor(EntroRouterLearner):
+  """entrorouter with beta = 0: no KL to the policy that logged the rows."""
+
+  name = 'entrorouter_no_anchor'
+  anchor = False
+
+
+class EntroRouterNoEntropy(EntroRouterLearner):
+  """entrorouter with no entropy control: alpha = 0, no floor, no exploration (eps = 0)."""
+
+  name = 'entrorouter_no_entropy'
+  entropy_control = False
+
+
 LEARNERS = {cls.name: cls for cls in (Greedy, EpsilonGreedy, LinUCB, Thompson, SeedOnly,
-                                      FullInfo)}
+                                      FullInfo, EntroRouterLearner, EntroRouterNoAnchor,
+                                      EntroRouterNoEntropy)}
 
 
 def make_learner(name: str, num_models: int, cost_weight: float, seed: int = 0,

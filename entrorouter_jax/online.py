@@ -28,6 +28,13 @@ after each round (the learner's success estimates as a `baselines.ScoreRouter` c
 `metrics.aiq` over the test single models' cost range, as the suite scores its baselines),
 the final policy's routing shares on the test split (its mean deployed distribution) and the
 models it never chose during the stream.
+dr_coverage (DR_METHOD only): at each round after the first, before the new policy is
+deployed, its doubly robust estimate (`offpolicy.estimate` on every row logged so far, reward
+y - lambda c_hat of the logged cell, q_hat = s - lambda c_hat from the learner's estimates)
+and 95% bootstrap interval against its true utility on those logged queries (every cell is
+known: mean over them of sum_m pi(m|x) (y(x, m) - lambda c_hat(x, m))); dr_coverage = the
+share of such rounds, over seeds, whose interval covers it (null where DR_METHOD is not run
+or no round follows the first).
 
 Writes DIR/online.json ({data set: {method: {final_aiq, final_aiq_mean, regret, regret_mean,
 stream_utility_mean, never_tried, shares}, dr_coverage}}), DIR/online_info.json (lambda,
@@ -48,12 +55,14 @@ import time
 
 import numpy as np
 
-from entrorouter_jax import bandits, baselines, capability, features, metrics, paths
+from entrorouter_jax import bandits, baselines, capability, features, metrics, offpolicy, paths
 from entrorouter_jax.data import sources
 from entrorouter_jax.suite_datasets import REPO, SHARED, Dataset, available_defaults, parse_datasets
 
 FIRST_ROUND = 20
 REFERENCE = 'full_info'
+DR_METHOD = 'entrorouter'       # the method whose off-policy estimates dr_coverage checks
+DR_BOOTSTRAP = 1000
 
 
 # ================================================================ the data ===
@@ -142,10 +151,34 @@ def revealed(stream: Stream, rows, choice, full: bool):
   return np.where(chosen, y, 0.0), chosen & mask, np.where(chosen, c_hat, np.nan)
 
 
-def simulate(learner: bandits.Learner, stream: Stream, progress: str = '') -> dict:
+def dr_check(learner: bandits.Learner, stream: Stream, logs: bandits.Logs, rows,
+             seed: int = 0) -> dict:
+  """The learner's current policy judged on the rows logged so far (`rows`: their training
+  rows, in log order): {'dr', 'ci95', 'true', 'covered'}. DR is `offpolicy.estimate`'s on
+  reward r = y - lambda c_hat (the logged cell) with q_hat = s - lambda c_hat (the learner's
+  estimates); 'true' = mean over the rows of sum_m pi(m|x) (y(x, m) - lambda c_hat(x, m)) on
+  the full table (unobserved outcomes count 0)."""
+  lam = stream.cost_weight
+  feats, logged, y, c_hat, propensity = logs.stream()
+  if len(rows) != len(logged):
+    raise ValueError(f'dr_check: {len(rows)} training rows for {len(logged)} logged rows; '
+                     'expected one per logged row')
+  pi = learner.policy(feats)
+  s, c_pred = learner.estimates(feats)
+  est = offpolicy.estimate(pi, logged, propensity, y - lam * c_hat, s - lam * c_pred,
+                           bootstrap=DR_BOOTSTRAP, seed=seed)['dr']
+  full = stream.train.outcomes[rows] - lam * stream.cost_hat[rows]
+  true = float(np.mean(np.sum(pi * full, axis=1)))
+  lo, hi = est['ci95']
+  return {'dr': est['value'], 'ci95': [lo, hi], 'true': true, 'covered': bool(lo <= true <= hi)}
+
+
+def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
+             dr: bool = False) -> dict:
   """Runs one learner over the stream: {'utility' float[n] per stream query, 'choice' int[n],
   'round_sizes', 'round_utility', 'aiq_by_round' (after the seed labels, then each round),
-  'shares' float[K] (the final policy's mean deployed distribution on the test split)}."""
+  'shares' float[K] (the final policy's mean deployed distribution on the test split),
+  'dr_rounds' (with `dr`: `dr_check` before each round after the first, else empty)}."""
   from tqdm import tqdm
   train, lam = stream.train, stream.cost_weight
   seed = stream.seed_rows
@@ -154,10 +187,13 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '') -> di
   learner.update(logs)
   sizes = bandits.round_sizes(len(stream.stream_rows), FIRST_ROUND)
   aiq = [aiq_on_test(learner, stream)]
-  utility, choices, round_utility = [], [], []
+  utility, choices, round_utility, dr_rounds = [], [], [], []
   start = 0
   for size in tqdm(sizes, desc=progress or learner.name, leave=False, file=sys.stderr,
                    disable=None):
+    if dr and start > 0:
+      dr_rounds.append(dr_check(learner, stream, logs, stream.stream_rows[:start],
+                                seed=len(dr_rounds)))
     rows = stream.stream_rows[start:start + size]
     start += size
     choice, propensity = learner.deploy(train.feats[rows])
@@ -180,7 +216,7 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '') -> di
   return {'utility': np.concatenate(utility) if utility else np.zeros(0),
           'choice': np.concatenate(choices) if choices else np.zeros(0, np.int64),
           'round_sizes': sizes, 'round_utility': round_utility, 'aiq_by_round': aiq,
-          'shares': shares}
+          'shares': shares, 'dr_rounds': dr_rounds}
 
 
 def cumulative_regret(run: dict, reference: dict) -> list[float]:
@@ -206,7 +242,8 @@ def run_dataset(config, ds: Dataset, seeds: int, seed_labels: int, methods: list
     for name in order:
       learner = bandits.make_learner(name, len(names), stream.cost_weight, seed=seed,
                                      config=cfg)
-      seed_runs[name] = simulate(learner, stream, f'{ds.name} seed {seed} {name}')
+      seed_runs[name] = simulate(learner, stream, f'{ds.name} seed {seed} {name}',
+                                 dr=name == DR_METHOD)
     reference = seed_runs[REFERENCE]
     info['seeds'].append({'seed': seed, 'cost_weight': stream.cost_weight,
                           'c_ref': stream.c_ref, 'round_sizes': reference['round_sizes']})
@@ -231,7 +268,10 @@ def run_dataset(config, ds: Dataset, seeds: int, seed_labels: int, methods: list
     info['methods'][name] = [{'round_utility': r['round_utility'], 'regret': r['regret'],
                               'aiq_by_round': r['aiq_by_round'],
                               'stream_utility': float(r['utility'].mean())} for r in seed_runs]
-  entry['dr_coverage'] = None
+  checks = [c for r in runs.get(DR_METHOD, []) for c in r['dr_rounds']]
+  entry['dr_coverage'] = (float(np.mean([c['covered'] for c in checks])) if checks else None)
+  if DR_METHOD in runs:
+    info['dr_rounds'] = [r['dr_rounds'] for r in runs[DR_METHOD]]
   info['seconds'] = round(time.time() - started, 1)
   return entry, info
 
@@ -278,6 +318,10 @@ def render(results: dict, infos: dict, command: str, seconds: float) -> str:
                    f"{_fmt(utility)} | {', '.join(e['never_tried']) or '-'} | "
                    f"{', '.join(f'{n} {s:.0%}' for n, s in top)} |")
     lines.append('')
+    if entry.get('dr_coverage') is not None:
+      checks = sum(len(r) for r in info.get('dr_rounds', []))
+      lines += [f"{DR_METHOD}'s DR 95% interval covered its true utility on the logged queries "
+                f"in {entry['dr_coverage']:.0%} of {checks} rounds (dr_coverage).", '']
   return '\n'.join(lines)
 
 

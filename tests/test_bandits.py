@@ -163,8 +163,93 @@ def test_operating_cost_weight_is_the_hull_slope_at_the_middle_cost():
 
 def test_make_learner_names_the_known_learners():
   assert set(bandits.LEARNERS) == {'greedy', 'epsilon_greedy', 'linucb', 'thompson',
-                                   'seed_only', 'full_info'}
+                                   'seed_only', 'full_info', 'entrorouter',
+                                   'entrorouter_no_anchor', 'entrorouter_no_entropy'}
   with pytest.raises(ValueError, match="'nope' is unknown"):
     bandits.make_learner('nope', 3, 0.1)
   with pytest.raises(ValueError, match='cost_weight'):
     bandits.make_learner('greedy', 3, -1.0)
+
+
+# ------------------------------------------------------------- entrorouter ---
+def _entro_problem(seed=0, n_seed=40, n_stream=80, d=4, k=4):
+  """A learnable synthetic problem: success of m rises with feats . w_m; costs rise with m."""
+  rng = np.random.default_rng(seed)
+  n = n_seed + n_stream
+  feats = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(d, k)) * 2.0
+  y = (rng.random((n, k)) < 1.0 / (1.0 + np.exp(-feats @ w))).astype(np.float64)
+  c = np.broadcast_to(0.2 + 0.2 * np.arange(k), (n, k)).copy()
+  seed_logs = bandits.labelled_logs(feats[:n_seed], y[:n_seed], np.ones((n_seed, k), bool),
+                                    c[:n_seed])
+  return seed_logs, feats[n_seed:], y[n_seed:], c[n_seed:]
+
+
+def _log_round(logs, feats, y, c, choice, propensity):
+  k = y.shape[1]
+  mask = np.eye(k, dtype=bool)[choice]
+  return bandits.append(logs, feats, np.where(mask, y, 0.0), mask, np.where(mask, c, np.nan),
+                        choice, propensity)
+
+
+def _entro_config(**rl):
+  import ml_collections
+  return ml_collections.ConfigDict({'model': {'hidden': 32, 'temperature': 0.1}, 'rl': rl})
+
+
+def test_entrorouter_update_lowers_its_loss():
+  seed_logs, feats, y, c = _entro_problem()
+  learner = bandits.make_learner('entrorouter', 4, 0.3, seed=0, config=_entro_config())
+  learner.update(seed_logs)
+  choice, propensity = learner.deploy(feats)
+  logs = _log_round(seed_logs, feats, y, c, choice, propensity)
+  before = learner.loss(logs, beta=0.1, alpha=0.0)
+  learner.update(logs)
+  after = learner.loss(logs, beta=0.1, alpha=0.0)
+  assert np.isfinite(before) and after < before - 0.01, (before, after)
+  assert learner.num_steps(logs) == 50 + 80 // 4
+  assert learner.behaviour.shape == (120, 4)
+
+
+@pytest.mark.parametrize('name, eps', [('entrorouter', 0.02), ('entrorouter_no_anchor', 0.02),
+                                       ('entrorouter_no_entropy', 0.0)])
+def test_entrorouter_propensities_are_exact_and_explore(name, eps):
+  seed_logs, feats, y, c = _entro_problem(seed=1)
+  learner = bandits.make_learner(name, 4, 0.3, seed=2, config=_entro_config())
+  learner.update(seed_logs)
+  dist = learner.policy(feats)
+  s, c_hat = learner.estimates(feats)
+  np.testing.assert_allclose(c_hat, np.broadcast_to(seed_logs.cost_hat.mean(axis=0), s.shape))
+  z = (s - 0.3 * c_hat) / learner.temperature()
+  pi = np.exp(z - z.max(axis=1, keepdims=True))
+  pi /= pi.sum(axis=1, keepdims=True)
+  np.testing.assert_allclose(dist, (1 - eps) * pi + eps / 4, rtol=1e-6, atol=1e-12)
+  assert learner.temperature() == pytest.approx(0.1, rel=1e-5)     # untouched without logs
+  if eps > 0:
+    assert np.all(dist >= eps / 4 - 1e-15)
+  choice, propensity = learner.deploy(feats)
+  assert np.all((propensity > 0) & (propensity <= 1))
+  np.testing.assert_array_equal(propensity, dist[np.arange(len(choice)), choice])
+  np.testing.assert_array_equal(learner.pending, dist)
+  learner.update(_log_round(seed_logs, feats, y, c, choice, propensity))
+  np.testing.assert_allclose(learner.behaviour[40:], np.log(np.maximum(dist, 1e-30)))
+  np.testing.assert_allclose(learner.behaviour[:40], np.log(0.25))
+
+
+def test_entrorouter_without_entropy_control_deploys_a_greedier_policy():
+  seed_logs, feats, y, c = _entro_problem(seed=3)
+  config = _entro_config(entropy_floor=1.2, entropy_lr=2.0)
+  learners = [bandits.make_learner(name, 4, 0.3, seed=0, config=config)
+              for name in ('entrorouter', 'entrorouter_no_entropy')]
+  logs = None
+  for learner in learners:
+    learner.update(seed_logs)
+    choice, propensity = learner.deploy(feats)
+    if logs is None:                      # both learn from the same logged rows
+      logs = _log_round(seed_logs, feats, y, c, choice, propensity)
+  for learner in learners:
+    learner.update(logs)
+  entropy = [float(np.mean(-np.sum(p * np.log(p), axis=1)))
+             for p in (learner.policy(feats) for learner in learners)]
+  assert learners[0].alpha > 0 and learners[1].alpha == 0
+  assert entropy[1] < entropy[0] - 0.05, entropy

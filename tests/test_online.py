@@ -107,6 +107,35 @@ def test_full_info_sees_whole_rows_and_has_no_regret_against_itself():
   np.testing.assert_allclose(run['shares'].sum(), 1.0)
 
 
+def test_dr_check_matches_numpy_and_simulate_checks_every_round_after_the_first():
+  stream = _stream(seed=2)
+  spy = Spy(4, stream.cost_weight, seed=0)
+  run = online.simulate(spy, stream, dr=True)
+  assert len(run['dr_rounds']) == len(run['round_sizes']) - 1 == 2
+  logs, lam = spy.given[-1], stream.cost_weight
+  rows = stream.stream_rows
+  check = online.dr_check(spy, stream, logs, rows, seed=5)
+  feats, a = logs.feats[10:], logs.logged[10:]
+  pi = spy.policy(feats)
+  s, c_pred = spy.estimates(feats)
+  q = s - lam * c_pred
+  idx = np.arange(len(a))
+  r = stream.train.outcomes[rows, a] - lam * stream.cost_hat[rows, a]
+  rho = pi[idx, a] / logs.propensity[10:]
+  terms = np.sum(pi * q, axis=1) + rho * (r - q[idx, a])
+  assert check['dr'] == pytest.approx(terms.mean())
+  true = np.mean(np.sum(pi * (stream.train.outcomes[rows] - lam * stream.cost_hat[rows]), axis=1))
+  assert check['true'] == pytest.approx(true)
+  lo, hi = check['ci95']
+  assert lo <= check['dr'] <= hi and check['covered'] == (lo <= true <= hi)
+  first = run['dr_rounds'][0]                       # before round 2: the first 20 logged rows
+  assert first == online.dr_check(spy, stream, bandits.Logs(
+      *(getattr(logs, f)[:30] for f in ('feats', 'outcomes', 'mask', 'cost_hat', 'logged',
+                                        'propensity'))), rows[:20], seed=0)
+  with pytest.raises(ValueError, match='one per logged row'):
+    online.dr_check(spy, stream, logs, rows[:5])
+
+
 def test_make_stream_seed_labels_and_lambda_from_the_seed_rows_alone():
   a, b = _stream(seed=0), _stream(seed=0)
   np.testing.assert_array_equal(a.seed_rows, b.seed_rows)
@@ -126,8 +155,8 @@ def test_t_interval_matches_scipy_free_formula():
 
 
 def test_run_rejects_unknown_methods(tmp_path):
-  with pytest.raises(ValueError, match="'entrorouter' is unknown"):
-    online.run(None, tmp_path, [], methods=['greedy', 'entrorouter'])
+  with pytest.raises(ValueError, match="'nonesuch' is unknown"):
+    online.run(None, tmp_path, [], methods=['greedy', 'nonesuch'])
 
 
 def _write_long(path, num_train=160, num_test=60):
@@ -171,3 +200,24 @@ def test_online_cli_writes_the_contract(tmp_path):
   assert '| greedy |' in md and '| seed_only |' in md
   for png in ('regret.png', 'aiq_by_round.png'):
     assert (workdir / png).read_bytes()[:4] == b'\x89PNG'
+
+
+def test_online_cli_reports_dr_coverage_for_entrorouter(tmp_path):
+  path, _ = _write_long(tmp_path / 'tiny.csv')
+  workdir = tmp_path / 'online'
+  cmd = [sys.executable, '-m', 'entrorouter_jax.online', f'--workdir={workdir}',
+         f'--datasets=tiny=long:{path}', '--seeds=1', '--seed_labels=20',
+         '--methods=entrorouter,greedy', '--config.anchor.space=tfidf', '--config.anchor.dim=24',
+         '--config.model.hidden=32', f'--config.data.data_dir={tmp_path / "tfds"}']
+  out = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  entry = json.loads((workdir / 'online.json').read_text())['tiny']
+  assert set(entry) == {'entrorouter', 'greedy', 'dr_coverage'}
+  info = json.loads((workdir / 'online_info.json').read_text())['datasets']['tiny']
+  checks = info['dr_rounds'][0]
+  assert len(checks) == 2                                          # rounds of 20, 40, 80
+  assert 0.0 <= entry['dr_coverage'] <= 1.0
+  assert entry['dr_coverage'] == pytest.approx(np.mean([c['covered'] for c in checks]))
+  for c in checks:
+    assert c['covered'] == (c['ci95'][0] <= c['true'] <= c['ci95'][1])
+  assert 'dr_coverage' in (workdir / 'online.md').read_text()

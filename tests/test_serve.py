@@ -16,6 +16,7 @@ import sys
 import httpx
 import numpy as np
 import pytest
+from starlette.testclient import TestClient
 
 from conftest import REPO_ROOT
 from entrorouter_jax import calibrate, route as route_lib, router as router_lib
@@ -366,7 +367,6 @@ def test_all_upstreams_down_reply_names_the_model_tried_last(served):
 
 
 def test_a_pool_serving_some_models_routes_among_those(workdir):
-  from starlette.testclient import TestClient
   from entrorouter_jax import serve
   router = router_lib.load_router(workdir)
   probs = router.probs(QUERIES)
