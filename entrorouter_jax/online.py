@@ -28,13 +28,18 @@ after each round (the learner's success estimates as a `baselines.ScoreRouter` c
 `metrics.aiq` over the test single models' cost range, as the suite scores its baselines),
 the final policy's routing shares on the test split (its mean deployed distribution) and the
 models it never chose during the stream.
-dr_coverage (DR_METHOD only): at each round after the first, before the new policy is
-deployed, its doubly robust estimate (`offpolicy.estimate` on every row logged so far, reward
-y - lambda c_hat of the logged cell, q_hat = s - lambda c_hat from the learner's estimates)
-and 95% bootstrap interval against its true utility on those logged queries (every cell is
-known: mean over them of sum_m pi(m|x) (y(x, m) - lambda c_hat(x, m))); dr_coverage = the
-share of such rounds, over seeds, whose interval covers it (null where DR_METHOD is not run
-or no round follows the first).
+dr_coverage (DR_METHOD only), out of sample: the stream's rows are split by a fixed seeded
+hash of their training row index (`fit_fold`) into an 80% fit fold and a 20% held-out fold. A
+shadow copy of the learner (the same class, config, lambda and seed, copied before its first
+update) is updated after each round on the seed labels and the fit fold's logged rows only;
+the learner that routes still trains on every row. At each round after the first, the
+shadow's doubly robust estimate on the held-out 20% of the rows logged so far
+(`offpolicy.estimate`, reward y - lambda c_hat of the logged cell, q_hat = s - lambda c_hat
+from the shadow's estimates) and its 95% bootstrap interval are set against its true utility
+on those same held-out queries (every cell is known: mean over them of sum_m pi(m|x) (y(x, m)
+- lambda c_hat(x, m))); a round whose held-out fold has fewer than DR_MIN_HELD rows is
+skipped. dr_coverage = the share of such rounds, over seeds, whose interval covers it (null
+where DR_METHOD is not run or no round is checked).
 
 Writes DIR/online.json ({data set: {method: {final_aiq, final_aiq_mean, regret, regret_mean,
 stream_utility_mean, never_tried, shares}, dr_coverage}}), DIR/online_info.json (lambda,
@@ -57,12 +62,14 @@ import numpy as np
 
 from entrorouter_jax import bandits, baselines, capability, features, metrics, offpolicy, paths
 from entrorouter_jax.data import sources
-from entrorouter_jax.suite_datasets import REPO, SHARED, Dataset, available_defaults, parse_datasets
+from entrorouter_jax.suite_datasets import REPO, Dataset, chosen_datasets
 
 FIRST_ROUND = 20
 REFERENCE = 'full_info'
 DR_METHOD = 'entrorouter'       # the method whose off-policy estimates dr_coverage checks
 DR_BOOTSTRAP = 1000
+DR_FIT_SHARE = 0.8              # the share of stream rows in the shadow learner's fit fold
+DR_MIN_HELD = 10                # fewer held-out logged rows than this: the round is not checked
 
 
 # ================================================================ the data ===
@@ -151,13 +158,31 @@ def revealed(stream: Stream, rows, choice, full: bool):
   return np.where(chosen, y, 0.0), chosen & mask, np.where(chosen, c_hat, np.nan)
 
 
+def fit_fold(rows, seed: int) -> np.ndarray:
+  """bool[n]: True where a training row index falls in the DR shadow's fit fold (about
+  DR_FIT_SHARE of them), by a fixed splitmix64 hash of (row, seed); False = held out."""
+  x = np.asarray(rows, np.int64).astype(np.uint64).reshape(-1)
+  x = x + np.uint64((0x9E3779B97F4A7C15 * (int(seed) % 2 ** 32 + 1)) % 2 ** 64)
+  x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  x = x ^ (x >> np.uint64(31))
+  return (x >> np.uint64(11)).astype(np.float64) / 2.0 ** 53 < DR_FIT_SHARE
+
+
+def subset_logs(logs: bandits.Logs, keep) -> bandits.Logs:
+  """The rows of `logs` at positions `keep` (indices or a boolean mask), in order."""
+  return bandits.Logs(*(getattr(logs, f.name)[keep] for f in dataclasses.fields(bandits.Logs)))
+
+
 def dr_check(learner: bandits.Learner, stream: Stream, logs: bandits.Logs, rows,
              seed: int = 0) -> dict:
-  """The learner's current policy judged on the rows logged so far (`rows`: their training
-  rows, in log order): {'dr', 'ci95', 'true', 'covered'}. DR is `offpolicy.estimate`'s on
+  """A policy judged on logged rows it was not trained on: `learner` is the simulator's
+  shadow learner (fitted on the seed labels and the fit fold), `logs` the held-out 20% of the
+  logged rows so far (`rows`: their training rows, in log order; any seed-label rows in `logs`
+  are ignored): {'dr', 'ci95', 'true', 'covered', 'rows'}. DR is `offpolicy.estimate`'s on
   reward r = y - lambda c_hat (the logged cell) with q_hat = s - lambda c_hat (the learner's
   estimates); 'true' = mean over the rows of sum_m pi(m|x) (y(x, m) - lambda c_hat(x, m)) on
-  the full table (unobserved outcomes count 0)."""
+  the full table (unobserved outcomes count 0); 'rows' = how many rows were judged."""
   lam = stream.cost_weight
   feats, logged, y, c_hat, propensity = logs.stream()
   if len(rows) != len(logged):
@@ -170,7 +195,8 @@ def dr_check(learner: bandits.Learner, stream: Stream, logs: bandits.Logs, rows,
   full = stream.train.outcomes[rows] - lam * stream.cost_hat[rows]
   true = float(np.mean(np.sum(pi * full, axis=1)))
   lo, hi = est['ci95']
-  return {'dr': est['value'], 'ci95': [lo, hi], 'true': true, 'covered': bool(lo <= true <= hi)}
+  return {'dr': est['value'], 'ci95': [lo, hi], 'true': true,
+          'covered': bool(lo <= true <= hi), 'rows': int(len(rows))}
 
 
 def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
@@ -178,13 +204,22 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
   """Runs one learner over the stream: {'utility' float[n] per stream query, 'choice' int[n],
   'round_sizes', 'round_utility', 'aiq_by_round' (after the seed labels, then each round),
   'shares' float[K] (the final policy's mean deployed distribution on the test split),
-  'dr_rounds' (with `dr`: `dr_check` before each round after the first, else empty)}."""
+  'dr_rounds' (with `dr`: `dr_check` of the shadow learner on the held-out fold before each
+  round after the first whose held-out fold has DR_MIN_HELD rows or more, else empty)}.
+  With `dr`, a deep copy of `learner` taken before its first update (the shadow) is updated
+  alongside it on the seed labels and the logged rows of `fit_fold(row, learner.seed)` only;
+  where the shadow keeps the deployed distribution of the rows it is told (`pending`), it is
+  given the routing learner's distribution on those rows."""
   from tqdm import tqdm
   train, lam = stream.train, stream.cost_weight
   seed = stream.seed_rows
   logs = bandits.labelled_logs(train.feats[seed], train.outcomes[seed], train.mask[seed],
                                stream.cost_hat[seed])
+  shadow = copy.deepcopy(learner) if dr else None
+  fit = fit_fold(stream.stream_rows, learner.seed) if dr else None
   learner.update(logs)
+  if dr:
+    shadow.update(logs)
   sizes = bandits.round_sizes(len(stream.stream_rows), FIRST_ROUND)
   aiq = [aiq_on_test(learner, stream)]
   utility, choices, round_utility, dr_rounds = [], [], [], []
@@ -192,10 +227,11 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
   for size in tqdm(sizes, desc=progress or learner.name, leave=False, file=sys.stderr,
                    disable=None):
     if dr and start > 0:
-      dr_rounds.append(dr_check(learner, stream, logs, stream.stream_rows[:start],
-                                seed=len(dr_rounds)))
+      held = np.flatnonzero(~fit[:start])
+      if len(held) >= DR_MIN_HELD:
+        dr_rounds.append(dr_check(shadow, stream, subset_logs(logs, len(seed) + held),
+                                  stream.stream_rows[held], seed=len(dr_rounds)))
     rows = stream.stream_rows[start:start + size]
-    start += size
     choice, propensity = learner.deploy(train.feats[rows])
     choice = np.asarray(choice, np.int64)
     propensity = np.asarray(propensity, np.float64)
@@ -204,6 +240,7 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
       raise ValueError(f'{learner.name}: deploy gave choices {choice.shape} and propensities '
                        f'{propensity.shape} (range {propensity.min()}..{propensity.max()}); '
                        f'expected ({size},) each, propensities in (0, 1]')
+    deployed = getattr(learner, 'pending', None)
     u = (train.outcomes[rows, choice] - lam * stream.cost_hat[rows, choice])
     utility.append(u)
     choices.append(choice)
@@ -211,6 +248,14 @@ def simulate(learner: bandits.Learner, stream: Stream, progress: str = '',
     outcomes, mask, c_hat = revealed(stream, rows, choice, learner.full_information)
     logs = bandits.append(logs, train.feats[rows], outcomes, mask, c_hat, choice, propensity)
     learner.update(logs)
+    if dr:
+      in_fit = fit[start:start + size]
+      if in_fit.any():
+        if hasattr(shadow, 'pending') and deployed is not None:
+          shadow.pending = np.asarray(deployed)[in_fit]
+        told = len(seed) + np.flatnonzero(fit[:start + size])
+        shadow.update(subset_logs(logs, np.concatenate([np.arange(len(seed)), told])))
+    start += size
     aiq.append(aiq_on_test(learner, stream))
   shares = learner.policy(stream.test.feats).mean(axis=0)
   return {'utility': np.concatenate(utility) if utility else np.zeros(0),
@@ -320,7 +365,8 @@ def render(results: dict, infos: dict, command: str, seconds: float) -> str:
     lines.append('')
     if entry.get('dr_coverage') is not None:
       checks = sum(len(r) for r in info.get('dr_rounds', []))
-      lines += [f"{DR_METHOD}'s DR 95% interval covered its true utility on the logged queries "
+      lines += [f"{DR_METHOD}'s DR 95% interval (a shadow learner fitted on the other 80%) "
+                f"covered its true utility on the held-out 20% of the logged rows "
                 f"in {entry['dr_coverage']:.0%} of {checks} rounds (dr_coverage).", '']
   return '\n'.join(lines)
 
@@ -392,15 +438,7 @@ def main(argv):
   del argv
   logs.show_progress_logs()
   try:
-    if FLAGS.datasets:
-      datasets = parse_datasets(FLAGS.datasets, FLAGS.pools or '')
-    else:
-      if FLAGS.pools:
-        raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
-      datasets = available_defaults()
-      if not datasets:
-        raise FileNotFoundError(f'no data set found under {SHARED}; give '
-                                '--datasets=NAME=FORMAT:PATH')
+    datasets = chosen_datasets(FLAGS.datasets, FLAGS.pools)
     methods = [m.strip() for m in FLAGS.methods.split(',') if m.strip()] or None
     command = ' '.join(['python -m entrorouter_jax.online'] + sys.argv[1:])
     run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.seed_labels, methods, command)

@@ -82,7 +82,7 @@ def _first_bad(value, where: str) -> Optional[tuple[str, str]]:
         at = _surrogate_at(key)
         if at is not None:
           return where, (f'has a key holding an invalid Unicode character (a lone '
-                                     f'surrogate at position {at}); expected valid UTF-8 text')
+                         f'surrogate at position {at}); expected valid UTF-8 text')
         stack.append((item, _join(where, key)))
     elif isinstance(value, list):
       stack.extend((item, _join(where, i)) for i, item in reversed(list(enumerate(value))))

@@ -58,7 +58,7 @@ from entrorouter_jax import router as router_lib, workdir as workdir_lib
 from entrorouter_jax.data import sources
 from entrorouter_jax.policy import is_utility
 from entrorouter_jax.suite_datasets import (REPO, SHARED, Dataset, available_defaults,  # noqa: F401
-                                            parse_datasets)
+                                            chosen_datasets, parse_datasets)
 from entrorouter_jax.suite_tables import fmt_ci, render, update_readme
 
 log = logging.getLogger('entrorouter_jax.suite')  # not __name__: '__main__' under python -m
@@ -368,14 +368,7 @@ def main(argv):
       raise ValueError(f'--seeds={FLAGS.seeds}; expected >= 1')
     if FLAGS.bootstrap < 10:
       raise ValueError(f'--bootstrap={FLAGS.bootstrap}; expected >= 10 replicates')
-    if FLAGS.datasets:
-      datasets = parse_datasets(FLAGS.datasets, FLAGS.pools or '')
-    else:
-      if FLAGS.pools:
-        raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
-      datasets = available_defaults()
-      if not datasets:
-        raise FileNotFoundError(f'no data set found under {SHARED}; give --datasets=NAME=FORMAT:PATH')
+    datasets = chosen_datasets(FLAGS.datasets, FLAGS.pools)
     command = ' '.join(['python -m entrorouter_jax.suite'] + sys.argv[1:])
     run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.bootstrap, FLAGS.ablations,
         command, FLAGS.ablation_seeds)

@@ -110,3 +110,17 @@ def parse_datasets(spec: str, pools: str = '') -> list[Dataset]:
   if unknown:
     raise ValueError(f'--pools names {sorted(unknown)} match no --datasets entry')
   return out
+
+
+def chosen_datasets(spec: str, pools: str = '') -> list[Dataset]:
+  """The data sets a command runs on: --datasets (with --pools) where given, else every
+  default data set found; ValueError / FileNotFoundError say what is wrong."""
+  if spec:
+    return parse_datasets(spec, pools or '')
+  if pools:
+    raise ValueError('--pools names pool files for --datasets entries; give --datasets too')
+  found = available_defaults()
+  if not found:
+    raise FileNotFoundError(f'no data set found under {SHARED}; give '
+                            '--datasets=NAME=FORMAT:PATH')
+  return found

@@ -37,8 +37,13 @@ class Spy(bandits.Learner):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self.given, self.deployed = [], []
+    self.given, self.deployed, self.shadows = [], [], []
     self.w = np.random.default_rng(0).normal(size=(5, self.num_models))
+
+  def __deepcopy__(self, memo):
+    twin = Spy(self.num_models, self.cost_weight, seed=self.seed)
+    self.shadows.append(twin)
+    return twin
 
   def update(self, logs):
     self.given.append(logs)
@@ -107,33 +112,66 @@ def test_full_info_sees_whole_rows_and_has_no_regret_against_itself():
   np.testing.assert_allclose(run['shares'].sum(), 1.0)
 
 
-def test_dr_check_matches_numpy_and_simulate_checks_every_round_after_the_first():
-  stream = _stream(seed=2)
-  spy = Spy(4, stream.cost_weight, seed=0)
-  run = online.simulate(spy, stream, dr=True)
-  assert len(run['dr_rounds']) == len(run['round_sizes']) - 1 == 2
-  logs, lam = spy.given[-1], stream.cost_weight
-  rows = stream.stream_rows
-  check = online.dr_check(spy, stream, logs, rows, seed=5)
-  feats, a = logs.feats[10:], logs.logged[10:]
+def _dr_reference(spy, stream, logs, positions, rows):
+  """NumPy DR value and true utility of `spy`'s policy on the logged rows at `positions`."""
+  lam = stream.cost_weight
+  feats, a = logs.feats[positions], logs.logged[positions]
   pi = spy.policy(feats)
   s, c_pred = spy.estimates(feats)
   q = s - lam * c_pred
   idx = np.arange(len(a))
   r = stream.train.outcomes[rows, a] - lam * stream.cost_hat[rows, a]
-  rho = pi[idx, a] / logs.propensity[10:]
-  terms = np.sum(pi * q, axis=1) + rho * (r - q[idx, a])
-  assert check['dr'] == pytest.approx(terms.mean())
+  rho = pi[idx, a] / logs.propensity[positions]
+  dr = np.mean(np.sum(pi * q, axis=1) + rho * (r - q[idx, a]))
   true = np.mean(np.sum(pi * (stream.train.outcomes[rows] - lam * stream.cost_hat[rows]), axis=1))
-  assert check['true'] == pytest.approx(true)
+  return dr, true
+
+
+def test_dr_check_matches_numpy_on_the_held_out_fold():
+  stream = _stream(seed=2)
+  spy = Spy(4, stream.cost_weight, seed=0)
+  run = online.simulate(spy, stream, dr=True)
+  logs, rows = spy.given[-1], stream.stream_rows
+  check = online.dr_check(spy, stream, logs, rows, seed=5)
+  dr, true = _dr_reference(spy, stream, logs, np.arange(10, logs.num_rows), rows)
+  assert check['dr'] == pytest.approx(dr) and check['true'] == pytest.approx(true)
   lo, hi = check['ci95']
   assert lo <= check['dr'] <= hi and check['covered'] == (lo <= true <= hi)
-  first = run['dr_rounds'][0]                       # before round 2: the first 20 logged rows
-  assert first == online.dr_check(spy, stream, bandits.Logs(
-      *(getattr(logs, f)[:30] for f in ('feats', 'outcomes', 'mask', 'cost_hat', 'logged',
-                                        'propensity'))), rows[:20], seed=0)
+  assert check['rows'] == len(rows)
+  # Rounds of 20, 40, 50: checked before rounds 2 and 3 where 10 or more of the rows logged
+  # so far are held out, each on exactly those rows.
+  fit = online.fit_fold(rows, spy.seed)
+  expected = [end for end in (20, 60) if np.sum(~fit[:end]) >= online.DR_MIN_HELD]
+  assert expected and len(run['dr_rounds']) == len(expected)
+  for i, (end, got) in enumerate(zip(expected, run['dr_rounds'])):
+    held = np.flatnonzero(~fit[:end])
+    dr, true = _dr_reference(spy, stream, logs, 10 + held, rows[held])
+    assert got['dr'] == pytest.approx(dr) and got['true'] == pytest.approx(true)
+    assert got['rows'] == len(held) >= online.DR_MIN_HELD
+    assert got == online.dr_check(spy, stream, online.subset_logs(logs, 10 + held), rows[held],
+                                  seed=i)
   with pytest.raises(ValueError, match='one per logged row'):
     online.dr_check(spy, stream, logs, rows[:5])
+
+
+def test_the_dr_shadow_never_trains_on_the_held_out_rows():
+  stream = _stream(seed=3, n_train=250)
+  spy = Spy(4, stream.cost_weight, seed=7)
+  run = online.simulate(spy, stream, dr=True)
+  assert len(spy.shadows) == 1
+  shadow, logs, rows = spy.shadows[0], spy.given[-1], stream.stream_rows
+  fit = online.fit_fold(rows, 7)
+  assert 0.6 < fit.mean() < 0.95 and np.array_equal(fit, online.fit_fold(rows, 7))
+  assert not np.array_equal(fit, online.fit_fold(rows, 8))
+  assert len(spy.given) == len(shadow.given) == 1 + len(run['round_sizes'])
+  for told, end in zip(shadow.given, np.cumsum([0] + run['round_sizes'])):
+    keep = np.concatenate([np.arange(10), 10 + np.flatnonzero(fit[:end])])
+    for field in ('feats', 'outcomes', 'mask', 'logged', 'propensity'):
+      np.testing.assert_array_equal(getattr(told, field), getattr(logs, field)[keep])
+    held_feats = stream.train.feats[rows[:end][~fit[:end]]]
+    assert not (told.feats[:, None, :] == held_feats[None, :, :]).all(axis=2).any()
+  assert logs.num_rows == 10 + len(rows)                  # the routing learner is told every row
+  assert len(run['dr_rounds']) >= 2 and all(c['rows'] >= 10 for c in run['dr_rounds'])
 
 
 def test_make_stream_seed_labels_and_lambda_from_the_seed_rows_alone():
@@ -203,7 +241,7 @@ def test_online_cli_writes_the_contract(tmp_path):
 
 
 def test_online_cli_reports_dr_coverage_for_entrorouter(tmp_path):
-  path, _ = _write_long(tmp_path / 'tiny.csv')
+  path, _ = _write_long(tmp_path / 'tiny.csv', num_train=300)
   workdir = tmp_path / 'online'
   cmd = [sys.executable, '-m', 'entrorouter_jax.online', f'--workdir={workdir}',
          f'--datasets=tiny=long:{path}', '--seeds=1', '--seed_labels=20',
@@ -215,7 +253,8 @@ def test_online_cli_reports_dr_coverage_for_entrorouter(tmp_path):
   assert set(entry) == {'entrorouter', 'greedy', 'dr_coverage'}
   info = json.loads((workdir / 'online_info.json').read_text())['datasets']['tiny']
   checks = info['dr_rounds'][0]
-  assert len(checks) == 2                                          # rounds of 20, 40, 80
+  assert 1 <= len(checks) <= 3                             # rounds of 20, 40, 80, 140
+  assert all(c['rows'] >= 10 for c in checks)
   assert 0.0 <= entry['dr_coverage'] <= 1.0
   assert entry['dr_coverage'] == pytest.approx(np.mean([c['covered'] for c in checks]))
   for c in checks:
