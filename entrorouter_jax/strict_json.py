@@ -63,45 +63,46 @@ def _surrogate_at(s: str) -> Optional[int]:
   return None
 
 
-def _first_bad(value, where: str) -> Optional[tuple[str, str]]:
-  """(field, what is wrong there) for the first non-JSON number or invalid string."""
+def _walk(value, where: str = ''):
+  """(field, item, is_key) for every item of a parsed value and every dict key, depth
+  first in document order (a dict's keys before its values)."""
   stack = [(value, where)]
   while stack:
     value, where = stack.pop()
-    if isinstance(value, str):
-      at = _surrogate_at(value)
-      if at is not None:
-        return where, (f'holds an invalid Unicode character (a lone surrogate '
-                       f'\\u{ord(value[at]):04x} at position {at}); expected valid UTF-8 text')
-    elif isinstance(value, _NotJson):
-      return where, (f'is {value.text}, which is not a JSON number; expected a finite number '
-                     '(JSON has no NaN or Infinity)')
-    elif isinstance(value, dict):
-      items = list(value.items())
-      for key, item in reversed(items):
-        at = _surrogate_at(key)
-        if at is not None:
-          return where, (f'has a key holding an invalid Unicode character (a lone '
-                         f'surrogate at position {at}); expected valid UTF-8 text')
-        stack.append((item, _join(where, key)))
-    elif isinstance(value, list):
+    yield where, value, False
+    if isinstance(value, dict):
+      for key in value:
+        yield where, key, True
+      stack.extend((item, _join(where, key)) for key, item in reversed(list(value.items())))
+    elif isinstance(value, (list, tuple)):
       stack.extend((item, _join(where, i)) for i, item in reversed(list(enumerate(value))))
+
+
+def _first_bad(value, where: str) -> Optional[tuple[str, str]]:
+  """(field, what is wrong there) for the first non-JSON number, invalid string or key."""
+  for field, item, is_key in _walk(value, where):
+    if isinstance(item, _NotJson):
+      return field, (f'is {item.text}, which is not a JSON number; expected a finite number '
+                     '(JSON has no NaN or Infinity)')
+    at = _surrogate_at(item) if isinstance(item, str) else None
+    if at is None:
+      continue
+    if is_key:
+      return field, (f'has a key holding an invalid Unicode character (a lone surrogate at '
+                     f'position {at}); expected valid UTF-8 text')
+    return field, (f'holds an invalid Unicode character (a lone surrogate '
+                   f'\\u{ord(item[at]):04x} at position {at}); expected valid UTF-8 text')
   return None
 
 
 def invalid_text(value, where: str = '') -> Optional[tuple[str, int]]:
-  """(field, position) of the first string in `value` with a lone surrogate, or None."""
-  stack = [(value, where)]
-  while stack:
-    value, where = stack.pop()
-    if isinstance(value, str):
-      at = _surrogate_at(value)
+  """(field, position) of the first string value in `value` with a lone surrogate, or None
+  (dict keys are not looked at)."""
+  for field, item, is_key in _walk(value, where):
+    if isinstance(item, str) and not is_key:
+      at = _surrogate_at(item)
       if at is not None:
-        return where, at
-    elif isinstance(value, dict):
-      stack.extend((item, _join(where, key)) for key, item in value.items())
-    elif isinstance(value, (list, tuple)):
-      stack.extend((item, _join(where, i)) for i, item in enumerate(value))
+        return field, at
   return None
 
 

@@ -124,23 +124,10 @@ def _read_feedback_file(path, names: Optional[Sequence[str]], allowed: str) -> p
     if bad:
       raise DataError(f"{where}: row {bad[0] + 1}, column 'model': model {chosen[bad[0]]!r} is "
                       f'not in {allowed}; expected one of {list(names)}')
-  cost = _numbers(frame['cost'], where, 'cost', 'cost', LOGGED_COST_EXPECTED)
-  bad = np.flatnonzero(~(np.isfinite(cost) & (cost >= 0)))
-  if bad.size:
-    i = bad[0]
-    problem = ('is empty' if np.isnan(cost[i])
-               else f'{float(cost[i])!r} is negative or not finite')
-    raise DataError(f"{where}: row {i + 1}, column 'cost': cost {problem}; expected "
-                    f'{LOGGED_COST_EXPECTED}')
-  propensity = _numbers(frame['propensity'], where, 'propensity', 'propensity',
-                        PROPENSITY_EXPECTED)
-  bad = np.flatnonzero(~((propensity > 0) & (propensity <= 1)))
-  if bad.size:
-    i = bad[0]
-    problem = ('is empty' if np.isnan(propensity[i])
-               else f'{float(propensity[i])!r} is outside (0, 1]')
-    raise DataError(f"{where}: row {i + 1}, column 'propensity': propensity {problem}; "
-                    f'expected {PROPENSITY_EXPECTED}')
+  cost = _required_numbers(frame, where, 'cost', lambda v: np.isfinite(v) & (v >= 0),
+                           'is negative or not finite', LOGGED_COST_EXPECTED)
+  propensity = _required_numbers(frame, where, 'propensity', lambda v: (v > 0) & (v <= 1),
+                                 'is outside (0, 1]', PROPENSITY_EXPECTED)
   return pd.DataFrame({
       'file': [where] * n, 'row': np.arange(1, n + 1),
       'id': _texts(frame['id'], where, 'id', 'id'),
@@ -151,6 +138,20 @@ def _read_feedback_file(path, names: Optional[Sequence[str]], allowed: str) -> p
                       if 'cost_weight' in columns else np.full(n, np.nan)),
       'task': text('task', 'task'), 'split': text('split', 'split'),
       'policy': text('policy', 'policy')})
+
+
+def _required_numbers(frame: pd.DataFrame, where: str, column: str, ok, outside: str,
+                      expected: str) -> np.ndarray:
+  """The column's cells as float64[N]; DataError naming the first row that is empty or for
+  which `ok(values)` is False (its value `outside`)."""
+  values = _numbers(frame[column], where, column, column, expected)
+  bad = np.flatnonzero(~ok(values))
+  if bad.size:
+    i = bad[0]
+    problem = 'is empty' if np.isnan(values[i]) else f'{float(values[i])!r} {outside}'
+    raise DataError(f"{where}: row {i + 1}, column '{column}': {column} {problem}; expected "
+                    f'{expected}')
+  return values
 
 
 def _unlogged_costs(where: str, queries: Sequence[str], logged: np.ndarray, cost: np.ndarray,
