@@ -189,6 +189,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # H_floor (nats): the entropy target never falls below it, so the next
   # deployment still explores. KL(pi || pi_b) is weighted by the beta schedule.
   rl.entropy_floor = 0.1
+  # --- the replay simulator's entrorouter learner (entrorouter_jax/bandits.py) ---
+  rl.explore = 0.02                  # deployed eps: (1 - eps) pi + eps / K
+  rl.explore_temperature = 0.02      # T of its first deployment (the entropy controller's after)
 
   # --- scale-out ---
   config.mesh = mesh = ml_collections.ConfigDict()

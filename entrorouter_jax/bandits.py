@@ -34,14 +34,16 @@ data set (never tuned per data set):
                   that pi: the logged propensity is exactly the probability the choice had.
   seed_only       greedy fitted on the seed labels alone, never updated.
   entrorouter     the recipe's learning-from-feedback stage run online (`EntroRouterLearner`):
-                  a success head s(x, m) and the utility-head policy
-                  pi = softmax((s - lambda c_hat) / T), T learned, trained each round on the
-                  weighted success loss plus the doubly robust surrogate with the KL trust
-                  region around the policy that logged each row and the entropy floor;
-                  deployed as (1 - eps) pi + eps / K, ENTRO_EXPLORE = 0.02.
-  entrorouter_no_anchor   the same with beta = 0 (no KL to the logging policy).
-  entrorouter_no_entropy  the same with no entropy control, no floor and no exploration
-                  (alpha = 0, eps = 0).
+                  greedy's success head s; the policy pi = softmax((s - lambda c_hat) / T
+                  + g(x)), g a linear correction trained each round on the doubly robust
+                  surrogate (clipped ratio) with the KL trust region around the policy that
+                  logged each row and the capability anchor softmax((s - lambda c_hat) / T); T set by the entropy controller (a target contracting to
+                  the floor rl.entropy_floor); deployed as (1 - eps) pi + eps / K,
+                  ENTRO_EXPLORE = 0.02.
+  entrorouter_no_anchor   the same with beta = 0 (no KL to the logging policy or to the
+                  capability anchor).
+  entrorouter_no_entropy  the same with no entropy control: T learned by the gradient, no
+                  floor, no exploration (eps = 0).
   full_info       greedy's predictor on every cell of every query seen so far: the simulator
                   reveals whole rows to it (`full_information = True`); the upper bound, and
                   its routing of each round (fitted before the round) is the regret reference.
@@ -61,15 +63,16 @@ from entrorouter_jax import baselines, metrics
 from entrorouter_jax.router import draw, explore_distribution
 
 EPSILON = 0.05
-LINUCB_ALPHA = 1.0
-THOMPSON_V = 0.5
+LINUCB_ALPHA = 0.05
+THOMPSON_V = 0.05
 THOMPSON_DRAWS = 512
 RIDGE = 1.0                 # A_m = RIDGE * I + sum x x^T (the prior of both linear learners)
 ENTRO_EXPLORE = 0.02        # entrorouter's deployed eps (config rl.explore overrides it)
-ENTRO_BATCH = 128           # rows per optax step (sampled with replacement, fixed shape)
-ENTRO_LR = 1e-3             # Adam's learning rate of entrorouter's network
+ENTRO_BATCH = 128           # logged rows per optax step (sampled with replacement)
+ENTRO_LR = 1e-2            # Adam's learning rate of entrorouter's policy head
 ENTRO_STEPS = (50, 400)     # steps per update: 50 + logged rows / 4, capped at 400
-ENTRO_HIDDEN = 64           # hidden width without a config (config: model.hidden)
+ENTRO_TEMPERATURE = 0.02   # T of the first deployment (config rl.explore_temperature overrides)
+ENTRO_BISECTIONS = 30      # the entropy controller's bisection steps on log T
 
 
 # ------------------------------------------------------------------ logs ---
@@ -190,12 +193,16 @@ class Greedy(Learner):
   def _rows(self, logs: Logs) -> Logs:
     return logs
 
+  def cell_weights(self, logs: Logs):
+    """Each observed cell's weight in the success head's BCE (None: all 1)."""
+    return None
+
   def update(self, logs: Logs) -> None:
     logs = self._rows(logs)
     self.costs = logs.mean_costs()
     self.params, self.fit = baselines.fit_success_model(
         logs.feats, logs.outcomes, logs.mask, config=self.fit_config,
-        seed=self.seed * 1000 + self.updates)
+        seed=self.seed * 1000 + self.updates, cell_weights=self.cell_weights(logs))
     self.updates += 1
 
   def estimates(self, feats):
@@ -269,7 +276,7 @@ class _Linear(Learner):
       raise RuntimeError(f'{self.name}: estimates before the first update')
     x = _with_bias(feats)
     mean = x @ self.theta.T
-    quad = np.einsum('nd,kde,ne->nk', x, self.a_inv, x, optimize=True)
+    quad = np.stack([np.sum((x @ a_inv) * x, axis=1) for a_inv in self.a_inv], axis=1)
     return mean, np.sqrt(np.maximum(quad, 0.0))
 
   def estimates(self, feats):
@@ -324,75 +331,80 @@ class Thompson(_Linear):
 
 
 # ---------------------------------------------------------- entrorouter ---
-_RL_DEFAULTS = dict(clip_eps=0.2, w_max=20.0, entropy_floor=0.1, beta_start=0.1, beta_end=0.01,
-                    entropy_min=0.1, entropy_lr=0.5, num_steps=600, dense_weight=1.0,
-                    entropy_schedule='linear', alpha_init=0.0)
+_RL_DEFAULTS = dict(clip_eps=0.2, w_max=20.0, beta_start=0.1, beta_end=0.01, entropy_min=0.1,
+                    entropy_floor=0.1, num_steps=600, entropy_schedule='linear')
 _LOG_FLOOR = 1e-30          # log pi_b of a cell the deployed policy gave (numerically) no mass
+_LOG_T_RANGE = (math.log(1e-4), math.log(10.0))   # the controller keeps T inside this
 
 
-def _build_net(dim: int, hidden: int, k: int, temperature: float, seed: int):
-  """An NNX MLP [D] -> hidden (ReLU) -> [K] success logits, with a learned log T."""
+def _build_head(dim: int, k: int, temperature: float, seed: int):
+  """The policy head: a linear correction g(x) = W x + b ([D] -> [K], zero at the start) and
+  a log T (used where T is learned, i.e. without entropy control)."""
   import jax.numpy as jnp
   from flax import nnx
 
-  class UtilityMLP(nnx.Module):
+  class PolicyHead(nnx.Module):
     def __init__(self, rngs):
-      self.hidden = nnx.Linear(dim, hidden, rngs=rngs)
-      self.out = nnx.Linear(hidden, k, rngs=rngs)
+      self.correction = nnx.Linear(dim, k, kernel_init=nnx.initializers.zeros, rngs=rngs)
       self.log_temperature = nnx.Param(jnp.asarray(math.log(temperature), jnp.float32))
 
-    def __call__(self, x):
-      return self.out(nnx.relu(self.hidden(x)))
+    def __call__(self, x, utility, log_t):
+      return utility / jnp.exp(log_t) + self.correction(x)
 
-    def temperature(self):
-      return jnp.exp(self.log_temperature[...])
-
-  return UtilityMLP(nnx.Rngs(params=seed))
+  return PolicyHead(nnx.Rngs(params=seed))
 
 
-class EntroRouterLearner(Learner):
-  """The recipe's learning from feedback (METHOD.md; `steps.offpolicy_update`) as an online
-  learner on the simulator's frozen features.
+class EntroRouterLearner(Greedy):
+  """The recipe's learning from feedback (METHOD.md) as an online learner on the
+  simulator's frozen features.
 
-  Network: a small Flax NNX MLP (one member, hidden width config.model.hidden, ENTRO_HIDDEN
-  without a config) giving the success logits f(x, m), s = sigmoid(f), and the utility-head
-  policy pi = softmax((s - lambda c_hat) / T) at the stream's lambda, T learned (from
-  config.model.temperature); c_hat(m) = the mean observed cost (`Logs.mean_costs`). It takes
-  the recipe's loss functions, not the recipe's `RouterModel` (whose member folds and Stage-0
-  tables the simulator has no use for).
-  update(logs): 50 + (logged rows) / 4 Adam steps (capped at 400; ENTRO_STEPS), warm-started
-  from the previous round's parameters and optimiser; each step draws ENTRO_BATCH rows of all
-  rows (seed labels with propensity 1 on every cell, logged rows on their cell) for
-  `objectives.weighted_success_loss` (weights min(1 / p, rl.w_max), times rl.dense_weight) and
-  ENTRO_BATCH logged rows for `objectives.offpolicy_loss` (ratio clipped at 1 +- rl.clip_eps,
-  KL to log pi_b = the distribution deployed when the row was logged, beta from the
-  rl.beta_start -> rl.beta_end schedule over rl.num_steps steps counted across rounds), then
-  alpha by `schedules.dual_ascent` toward `schedules.entropy_target_with_floor` (H_0 the
-  policy's entropy at its first policy step, never below rl.entropy_floor). Shapes never
-  change, so the step is compiled once per learner.
+  Success head: greedy's predictor (`baselines.fit_success_model` on the observed cells,
+  refitted on all logs each round); q(x, m) = s(x, m) - lambda c_hat(m) is held fixed inside
+  the policy's objective, as METHOD.md's surrogate has it.
+  Policy: pi = softmax(q / T + g(x)), g a linear correction head (Flax NNX, zero at the
+  start, so pi starts as the utility head's softmax at T = ENTRO_TEMPERATURE, or config
+  rl.explore_temperature).
+  update(logs), on every logged row so far: ENTRO_STEPS Adam steps (50 + logged rows / 4,
+  capped at 400; learning rate ENTRO_LR) of `objectives.offpolicy_loss`: the doubly robust
+  surrogate with its ratio to the logging policy clipped at 1 +- rl.clip_eps, the Soft
+  Anchor beta (KL(pi || pi_b) + KL(pi || A)), pi_b = the distribution deployed when the row
+  was logged and A = softmax(q / T) the capability estimates' anchor (METHOD.md's Stage-0
+  anchor with the success head for p_hat and tau_A = T; it holds g near 0), beta from
+  rl.beta_start to rl.beta_end over rl.num_steps steps counted across rounds, and
+  -alpha H(pi) with alpha = T.
+  Entropy control: T is the controlled variable. Before and after each update's steps,
+  T is set (bisection on log T) so that pi's mean entropy over the logged queries is H*_t,
+  `schedules.entropy_target_with_floor` (from H_0, the first deployment's entropy on the
+  first logged queries, to rl.entropy_min over rl.num_steps steps counted across rounds,
+  never below rl.entropy_floor). softmax(q / T) maximises sum_m pi q + T H(pi), which is
+  why alpha = T: at g = 0 the direct term and the entropy term balance, so g moves only
+  where the observed residuals (the clipped correction term) or the anchor ask it to, and T
+  alone sets how much the policy explores, whatever the scale of q. Without entropy control
+  (`entrorouter_no_entropy`) T is learned by the gradient with alpha = 0.
   policy(feats): (1 - eps) pi + eps / K (`router.explore_distribution`, as `Router.sample`),
   eps = config rl.explore if set, else ENTRO_EXPLORE.
+  Shapes never change, so the step is compiled once per learner.
   """
 
   name = 'entrorouter'
   anchor = True               # False: beta = 0
-  entropy_control = True      # False: alpha = 0, no floor, eps = 0
+  entropy_control = True      # False: T learned by the gradient, no floor, eps = 0
+  ipw = False                 # True: success head weighted by min(1 / p, rl.w_max)
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     rl = self.config.get('rl', {}) if self.config is not None else {}
     self.rl = {key: rl.get(key, default) for key, default in _RL_DEFAULTS.items()}
-    model_cfg = self.config.get('model', {}) if self.config is not None else {}
-    self.hidden = int(model_cfg.get('hidden', ENTRO_HIDDEN) or ENTRO_HIDDEN)
-    self.temperature0 = float(model_cfg.get('temperature', 0.1))
+    self.temperature0 = float(rl.get('explore_temperature', ENTRO_TEMPERATURE))
+    if not self.temperature0 > 0:
+      raise ValueError(f'{self.name}: rl.explore_temperature={self.temperature0}; expected > 0')
+    self.log_t = math.log(self.temperature0)
     self.epsilon = float(rl.get('explore', ENTRO_EXPLORE)) if self.entropy_control else 0.0
     if not 0.0 <= self.epsilon < 1.0:
       raise ValueError(f'{self.name}: rl.explore={self.epsilon}; expected a share in [0, 1)')
-    self.alpha = float(self.rl['alpha_init']) if self.entropy_control else 0.0
     self.h0 = None
     self.step = 0
     self.built = False
-    self.costs = None
     self.behaviour = np.zeros((0, self.num_models))    # log pi_b per logged row, in order
     self.pending = None                                 # the last deployed distribution
     self.seen = 0
@@ -402,46 +414,54 @@ class EntroRouterLearner(Learner):
   # ---- the jitted step ---------------------------------------------------
   def _init(self, dim: int) -> None:
     import jax
+    import jax.numpy as jnp
     import optax
     from flax import nnx
     from entrorouter_jax import objectives
 
     self.dim = dim
-    model = _build_net(dim, self.hidden, self.num_models, self.temperature0, self.seed)
-    optimizer = nnx.Optimizer(model, optax.adam(ENTRO_LR), wrt=nnx.Param)
-    self.graphdef, self.state = nnx.split((model, optimizer))
+    head = _build_head(dim, self.num_models, self.temperature0, self.seed)
+    optimizer = nnx.Optimizer(head, optax.adam(ENTRO_LR), wrt=nnx.Param)
+    self.graphdef, self.state = nnx.split((head, optimizer))
     lam = np.float32(self.cost_weight)
-    rl = self.rl
+    clip_eps = float(self.rl['clip_eps'])
+    learn_t = not self.entropy_control
 
-    def loss_fn(m, batch, beta, alpha, policy_on):
-      f_all = m(batch['x_all'])
-      success, _ = objectives.weighted_success_loss(
-          f_all, batch['y_all'], batch['mask_all'], batch['p_all'], rl['w_max'])
-      f = m(batch['x'])
-      logits = (jax.nn.sigmoid(f) - lam * batch['c_bar']) / m.temperature()
-      cost_weight = jax.numpy.full((f.shape[0],), lam)
-      pg, metrics = objectives.offpolicy_loss(
-          logits, f, batch, cost_weight, log_behaviour=batch['log_behaviour'], beta=beta,
-          alpha=alpha, clip_eps=rl['clip_eps'])
-      loss = rl['dense_weight'] * success + policy_on * pg
-      metrics.update(loss=loss, success_loss=success, policy_loss=pg)
-      return loss, metrics
+    def log_temperature(m, log_t):
+      return m.log_temperature[...] if learn_t else log_t
 
-    def step(state, batch, beta, alpha, policy_on):
-      model, optimizer = nnx.merge(self.graphdef, state)
-      (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-          model, batch, beta, alpha, policy_on)
-      optimizer.update(model, grads)
-      return nnx.state((model, optimizer)), metrics
+    def loss_fn(m, batch, beta, log_t):
+      logits = m(batch['x'], batch['q'], log_temperature(m, log_t))
+      cost_weight = jnp.full((logits.shape[0],), lam)
+      # alpha = T: softmax(q / T) maximises sum pi q + T H(pi), so g = 0 is where the direct
+      # term and the entropy term balance and g moves only for the residuals and the anchor.
+      alpha = 0.0 if learn_t else jnp.exp(log_t)
+      # The Soft Anchor of the capability estimates: A = softmax(q / T) (METHOD.md's
+      # A ~ exp((p_hat - lambda c_bar) / tau_A), with the success head for p_hat).
+      log_anchor = jax.nn.log_softmax(batch['q'] / jnp.exp(log_t), axis=-1)
+      return objectives.offpolicy_loss(
+          logits, batch['success_logits'], batch, cost_weight,
+          log_behaviour=batch['log_behaviour'], beta=beta, alpha=alpha,
+          clip_eps=clip_eps, log_anchor=log_anchor, beta_anchor=beta)
 
-    def forward(state, x):
-      model, _ = nnx.merge(self.graphdef, state)
-      return jax.nn.sigmoid(model(x)), model.temperature()
+    def step(state, batch, beta, log_t):
+      head, optimizer = nnx.merge(self.graphdef, state)
+      (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(head, batch, beta, log_t)
+      optimizer.update(head, grads)
+      return nnx.state((head, optimizer)), metrics
+
+    def forward(state, x, q, log_t):
+      head, _ = nnx.merge(self.graphdef, state)
+      return jax.nn.softmax(head(x, q, log_temperature(head, log_t)), axis=-1)
 
     self._step = jax.jit(step)
     self._forward = jax.jit(forward)
-    self._loss = jax.jit(lambda state, batch, beta, alpha, on: loss_fn(
-        nnx.merge(self.graphdef, state)[0], batch, beta, alpha, on))
+    self._loss = jax.jit(lambda state, batch, beta, log_t: loss_fn(
+        nnx.merge(self.graphdef, state)[0], batch, beta, log_t)[0])
+    self._correction = jax.jit(
+        lambda state, x: nnx.merge(self.graphdef, state)[0].correction(x))
+    self._learned_log_t = jax.jit(
+        lambda state: nnx.merge(self.graphdef, state)[0].log_temperature[...])
 
   def num_steps(self, logs: Logs) -> int:
     """Optax steps of one update: 50 + logged rows / 4, capped at 400 (ENTRO_STEPS)."""
@@ -464,107 +484,150 @@ class EntroRouterLearner(Learner):
     self.behaviour = np.concatenate([self.behaviour, rows])
     self.seen = logs.num_rows
 
-  def batch(self, logs: Logs, all_rows, stream_rows) -> dict:
-    """One step's inputs (numpy, fixed shapes): ENTRO_BATCH of `all_rows` for the success
-    loss and of `stream_rows` (all rows where none is logged yet) for the policy loss."""
-    k = self.num_models
-    prop = np.where(logs.logged >= 0, logs.propensity, 1.0)
-    logged = np.maximum(logs.logged, 0)
-    cost = np.nan_to_num(logs.cost_hat, nan=0.0)
-    a = all_rows[self.batch_rng.integers(0, len(all_rows), ENTRO_BATCH)]
-    b = stream_rows[self.batch_rng.integers(0, len(stream_rows), ENTRO_BATCH)]
+  def cell_weights(self, logs: Logs):
+    """min(1 / p, rl.w_max) on each logged cell, 1 on the seed labels (METHOD.md: the models
+    the logging policy seldom chose are not under-represented)."""
+    if not self.ipw:
+      return None
+    p = np.where(logs.logged >= 0, logs.propensity, 1.0)
+    return np.broadcast_to(np.minimum(1.0 / p, self.rl['w_max'])[:, None], logs.mask.shape)
+
+  def _utility(self, feats) -> tuple[np.ndarray, np.ndarray]:
+    """(q = s - lambda c_hat, logit s), float32[N, K] each, from the success head."""
+    s, c = Greedy.estimates(self, feats)
+    s = np.clip(s, 1e-6, 1 - 1e-6)
+    return ((s - self.cost_weight * c).astype(np.float32),
+            np.log(s / (1 - s)).astype(np.float32))
+
+  def batch(self, logs: Logs, rows, q, success_logits) -> dict:
+    """One step's inputs (numpy, fixed shapes): ENTRO_BATCH of the logged `rows` (drawn with
+    replacement); q and success_logits are float32[N, K] over all rows of `logs`."""
+    pick = rows[self.batch_rng.integers(0, len(rows), ENTRO_BATCH)]
     f32 = lambda v: np.asarray(v, np.float32)
-    return {'x_all': f32(logs.feats[a]), 'y_all': f32(logs.outcomes[a]),
-            'mask_all': logs.mask[a], 'p_all': f32(prop[a]),
-            'x': f32(logs.feats[b]), 'outcomes': f32(logs.outcomes[b]),
-            'outcome_mask': logs.mask[b], 'cost_hat': f32(cost[b]),
-            'c_bar': f32(np.broadcast_to(self.costs, (ENTRO_BATCH, k))),
-            'logged': logged[b].astype(np.int32), 'propensity': f32(prop[b]),
-            'log_behaviour': f32(self.behaviour[b])}
+    return {'x': f32(logs.feats[pick]), 'q': q[pick], 'success_logits': success_logits[pick],
+            'outcomes': f32(logs.outcomes[pick]), 'outcome_mask': logs.mask[pick],
+            'cost_hat': f32(np.nan_to_num(logs.cost_hat[pick], nan=0.0)),
+            'c_bar': f32(np.broadcast_to(self.costs, (ENTRO_BATCH, self.num_models))),
+            'logged': logs.logged[pick].astype(np.int32),
+            'propensity': f32(logs.propensity[pick]),
+            'log_behaviour': f32(self.behaviour[pick])}
 
   def _prepare(self, logs: Logs) -> None:
-    """Builds the network on the first logs, records the new rows' log pi_b and the costs."""
+    """Builds the head on the first logs; records the new rows' log pi_b."""
     if not self.built:
       self._init(logs.feats.shape[1])
       self.built = True
     if logs.num_rows > self.seen:
       self._record_behaviour(logs)
-    self.costs = logs.mean_costs()
 
-  def loss(self, logs: Logs, rows: int = 1024, beta=None, alpha=None) -> float:
-    """The update's objective on a fixed sample of `rows` rows of `logs` (for checks): success
-    loss plus, where rows are logged, the policy loss at `beta` and `alpha` (default: the
-    current ones)."""
+  def loss(self, logs: Logs, rows: int = 1024, beta=None) -> float:
+    """The policy objective on a fixed sample of `rows` logged rows of `logs` (for checks),
+    at `beta` (default: the current one) and the current success head and T."""
     self._prepare(logs)
-    beta = self._beta() if beta is None else np.float32(beta)
-    alpha = np.float32(self.alpha if alpha is None else alpha)
-    saved = self.batch_rng
-    self.batch_rng = np.random.default_rng([self.seed, 4])
-    all_rows = np.arange(logs.num_rows)
     stream = np.flatnonzero(logs.logged >= 0)
-    total = 0.0
-    for _ in range(max(1, rows // ENTRO_BATCH)):
-      batch = self.batch(logs, all_rows, stream if stream.size else all_rows)
-      value, _ = self._loss(self.state, batch, beta, alpha, np.float32(stream.size > 0))
-      total += float(value)
+    if not stream.size:
+      raise ValueError(f'{self.name}: loss() needs logged rows; the logs hold only seed labels')
+    beta = self._beta() if beta is None else np.float32(beta)
+    q, logits = self._utility(logs.feats)
+    saved, self.batch_rng = self.batch_rng, np.random.default_rng([self.seed, 4])
+    batches = max(1, rows // ENTRO_BATCH)
+    total = sum(float(self._loss(self.state, self.batch(logs, stream, q, logits), beta,
+                                 np.float32(self.log_t))) for _ in range(batches))
     self.batch_rng = saved
-    return total / max(1, rows // ENTRO_BATCH)
+    return total / batches
 
   def _beta(self) -> np.float32:
-    from entrorouter_jax import schedules
     if not self.anchor:
       return np.float32(0.0)
     rl = self.rl
-    return np.float32(schedules.interpolate(rl['beta_start'], rl['beta_end'], self.step,
-                                            rl['num_steps'], rl['entropy_schedule']))
+    fraction = max(0.0, 1.0 - self.step / max(rl['num_steps'], 1))
+    if rl['entropy_schedule'] == 'cosine':
+      fraction = 0.5 * (1.0 + math.cos(math.pi * (1.0 - fraction)))
+    return np.float32(rl['beta_end'] + (rl['beta_start'] - rl['beta_end']) * fraction)
+
+  def entropy_target(self) -> float:
+    """H*_t at the current step (`schedules.entropy_target_with_floor`)."""
+    from entrorouter_jax import schedules
+    rl = self.rl
+    return float(schedules.entropy_target_with_floor(
+        self.step, rl['num_steps'], self.h0, rl['entropy_min'], rl['entropy_floor'],
+        rl['entropy_schedule']))
+
+  def train_policy(self, logs: Logs, steps: int, q=None, logits=None, beta=None) -> dict:
+    """`steps` Adam steps of the policy objective on the logged rows of `logs` at the
+    current T (beta: the schedule's unless given); returns the last step's metrics."""
+    if q is None:
+      q, logits = self._utility(logs.feats)
+    stream = np.flatnonzero(logs.logged >= 0)
+    metrics = {}
+    for _ in range(steps):
+      batch = self.batch(logs, stream, q, logits)
+      b = self._beta() if beta is None else np.float32(beta)
+      self.state, metrics = self._step(self.state, batch, b, np.float32(self.log_t))
+      self.step += 1
+    return metrics
+
+  def _control_temperature(self, feats, q) -> None:
+    """The entropy controller: sets T so that pi's mean entropy over the logged queries is
+    H*_t (bisection on log T within _LOG_T_RANGE; a bound where H*_t is out of reach). H_0 is
+    the entropy of the first deployment's pi on the first logged queries."""
+    g = np.asarray(self._correction(self.state, np.asarray(feats, np.float32)), np.float64)
+    q = np.asarray(q, np.float64)
+
+    def mean_entropy(log_t):
+      z = q / math.exp(log_t) + g
+      z = z - z.max(axis=1, keepdims=True)
+      p = np.exp(z)
+      p /= p.sum(axis=1, keepdims=True)
+      return float(np.mean(-np.sum(p * np.log(np.maximum(p, 1e-300)), axis=1)))
+
+    if self.h0 is None:
+      self.h0 = mean_entropy(self.log_t)
+    target = self.entropy_target()
+    lo, hi = _LOG_T_RANGE
+    if mean_entropy(lo) >= target:
+      self.log_t = lo
+    elif mean_entropy(hi) <= target:
+      self.log_t = hi
+    else:
+      for _ in range(ENTRO_BISECTIONS):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if mean_entropy(mid) < target else (lo, mid)
+      self.log_t = 0.5 * (lo + hi)
 
   # ---- the interface -----------------------------------------------------
   def update(self, logs: Logs) -> None:
-    from entrorouter_jax import schedules
+    super().update(logs)                          # the success head and the costs
     self._prepare(logs)
-    all_rows = np.arange(logs.num_rows)
     stream = np.flatnonzero(logs.logged >= 0)
-    policy_on = np.float32(stream.size > 0)
-    rl = self.rl
-    metrics = {}
-    for _ in range(self.num_steps(logs)):
-      batch = self.batch(logs, all_rows, stream if stream.size else all_rows)
-      self.state, metrics = self._step(self.state, batch, self._beta(), np.float32(self.alpha),
-                                       policy_on)
-      if stream.size:
-        self.step += 1
-        if self.entropy_control:
-          h = float(metrics['entropy'])
-          if self.h0 is None:
-            self.h0 = h
-          target = schedules.entropy_target_with_floor(
-              self.step, rl['num_steps'], self.h0, rl['entropy_min'], rl['entropy_floor'],
-              rl['entropy_schedule'])
-          self.alpha = float(schedules.dual_ascent(self.alpha, target, h, rl['entropy_lr']))
-    self.history.append({k: float(v) for k, v in metrics.items()})
-    self.updates += 1
-
-  def estimates(self, feats):
-    if not self.built:
-      raise RuntimeError(f'{self.name}: estimates before the first update')
-    s, _ = self._forward(self.state, np.asarray(feats, np.float32))
-    s = np.asarray(s, np.float64)
-    return s, np.broadcast_to(self.costs, s.shape).copy()
+    if not stream.size:
+      return
+    q, logits = self._utility(logs.feats)
+    if self.entropy_control:
+      self._control_temperature(logs.feats[stream], q[stream])
+    metrics = self.train_policy(logs, self.num_steps(logs), q, logits)
+    if self.entropy_control:
+      self._control_temperature(logs.feats[stream], q[stream])
+    if not self.entropy_control:
+      self.log_t = float(self._learned_log_t(self.state))
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics['temperature'] = self.temperature()
+    self.history.append(metrics)
 
   def temperature(self) -> float:
-    """The utility head's learned T."""
-    return float(self._forward(self.state, np.zeros((1, self.dim), np.float32))[1])
+    """The policy's T (the controller's, or the learned one without entropy control)."""
+    return math.exp(self.log_t)
 
   def greedy_policy(self, feats) -> np.ndarray:
-    """pi = softmax((s - lambda c_hat) / T), float64[N, K] (no exploration)."""
-    s, _ = self.estimates(feats)
-    z = (s - self.cost_weight * self.costs[None, :]) / self.temperature()
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
-
-  def policy(self, feats) -> np.ndarray:
+    """pi = softmax(q / T + g(x)), float64[N, K] (no exploration)."""
     if not self.built:
       raise RuntimeError(f'{self.name}: policy before the first update')
+    q, _ = self._utility(feats)
+    pi = self._forward(self.state, np.asarray(feats, np.float32), q, np.float32(self.log_t))
+    pi = np.asarray(pi, np.float64)
+    return pi / pi.sum(axis=1, keepdims=True)
+
+  def policy(self, feats) -> np.ndarray:
     return explore_distribution(self.greedy_policy(feats), np.ones(self.num_models, bool),
                                 self.epsilon)
 

@@ -195,9 +195,10 @@ def _logits(params, x):
 
 
 def _bce(params, x, y, m):
-  """Mean BCE over observed cells (m = 1.0 observed, 0.0 missing)."""
+  """BCE over the observed cells, weighted by m (1.0 or a cell weight where observed, 0.0
+  missing): sum(m * bce) / sum(m) (0 where nothing is observed)."""
   cell = optax.sigmoid_binary_cross_entropy(_logits(params, x), y)
-  return jnp.sum(jnp.where(m > 0, cell, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+  return jnp.sum(jnp.where(m > 0, cell * m, 0.0)) / jnp.maximum(jnp.sum(m), 1e-9)
 
 
 @functools.partial(jax.jit, static_argnames=('tx',))
@@ -226,8 +227,11 @@ _predict = jax.jit(lambda params, x: jax.nn.sigmoid(_logits(params, x)))
 
 
 def fit_success_model(feats, outcomes, outcome_mask, *, config: FitConfig = MLP,
-                      seed: int = 0) -> tuple[dict, dict]:
+                      seed: int = 0, cell_weights=None) -> tuple[dict, dict]:
   """Trains P(success | x, m) on float[N, D] features and [N, K] outcomes/mask.
+
+  cell_weights float[N, K] (> 0 where observed; default 1): each observed cell's weight in
+  the BCE, the held-out one included (e.g. inverse propensities on logged feedback).
 
   Returns (params, info): params a pytree for `predict_success`; info =
   {'best_epoch', 'epochs_run', 'heldout_bce'} (best_epoch counts from 1; 0
@@ -245,6 +249,12 @@ def fit_success_model(feats, outcomes, outcome_mask, *, config: FitConfig = MLP,
     raise ValueError(f'need at least 2 training rows, got {n}')
   y = np.where(mask, y, 0.0).astype(np.float32)  # missing cells: any finite value
   m = mask.astype(np.float32)
+  if cell_weights is not None:
+    w = np.asarray(cell_weights, np.float64)
+    if w.shape != mask.shape or not np.all(np.isfinite(w[mask]) & (w[mask] > 0)):
+      raise ValueError(f'cell_weights {w.shape}: expected {mask.shape}, finite and > 0 on '
+                       'every observed cell')
+    m = np.where(mask, w, 0.0).astype(np.float32)
   rng = np.random.default_rng(seed)
   perm = rng.permutation(n)
   n_hold = min(max(1, int(round(config.holdout * n))), n - 1)
@@ -254,7 +264,8 @@ def fit_success_model(feats, outcomes, outcome_mask, *, config: FitConfig = MLP,
 
   # Output bias at each model's observed base rate (0.5 if never observed).
   counts = m[fit].sum(axis=0)
-  rate = np.where(counts > 0, (y[fit] * m[fit]).sum(axis=0) / np.maximum(counts, 1), 0.5)
+  rate = np.where(counts > 0, (y[fit] * m[fit]).sum(axis=0) / np.where(counts > 0, counts, 1),
+                  0.5)
   rate = np.clip(rate, 1e-3, 1 - 1e-3)
   bias0 = jnp.asarray(np.log(rate / (1 - rate)), jnp.float32)
   params = _init(jax.random.key(seed), x.shape[1], num_models, config.hidden, bias0)

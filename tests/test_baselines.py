@@ -191,3 +191,32 @@ def test_oracle_curve_starts_at_the_oracle_and_dominates(results, world):
   assert entry['curve'][-1]['cost'] == _cheapest(results)['cost']      # down to all-cheapest
   for name in ('knn', 'linear', 'mlp', 'ensemble', 'task_best', 'random'):
     assert entry['aiq'] >= results[name]['aiq'], name
+
+
+def test_weighted_bce_matches_numpy_and_integer_weights_repeat_cells():
+  import jax.numpy as jnp
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 3)).astype(np.float32)
+  y = (rng.random((6, 2)) < 0.5).astype(np.float32)
+  w = np.where(rng.random((6, 2)) < 0.7, rng.integers(1, 4, (6, 2)), 0).astype(np.float32)
+  params = {'w': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+            'b': jnp.asarray([0.1, -0.2], jnp.float32)}
+  z = x @ np.asarray(params['w']) + np.asarray(params['b'])
+  cell = np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+  expected = float((cell * w).sum() / w.sum())
+  assert float(baselines._bce(params, x, y, w)) == pytest.approx(expected, rel=1e-5)
+  # a cell of weight n counts as n copies of that cell with weight 1
+  rows = np.repeat(np.arange(6), 3)
+  copies = np.concatenate([(w >= k) for k in (1, 2, 3)]).reshape(3, 6, 2).transpose(1, 0, 2)
+  ones = copies.reshape(18, 2).astype(np.float32)
+  assert float(baselines._bce(params, x[rows], y[rows], ones)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_fit_success_model_checks_cell_weights():
+  x = np.zeros((4, 2), np.float32)
+  y = np.ones((4, 2))
+  mask = np.ones((4, 2), bool)
+  with pytest.raises(ValueError, match='cell_weights'):
+    baselines.fit_success_model(x, y, mask, config=FAST, cell_weights=np.zeros((4, 2)))
+  with pytest.raises(ValueError, match='cell_weights'):
+    baselines.fit_success_model(x, y, mask, config=FAST, cell_weights=np.ones((4, 3)))

@@ -121,3 +121,29 @@ def test_serve_overhead_figure_at_a_toy_size(serve_workdir):
     assert f['us_per_request'] > 0 and f['requests_per_s'] == pytest.approx(
         1e6 / f['us_per_request'], rel=0.01)
   assert httpx.AsyncClient is client_class
+
+
+def test_long_file_writes_a_file_the_long_reader_takes(tmp_path):
+  import json
+  from benchmarks import long_file
+  from entrorouter_jax.data import readers
+  models = [m for m in long_file.prices()]
+  source = tmp_path / 'routerdc7'
+  source.mkdir()
+  for i, name in enumerate(long_file.SETS):
+    items = [{'question': f'{name} question {j}' + ' x' * j,
+              'scores': {m: float((i + j + k) % 2) for k, m in enumerate(models)}}
+             for j in range(3)]
+    if i == 0:          # RouterDC keeps some score dicts as strings
+      items[0]['scores'] = repr(items[0]['scores'])
+    (source / f'{name}.json').write_text(json.dumps(items))
+  out = tmp_path / 'ood.csv'
+  assert long_file.main([f'--out={out}', f'--source={source}']) == 0
+  data = readers.read_long(str(out))
+  assert data.model_names == models and len(data.queries) == 3 * len(long_file.SETS)
+  price_in, price_out = long_file.prices()[models[0]]
+  first = data.queries.tolist().index(f'{long_file.SETS[0]} question 2 x x')
+  expected = (len(data.queries[first]) / 4 * price_in + 256 * price_out) / 1e6
+  assert data.costs[first, 0] == pytest.approx(expected)
+  assert data.outcomes[first, 0] == float((0 + 2 + 0) % 2)
+  assert long_file.main([f'--out={out}', f'--source={tmp_path}']) == 2    # files missing
