@@ -42,9 +42,11 @@ skipped. dr_coverage = the share of such rounds, over seeds, whose interval cove
 where DR_METHOD is not run or no round is checked).
 
 Writes DIR/online.json ({data set: {method: {final_aiq, final_aiq_mean, regret, regret_mean,
-stream_utility_mean, never_tried, shares}, dr_coverage}}), DIR/online_info.json (lambda,
-c_ref, rounds and the per-round figures of every seed), DIR/online.md (the tables: mean and
-95% t-interval over seeds) and DIR/regret.png, DIR/aiq_by_round.png.
+stream_utility_mean, never_tried, shares, tries_min}, dr_coverage}}; tries_min = each
+model's fewest stream tries over the seeds), DIR/online_info.json (lambda, c_ref, rounds,
+the per-round figures of every seed and `check_targets`' verdicts), DIR/online.md (the
+tables: mean and 95% t-interval over seeds, and the targets) and DIR/regret.png,
+DIR/aiq_by_round.png.
 """
 
 from __future__ import annotations
@@ -304,12 +306,14 @@ def run_dataset(config, ds: Dataset, seeds: int, seed_labels: int, methods: list
     never = sorted({names[j] for r in seed_runs for j in range(len(names))
                     if not np.any(r['choice'] == j)}, key=names.index)
     shares = np.mean([r['shares'] for r in seed_runs], axis=0)
+    tries = np.min([np.bincount(r['choice'], minlength=len(names)) for r in seed_runs], axis=0)
     entry[name] = {'final_aiq': final, 'final_aiq_mean': float(np.mean(final)),
                    'regret': regret, 'regret_mean': float(np.mean(regret)),
                    'stream_utility_mean': float(np.mean([r['utility'].mean()
                                                          for r in seed_runs])),
                    'never_tried': never,
-                   'shares': {n: float(s) for n, s in zip(names, shares)}}
+                   'shares': {n: float(s) for n, s in zip(names, shares)},
+                   'tries_min': {n: int(t) for n, t in zip(names, tries)}}
     info['methods'][name] = [{'round_utility': r['round_utility'], 'regret': r['regret'],
                               'aiq_by_round': r['aiq_by_round'],
                               'stream_utility': float(r['utility'].mean())} for r in seed_runs]
@@ -317,8 +321,46 @@ def run_dataset(config, ds: Dataset, seeds: int, seed_labels: int, methods: list
   entry['dr_coverage'] = (float(np.mean([c['covered'] for c in checks])) if checks else None)
   if DR_METHOD in runs:
     info['dr_rounds'] = [r['dr_rounds'] for r in runs[DR_METHOD]]
+  info['targets'] = check_targets(entry)
   info['seconds'] = round(time.time() - started, 1)
   return entry, info
+
+
+CLASSIC = ('greedy', 'epsilon_greedy', 'linucb', 'thompson')
+
+
+def check_targets(entry: dict) -> dict:
+  """The issue's four targets for DR_METHOD on one data set, each {'value', 'met'} (None
+  where a method it needs was not run):
+    gap_closure   (final AIQ - seed_only's) / (full_info's - seed_only's), met at >= 0.9;
+                  where that gap is under 0.005 AIQ, met when within 0.005 of full_info;
+    stream        stream utility minus the best of CLASSIC's, met at >= -0.005;
+    no_collapse   the fewest stream tries of a model full_info routes >= 2% of the test
+                  split to (the minimum over seeds), met at >= 20;
+    dr_coverage   met at >= 0.9."""
+  out = {}
+  me = entry.get(DR_METHOD)
+  full, seed = entry.get(REFERENCE), entry.get('seed_only')
+  if me and full and seed:
+    gap = full['final_aiq_mean'] - seed['final_aiq_mean']
+    if gap < 0.005:
+      value = me['final_aiq_mean'] - full['final_aiq_mean']
+      out['gap_closure'] = {'value': value, 'met': bool(value >= -0.005), 'small_gap': True}
+    else:
+      value = (me['final_aiq_mean'] - seed['final_aiq_mean']) / gap
+      out['gap_closure'] = {'value': value, 'met': bool(value >= 0.9), 'small_gap': False}
+  classic = [entry[m]['stream_utility_mean'] for m in CLASSIC if m in entry]
+  if me and classic:
+    value = me['stream_utility_mean'] - max(classic)
+    out['stream'] = {'value': value, 'met': bool(value >= -0.005)}
+  if me and full:
+    needed = [n for n, share in full['shares'].items() if share >= 0.02]
+    value = min(me['tries_min'][n] for n in needed) if needed else None
+    out['no_collapse'] = {'value': value, 'models': needed,
+                          'met': bool(value is None or value >= 20)}
+  if entry.get('dr_coverage') is not None:
+    out['dr_coverage'] = {'value': entry['dr_coverage'], 'met': bool(entry['dr_coverage'] >= 0.9)}
+  return out
 
 
 # ================================================================ tables ===
@@ -363,6 +405,19 @@ def render(results: dict, infos: dict, command: str, seconds: float) -> str:
                    f"{_fmt(utility)} | {', '.join(e['never_tried']) or '-'} | "
                    f"{', '.join(f'{n} {s:.0%}' for n, s in top)} |")
     lines.append('')
+    targets = info.get('targets', {})
+    if targets:
+      words = {'gap_closure': lambda t: (f"final AIQ {t['value']:+.4f} from full_info's (gap "
+                                         "under 0.005)" if t['small_gap'] else
+                                         f"closes {t['value']:.0%} of the seed_only-full_info "
+                                         "AIQ gap (target 90%)"),
+               'stream': lambda t: (f"stream utility {t['value']:+.4f} against the best of "
+                                    f"{', '.join(CLASSIC)} (target >= -0.005)"),
+               'no_collapse': lambda t: (f"fewest tries of a model full_info routes >= 2% to: "
+                                         f"{t['value']} (target 20)"),
+               'dr_coverage': lambda t: f"DR coverage {t['value']:.0%} (target 90%)"}
+      lines += [f"Targets for {DR_METHOD}: " + '; '.join(
+          f"{words[k](t)}: {'met' if t['met'] else 'NOT met'}" for k, t in targets.items()), '']
     if entry.get('dr_coverage') is not None:
       checks = sum(len(r) for r in info.get('dr_rounds', []))
       lines += [f"{DR_METHOD}'s DR 95% interval (a shadow learner fitted on the other 80%) "

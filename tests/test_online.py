@@ -207,6 +207,35 @@ def _write_long(path, num_train=160, num_test=60):
   return path, data.model_names
 
 
+def _entry(final, utility, shares=None, tries=None):
+  return {'final_aiq_mean': final, 'stream_utility_mean': utility,
+          'shares': shares or {'a': 0.5, 'b': 0.5}, 'tries_min': tries or {'a': 50, 'b': 50}}
+
+
+def test_check_targets_reads_the_issue_thresholds():
+  entry = {'seed_only': _entry(0.70, 0.6), 'full_info': _entry(0.80, 0.8,
+                                                                 {'a': 0.97, 'b': 0.01, 'c': 0.02}),
+           'greedy': _entry(0.75, 0.70), 'linucb': _entry(0.74, 0.72),
+           'entrorouter': _entry(0.791, 0.716, tries={'a': 900, 'b': 0, 'c': 20}),
+           'dr_coverage': 0.9}
+  t = online.check_targets(entry)
+  assert t['gap_closure'] == {'value': pytest.approx(0.91), 'met': True, 'small_gap': False}
+  assert t['stream']['value'] == pytest.approx(-0.004) and t['stream']['met']
+  assert t['no_collapse'] == {'value': 20, 'models': ['a', 'c'], 'met': True}
+  assert t['dr_coverage'] == {'value': 0.9, 'met': True}
+  entry['entrorouter'] = _entry(0.789, 0.714, tries={'a': 900, 'b': 0, 'c': 19})
+  entry['dr_coverage'] = 0.85
+  t = online.check_targets(entry)
+  assert not any(v['met'] for v in t.values()), t
+  entry['seed_only'] = _entry(0.797, 0.6)          # a gap under 0.005: within 0.005 of full_info
+  t = online.check_targets(entry)
+  assert t['gap_closure']['small_gap'] and not t['gap_closure']['met']      # 0.789: 0.011 off
+  entry['entrorouter']['final_aiq_mean'] = 0.796
+  t = online.check_targets(entry)
+  assert t['gap_closure']['small_gap'] and t['gap_closure']['met']
+  assert online.check_targets({'greedy': _entry(0.7, 0.7), 'dr_coverage': None}) == {}
+
+
 def test_online_cli_writes_the_contract(tmp_path):
   path, names = _write_long(tmp_path / 'tiny.csv')
   workdir = tmp_path / 'online'
@@ -224,8 +253,10 @@ def test_online_cli_writes_the_contract(tmp_path):
   for method in ('greedy', 'seed_only'):
     e = entry[method]
     assert set(e) == {'final_aiq', 'final_aiq_mean', 'regret', 'regret_mean',
-                      'stream_utility_mean', 'never_tried', 'shares'}
+                      'stream_utility_mean', 'never_tried', 'shares', 'tries_min'}
     assert len(e['final_aiq']) == 1 and 0.0 < e['final_aiq'][0] <= 1.0
+    assert list(e['tries_min']) == names and sum(e['tries_min'].values()) == 140
+    assert set(e['never_tried']) == {n for n, t in e['tries_min'].items() if t == 0}
     assert e['final_aiq_mean'] == e['final_aiq'][0] and e['regret_mean'] == e['regret'][0]
     assert set(e['never_tried']) <= set(names)
     assert list(e['shares']) == names and sum(e['shares'].values()) == pytest.approx(1.0)
