@@ -164,3 +164,20 @@ def estimate(pi, logged, propensity, reward, q_hat, *, bootstrap: int = 1000,
     lo, hi = np.percentile(np.concatenate(reps[name]), [2.5, 97.5])
     out[name] = {'value': value, 'ci95': [float(lo), float(hi)]}
   return out
+
+
+def dr_gain(pi_new, pi_old, logged, propensity, reward, q_hat, *, bootstrap: int = 1000,
+            seed: int = 0, level: float = 0.95) -> dict:
+  """DR of pi_new minus DR of pi_old on the same logged rows, paired row by row:
+  {'value': mean(d), 'lower': the one-sided `level` lower bound of mean(d), i.e. the
+  (1 - level) percentile of `bootstrap` replicates over rows}, d = the rows' DR terms under
+  pi_new minus under pi_old. A conservative update deploys pi_new only where 'lower' > 0
+  (METHOD.md: deploy only where DR's lower end beats the policy in place)."""
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level is {level!r}; expected a confidence level in (0, 1)')
+  checked_new = check_inputs(pi_new, logged, propensity, reward, q_hat)
+  checked_old = check_inputs(pi_old, logged, propensity, reward, q_hat)
+  d = dr_terms(*checked_new) - dr_terms(*checked_old)
+  means = np.concatenate([d[rows].mean(axis=1) for rows in
+                          bootstrap_rows(len(d), int(bootstrap), seed)])
+  return {'value': float(d.mean()), 'lower': float(np.percentile(means, 100 * (1 - level)))}

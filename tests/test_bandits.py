@@ -82,7 +82,8 @@ def test_linucb_scores_and_choice_match_numpy():
   q = np.random.default_rng(5).normal(size=(7, 3)).astype(np.float32)
   xq = np.concatenate([q.astype(np.float64), np.ones((7, 1))], axis=1)
   ucb = np.stack([xq @ np.linalg.solve(a[m], b[m])
-                  + 1.0 * np.sqrt(np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]), xq))
+                  + learner.alpha * np.sqrt(np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]),
+                                                      xq))
                   for m in range(3)], axis=1)
   np.testing.assert_allclose(learner.ucb(q), ucb, rtol=1e-9, atol=1e-9)
   costs = logs.mean_costs()
@@ -103,11 +104,12 @@ def test_thompson_posterior_and_policy_match_numpy():
   q = np.random.default_rng(2).normal(size=(40, 3)).astype(np.float32) * 0.3
   xq = np.concatenate([q.astype(np.float64), np.ones((40, 1))], axis=1)
   mean = np.stack([xq @ np.linalg.solve(a[m], b[m]) for m in range(2)], axis=1)
-  var = np.stack([0.5 ** 2 * np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]), xq)
+  v = learner.v
+  var = np.stack([v ** 2 * np.einsum('nd,de,ne->n', xq, np.linalg.inv(a[m]), xq)
                   for m in range(2)], axis=1)
   got_mean, got_width = learner.mean_and_width(q)
   np.testing.assert_allclose(got_mean, mean, rtol=1e-9, atol=1e-9)
-  np.testing.assert_allclose((0.5 * got_width) ** 2, var, rtol=1e-9, atol=1e-12)
+  np.testing.assert_allclose((v * got_width) ** 2, var, rtol=1e-9, atol=1e-12)
   # P(model 0 best) = Phi((u0 - u1) / sqrt(var0 + var1)) for two independent Gaussians.
   u = mean - lam * logs.mean_costs()[None]
   z = (u[:, 0] - u[:, 1]) / np.sqrt(var.sum(axis=1))
@@ -296,3 +298,36 @@ def test_entrorouter_without_entropy_control_deploys_a_greedier_policy():
              for p in (learner.policy(feats) for learner in learners)]
   assert entropy[0] >= 1.2 - 1e-3, entropy
   assert entropy[1] < entropy[0] - 0.05, entropy
+
+
+def _correction_norm(learner):
+  from flax import nnx
+  head, _ = nnx.merge(learner.graphdef, learner.state)
+  return float(np.abs(head.correction.kernel.value).sum()
+               + np.abs(head.correction.bias.value).sum())
+
+
+def test_entrorouter_conservative_update_keeps_g_only_on_a_held_out_dr_gain(monkeypatch):
+  from entrorouter_jax import offpolicy
+  seed_logs, feats, y, c = _entro_problem(seed=6, n_stream=200)
+  learners = {}
+  for conservative, gain in ((False, None), (True, -0.01), (True, 0.01)):
+    learner = bandits.make_learner('entrorouter', 4, 0.3, seed=0, config=_entro_config())
+    learner.conservative = conservative
+    learner.update(seed_logs)
+    choice, propensity = learner.deploy(feats)
+    logs = _log_round(seed_logs, feats, y, c, choice, propensity)
+    seen = {}
+    if gain is not None:
+      def fake_gain(pi_new, pi_old, logged, *args, lower=gain, **kwargs):
+        seen['rows'] = len(logged)
+        return {'value': lower, 'lower': lower}
+      monkeypatch.setattr(offpolicy, 'dr_gain', fake_gain)
+    learner.update(logs)
+    learners[(conservative, gain)] = (learner, seen)
+  assert _correction_norm(learners[(False, None)][0]) > 0          # g trained on every row
+  rejected, seen = learners[(True, -0.01)]
+  assert _correction_norm(rejected) == 0.0 and not rejected.gate['kept']
+  assert seen['rows'] == rejected.gate['held'] == 40               # every 5th of 200 rows
+  kept, _ = learners[(True, 0.01)]
+  assert _correction_norm(kept) > 0 and kept.gate['kept']

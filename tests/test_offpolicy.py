@@ -340,3 +340,28 @@ def test_evaluate_feedback_cli_bad_input(serve_workdir, tmp_path, feedback, mess
   out = run_evaluate(f'--workdir={serve_workdir}', '--feedback=' + feedback.format(tmp=tmp_path))
   assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
   assert message in out.stderr
+
+
+def test_dr_gain_is_the_paired_difference_of_dr_with_a_bootstrap_lower_bound():
+  rng = np.random.default_rng(7)
+  n, k = 400, 3
+  pi_old = rng.dirichlet(np.ones(k), n)
+  pi_new = rng.dirichlet(np.ones(k), n)
+  logged = rng.integers(0, k, n)
+  propensity = rng.uniform(0.2, 1.0, n)
+  reward = rng.random(n)
+  q_hat = rng.random((n, k))
+  gain = offpolicy.dr_gain(pi_new, pi_old, logged, propensity, reward, q_hat, bootstrap=500,
+                           seed=3)
+  assert gain['value'] == pytest.approx(
+      offpolicy.dr(pi_new, logged, propensity, reward, q_hat)
+      - offpolicy.dr(pi_old, logged, propensity, reward, q_hat), abs=1e-12)
+  d = (offpolicy.dr_terms(pi_new, logged, propensity, reward, q_hat)
+       - offpolicy.dr_terms(pi_old, logged, propensity, reward, q_hat))
+  boot = np.random.default_rng(3).integers(0, n, (500, n))
+  assert gain['lower'] == pytest.approx(np.percentile(d[boot].mean(axis=1), 5), abs=1e-12)
+  assert gain['lower'] < gain['value']
+  same = offpolicy.dr_gain(pi_old, pi_old, logged, propensity, reward, q_hat)
+  assert same == {'value': 0.0, 'lower': 0.0}
+  with pytest.raises(ValueError, match='level'):
+    offpolicy.dr_gain(pi_new, pi_old, logged, propensity, reward, q_hat, level=1.0)
