@@ -77,12 +77,12 @@ THOMPSON_DRAWS = 512
 RIDGE = 1.0                 # A_m = RIDGE * I + sum x x^T (the prior of both linear learners)
 ENTRO_EXPLORE = 0.02        # entrorouter's deployed eps (config rl.explore overrides it)
 ENTRO_BATCH = 128           # logged rows per optax step (sampled with replacement)
-ENTRO_LR = 1e-2            # Adam's learning rate of entrorouter's policy head
+ENTRO_LR = 1e-2             # Adam's learning rate of entrorouter's policy head
 ENTRO_STEPS = (50, 400)     # steps per update: 50 + logged rows / 4, capped at 400
-ENTRO_TEMPERATURE = 0.02   # T of the first deployment (config rl.explore_temperature overrides)
-ENTRO_BISECTIONS = 30
+ENTRO_TEMPERATURE = 0.02    # T of the first deployment (config: rl.explore_temperature)
+ENTRO_BISECTIONS = 30       # the entropy controller's bisection steps on log T
 GATE_FOLDS = 5              # every 5th logged row is held out of g's training, for the gate
-GATE_MIN_HELD = 20          # fewer held-out rows than this: g is not kept      # the entropy controller's bisection steps on log T
+GATE_MIN_HELD = 20          # fewer held-out rows than this: g is not kept
 
 
 # ------------------------------------------------------------------ logs ---
