@@ -21,8 +21,9 @@ Endpoints
       "cost_weight" field (the openai client's extra_body) routes this request
       at that lambda.
   POST /v1/route  {"query": "..."} (or {"messages": [...]}) -> {"model", "probs",
-      "cost_weight"}: the decision only.
-  GET /healthz    200 once the router is loaded and warmed up.
+      "cost_weight", "ranking", "propensity", "explored"}: the decision only.
+  GET /healthz    200 once the router is loaded and warmed up; "version" names the
+      router (a digest of its workdir's config.json and checkpoint files).
   GET /metrics    Prometheus text: requests, routes per model, upstream errors,
       fallbacks, latency histograms, micro-batch sizes.
 
@@ -39,6 +40,16 @@ forward fails is run again item by item. Every reply carries the header
 x-entrorouter-request-id; anything unforeseen is logged under that id and
 answered with an OpenAI-style 500 that names the id, never the internals.
 
+Serving that learns: --explore=EPS (default 0: the argmax) routes each routed
+request ("model": "router", and /v1/route) to a model sampled from
+(1 - EPS) pi + EPS / K' over the K' served models (--seed fixes the draws), and
+reports the chosen model's probability there as its "propensity"; a request
+with "explore": false is routed by the argmax (propensity 1). --decisions=DIR
+appends one JSON line per routed chat completion and per /v1/route call to
+DIR/decisions-*.jsonl (serving/decisions.py): the request id (a routed
+completion's "id"), the text routed on -- prompts are written to disk --, the
+chosen and answering model, propensity, usage, dollar cost, latency, status.
+
 Safe by default: binds 127.0.0.1 unless --host says otherwise; with
 --auth_token_env=NAME every request but /healthz must carry
 "Authorization: Bearer $NAME" (401 otherwise); upstream keys are read from
@@ -53,9 +64,11 @@ imports nothing of the trainer nor of the table readers.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
+import pathlib
 import sys
 from typing import Optional
 
@@ -63,7 +76,7 @@ from absl import app as absl_app, flags
 
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data.dataset import DataError
-from entrorouter_jax.data.pool import Endpoint, read_endpoints
+from entrorouter_jax.data.pool import Endpoint, prices as pool_prices, read_endpoints
 from entrorouter_jax.serving.settings import ROUTE_ON, Settings
 
 log = logging.getLogger('entrorouter_jax.serve')
@@ -71,11 +84,28 @@ FLAGS = flags.FLAGS
 
 
 def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
-               settings: Optional[Settings] = None, warm_up: bool = True):
+               settings: Optional[Settings] = None, warm_up: bool = True,
+               version: str = 'unknown', prices: Optional[dict] = None):
   """The Starlette application of `serving.app.create_app`, imported on first use: the
   server needs the [serve] extras, which `main` checks for first."""
   from entrorouter_jax.serving import app
-  return app.create_app(router, endpoints, settings, warm_up)
+  return app.create_app(router, endpoints, settings, warm_up, version, prices)
+
+
+def router_version(workdir) -> str:
+  """A short digest naming the router a workdir holds: the first 12 hex digits of sha256
+  over its config.json and the relative path, size and mtime of every file under its
+  checkpoints/ (a retrained or resumed run gets a new one). FileNotFoundError if
+  config.json is missing."""
+  workdir = pathlib.Path(workdir)
+  digest = hashlib.sha256((workdir / 'config.json').read_bytes())
+  checkpoints = workdir / 'checkpoints'
+  files = sorted(p for p in checkpoints.rglob('*') if p.is_file()) if checkpoints.is_dir() else []
+  for path in files:
+    stat = path.stat()
+    digest.update(f'\0{path.relative_to(workdir).as_posix()}\0{stat.st_size}\0'
+                  f'{stat.st_mtime_ns}'.encode('utf-8', 'surrogateescape'))
+  return digest.hexdigest()[:12]
 
 
 def settings_from_flags() -> Settings:
@@ -88,7 +118,8 @@ def settings_from_flags() -> Settings:
   return Settings(max_batch=FLAGS.max_batch, max_wait_ms=FLAGS.max_wait_ms,
                   upstream_timeout=FLAGS.upstream_timeout, max_body_bytes=FLAGS.max_body_bytes,
                   fallback=FLAGS.fallback, max_attempts=FLAGS.max_attempts,
-                  route_on=FLAGS.route_on, auth_token=token)
+                  route_on=FLAGS.route_on, auth_token=token, explore=FLAGS.explore,
+                  seed=FLAGS.seed, decisions=FLAGS.decisions)
 
 
 def main(argv):
@@ -107,9 +138,12 @@ def main(argv):
   logging.getLogger('entrorouter_jax').setLevel(logging.INFO)
   try:
     settings = settings_from_flags()
+    settings.check()   # before the router loads: a bad flag fails fast
     endpoints = read_endpoints(FLAGS.pool)
+    prices = pool_prices(FLAGS.pool)
     router = router_lib.load_router(FLAGS.workdir)
-    app = create_app(router, endpoints, settings)
+    version = router_version(FLAGS.workdir)
+    app = create_app(router, endpoints, settings, version=version, prices=prices)
   except (router_lib.RouterError, DataError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -117,8 +151,13 @@ def main(argv):
     log.warning('serving on %s without --auth_token_env: anyone who reaches this port can '
                 'spend your upstream keys', FLAGS.host)
   lam = router.default_cost_weight if router.moves_with_cost_weight else None
-  log.info('routing %s over %s at cost weight %s%s', FLAGS.workdir, router.model_names, lam,
-           ' (calibrated)' if router.calibration else '')
+  log.info('routing %s (version %s) over %s at cost weight %s%s', FLAGS.workdir, version,
+           router.model_names, lam, ' (calibrated)' if router.calibration else '')
+  if settings.explore > 0:
+    log.info('exploring: routed requests sample from (1 - %g) pi + %g / K\' (seed %s)',
+             settings.explore, settings.explore, settings.seed)
+  if settings.decisions is not None:
+    log.info('decision log: %s (the routed prompts are written there)', settings.decisions)
   uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
               access_log=FLAGS.access_log)
 
@@ -140,6 +179,11 @@ if __name__ == '__main__':
                     'failure: the next model of the ranking, or 502 at once.')
   flags.DEFINE_integer('max_attempts', Settings.max_attempts, 'Models tried per routed request.')
   flags.DEFINE_enum('route_on', Settings.route_on, list(ROUTE_ON), 'What the router reads.')
+  flags.DEFINE_float('explore', Settings.explore, 'Exploration rate EPS in [0, 1]: routed '
+                     "requests sample their model from (1 - EPS) pi + EPS / K'; 0: the argmax.")
+  flags.DEFINE_integer('seed', Settings.seed, 'Seed of the exploration draws (default: fresh).')
+  flags.DEFINE_string('decisions', Settings.decisions, 'Directory of the decision log: a JSON '
+                      'line per routed request, prompts included (default: off).')
   flags.DEFINE_string('log_level', 'info', 'uvicorn log level.')
   flags.DEFINE_bool('access_log', False, 'uvicorn access log (paths and statuses only).')
   absl_app.run(main)

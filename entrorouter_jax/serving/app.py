@@ -4,7 +4,9 @@ the router up; the endpoints read the request, route, and forward (or answer the
 decision only).
 
 What the endpoints share is one frozen `Serving` on `app.state.serving`; while the app
-runs (between the lifespan's start-up and shutdown) it carries the upstream client.
+runs (between the lifespan's start-up and shutdown) it carries the upstream client and,
+with --decisions, the decision log: one line per routed chat completion and per
+/v1/route call (`decision_line`; serving/decisions.py writes them).
 RequestError is answered by one exception handler; `Metered` counts and times the
 replies, `ErrorBoundary` names each request and answers the unforeseen.
 """
@@ -15,6 +17,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import numbers
+import os
 import time
 from typing import Optional
 
@@ -22,19 +27,20 @@ import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data.pool import Endpoint
+from entrorouter_jax.serving.decisions import DecisionLog
 from entrorouter_jax.serving.errors import (ErrorBoundary, RequestError, http_error_reply,
-                                            request_error_reply)
+                                            request_error_reply, request_id_of)
 from entrorouter_jax.serving.metrics import Metered, Metrics
-from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_request, read_json,
-                                              route_text)
-from entrorouter_jax.serving.routing import RoutingService
+from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_request,
+                                              explore_field, read_json, route_text)
+from entrorouter_jax.serving.routing import Decision, RoutingService
 from entrorouter_jax.serving.settings import Settings
-from entrorouter_jax.serving.upstream import forward_with_fallback, new_client
+from entrorouter_jax.serving.upstream import Outcome, forward_with_fallback, new_client
 
 log = logging.getLogger('entrorouter_jax.serve')
 
@@ -42,19 +48,26 @@ log = logging.getLogger('entrorouter_jax.serve')
 @dataclasses.dataclass(frozen=True)
 class Serving:
   """What the endpoints share: the settings, the pool's endpoints, the models served, the
-  metrics, the micro-batched router, and the upstream client (None until the app runs)."""
+  metrics, the micro-batched router, the router's version (a digest of its workdir), the
+  pool's prices ({name: an object with price_in and price_out, dollars per 1M tokens}),
+  and, while the app runs, the upstream client and the decision log (None otherwise, and
+  the log None without --decisions)."""
   settings: Settings
   endpoints: dict
   served: list
   metrics: Metrics
   service: RoutingService
+  version: str = 'unknown'
+  prices: dict = dataclasses.field(default_factory=dict)
+  decisions: Optional[DecisionLog] = None
   client: Optional[httpx.AsyncClient] = None
 
 
 @contextlib.asynccontextmanager
 async def lifespan(base: Serving, warm_up: bool, app: Starlette):
-  """Starts the batcher and the client, warms the router up, then serves; `healthz` says
-  ready while `app.state.serving` holds the client."""
+  """Starts the batcher, the client and the decision log (--decisions), warms the router
+  up, then serves; `healthz` says ready while `app.state.serving` holds the client. At
+  shutdown the decision log is closed (drained, fsynced) once the batcher has stopped."""
   service, settings = base.service, base.settings
   await service.batcher.start()
   client = new_client(settings)
@@ -63,21 +76,28 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
     calls = await service.batcher.run_alone(service.router.warm_up, settings.max_batch)
     log.info('router warmed up (%d shapes, batches up to %d) in %.1f s', calls,
              settings.max_batch, time.perf_counter() - started)
-  app.state.serving = dataclasses.replace(base, client=client)
+  decisions = None
+  if settings.decisions is not None:
+    decisions = DecisionLog(settings.decisions, on_written=base.metrics.decisions_written.inc)
+  app.state.serving = dataclasses.replace(base, client=client, decisions=decisions)
   try:
     yield
   finally:
     app.state.serving = base
-    await client.aclose()
-    await service.batcher.stop()
+    try:
+      await client.aclose()
+      await service.batcher.stop()
+    finally:
+      if decisions is not None:
+        decisions.close()
 
 
 async def healthz(request):
   """GET /healthz: 200 once the router is loaded and warmed up, 503 before."""
   serving: Serving = request.app.state.serving
   if serving.client is None:
-    return JSONResponse({'status': 'starting'}, status_code=503)
-  return JSONResponse({'status': 'ok', 'models': serving.served})
+    return JSONResponse({'status': 'starting', 'version': serving.version}, status_code=503)
+  return JSONResponse({'status': 'ok', 'models': serving.served, 'version': serving.version})
 
 
 async def metrics_text(request):
@@ -87,33 +107,121 @@ async def metrics_text(request):
   return Response(serving.metrics.text(), media_type='text/plain; version=0.0.4; charset=utf-8')
 
 
+def dollar_cost(usage, price) -> Optional[float]:
+  """The dollars of a reply: (prompt_tokens x price_in + completion_tokens x price_out) / 1e6
+  of the upstream's `usage` and the model's `price` (price_in, price_out per 1M tokens);
+  None where either is missing or the token counts are not numbers >= 0."""
+  if not isinstance(usage, dict) or price is None:
+    return None
+  tokens = (usage.get('prompt_tokens'), usage.get('completion_tokens'))
+  if not all(isinstance(t, numbers.Real) and not isinstance(t, bool) and math.isfinite(t)
+             and t >= 0 for t in tokens):
+    return None
+  return (tokens[0] * price.price_in + tokens[1] * price.price_out) / 1e6
+
+
+def decision_line(serving: Serving, request_id: Optional[str], endpoint: str, text: str,
+                  decision: Decision, decided_at: float,
+                  outcome: Optional[Outcome] = None) -> dict:
+  """The decision log's line of one routed request (`endpoint`: "chat" or "route"; a
+  route call has no `outcome`: nothing was forwarded, its status is 200)."""
+  outcome = outcome or Outcome(status=200)
+  price = serving.prices.get(outcome.answered_by) if outcome.answered_by else None
+  return {'id': request_id, 'time': decided_at, 'endpoint': endpoint, 'text': text,
+          'model': decision.model, 'answered_by': outcome.answered_by,
+          'propensity': decision.propensity, 'explored': decision.explored,
+          'cost_weight': decision.cost_weight, 'version': serving.version,
+          'usage': outcome.usage, 'cost': dollar_cost(outcome.usage, price),
+          'latency_ms': outcome.latency_ms, 'status': outcome.status,
+          'fallbacks': list(outcome.fallbacks)}
+
+
+def write_decision(serving: Serving, line: dict) -> None:
+  """Queues `line` on the decision log (if on). A line the log cannot hold (an upstream
+  usage that is not strict JSON) goes without its usage; after the log closed (a stream
+  outliving the server's shutdown) it is dropped with a warning."""
+  if serving.decisions is None:
+    return
+  try:
+    try:
+      serving.decisions.record(line)
+    except (ValueError, TypeError):
+      log.warning('decision log: request %s: the upstream usage %r is not strict JSON; '
+                  'logged without it', line.get('id'), line.get('usage'))
+      serving.decisions.record({**line, 'usage': None, 'cost': None})
+  except RuntimeError:
+    log.warning('decision log: request %s ended after the log closed; its line is lost',
+                line.get('id'))
+
+
+async def logged_at_end(stream, write):
+  """`stream` (a streamed reply's body) passed through; `write()` once it ends, however."""
+  try:
+    async for chunk in stream:
+      yield chunk
+  finally:
+    try:
+      if hasattr(stream, 'aclose'):
+        await stream.aclose()   # the relay's own end first: its latency, the upstream closed
+    finally:
+      write()
+
+
 async def route(request):
-  """POST /v1/route: the decision only."""
+  """POST /v1/route: the decision only, with the propensity of the chosen model."""
   serving: Serving = request.app.state.serving
   authorize(request, serving.settings.auth_token)
   body = await read_json(request, serving.settings.max_body_bytes)
   text, field = route_text(body, serving.settings.route_on)
-  decision = await serving.service.decide(text, body.get('cost_weight'), field)
+  explore = explore_field(body)
+  decision = await serving.service.decide(text, body.get('cost_weight'), field, explore)
+  decided_at = time.time()
   out = {'model': decision.model, 'probs': decision.probs, 'cost_weight': decision.cost_weight,
-         'ranking': decision.ranking}
+         'ranking': decision.ranking, 'propensity': decision.propensity,
+         'explored': decision.explored}
   if decision.threshold is not None:
     out['threshold'] = decision.threshold
+  write_decision(serving, decision_line(serving, request_id_of(request), 'route', text,
+                                        decision, decided_at))
   return JSONResponse(out)
 
 
 async def chat(request):
-  """POST /v1/chat/completions: routed (or a pool model by name), then forwarded."""
+  """POST /v1/chat/completions: routed (or a pool model by name), then forwarded. A routed
+  completion's JSON "id" is the request id (x-entrorouter-request-id), and so is its
+  decision log line's (a stream's chunks keep the upstream's ids)."""
   serving: Serving = request.app.state.serving
   settings = serving.settings
   authorize(request, settings.auth_token)
   body = await read_json(request, settings.max_body_bytes)
   asked = chat_request(body, serving.served, settings.route_on)
-  decision, candidates = None, [asked.model]
-  if asked.model == ROUTER_MODEL:
-    decision = await serving.service.decide(asked.text, body.get('cost_weight'))
-    candidates = decision.ranking[:1 if settings.fallback == 'none' else settings.max_attempts]
-  return await forward_with_fallback(serving.client, serving.endpoints, serving.metrics, body,
-                                     candidates, decision, asked.stream)
+  if asked.model != ROUTER_MODEL:
+    return await forward_with_fallback(serving.client, serving.endpoints, serving.metrics, body,
+                                       [asked.model], None, asked.stream)
+  decision = await serving.service.decide(asked.text, body.get('cost_weight'),
+                                          explore=asked.explore)
+  decided_at = time.time()
+  candidates = decision.ranking[:1 if settings.fallback == 'none' else settings.max_attempts]
+  request_id = request_id_of(request)
+  outcome = Outcome()
+
+  def write():
+    write_decision(serving, decision_line(serving, request_id, 'chat', asked.text, decision,
+                                          decided_at, outcome))
+
+  try:
+    reply = await forward_with_fallback(serving.client, serving.endpoints, serving.metrics,
+                                        body, candidates, decision, asked.stream, request_id,
+                                        outcome)
+  except Exception as e:
+    outcome.status = e.status if isinstance(e, RequestError) else 500
+    write()
+    raise
+  if isinstance(reply, StreamingResponse):
+    reply.body_iterator = logged_at_end(reply.body_iterator, write)
+  else:
+    write()
+  return reply
 
 
 def served_models(router: router_lib.Router, endpoints: dict[str, Endpoint]) -> list[str]:
@@ -133,15 +241,34 @@ def served_models(router: router_lib.Router, endpoints: dict[str, Endpoint]) -> 
   return served
 
 
+def check_decisions_dir(directory) -> None:
+  """Creates the decision log's directory; ValueError naming --decisions if it cannot be
+  created or written to."""
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'--decisions={directory}: cannot create that directory ({e.strerror}); '
+                     'expected a writable directory for the decision log') from None
+  if not os.access(directory, os.W_OK | os.X_OK):
+    raise ValueError(f'--decisions={directory}: that directory is not writable; expected a '
+                     'writable directory for the decision log')
+
+
 def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
-               settings: Optional[Settings] = None, warm_up: bool = True) -> Starlette:
-  """The Starlette application (uvicorn serves it; tests may too)."""
+               settings: Optional[Settings] = None, warm_up: bool = True,
+               version: str = 'unknown', prices: Optional[dict] = None) -> Starlette:
+  """The Starlette application (uvicorn serves it; tests may too). `version` names the
+  router in /healthz and the decision log; `prices` ({name: an object with price_in and
+  price_out, e.g. data.pool.prices(POOL)}) price the logged replies (none: cost null)."""
   settings = settings or Settings()
   settings.check()
+  if settings.decisions is not None:
+    check_decisions_dir(settings.decisions)
   served = served_models(router, endpoints)
   metrics = Metrics(served, settings.max_batch)
   base = Serving(settings, endpoints, served, metrics,
-                 RoutingService(router, settings, metrics, served))
+                 RoutingService(router, settings, metrics, served), version=version,
+                 prices=dict(prices or {}))
   routes = [
       Route('/healthz', healthz, methods=['GET']),
       Route('/metrics', metrics_text, methods=['GET']),

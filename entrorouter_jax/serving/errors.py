@@ -56,13 +56,20 @@ def http_error_reply(paths):
   return reply
 
 
+def request_id_of(request) -> Optional[str]:
+  """The id ErrorBoundary gave this request (its x-entrorouter-request-id header), or
+  None outside ErrorBoundary."""
+  return request.scope.get('state', {}).get('request_id')
+
+
 class ErrorBoundary:
   """ASGI middleware: a request id on every reply, and no bare 500.
 
-  Anything an endpoint did not foresee is logged with the request's id and
-  answered with an OpenAI-style 500 body that names the id and nothing of the
-  server's internals (a stream already under way is closed instead).
-  `on_error(path)` counts it.
+  The id ('req-' and 32 hex digits, fresh per request) is also in the scope's state,
+  where endpoints read it (`request_id_of`). Anything an endpoint did not foresee is
+  logged with the request's id and answered with an OpenAI-style 500 body that names
+  the id and nothing of the server's internals (a stream already under way is closed
+  instead). `on_error(path)` counts it.
   """
 
   def __init__(self, app, on_error=None):
@@ -72,6 +79,8 @@ class ErrorBoundary:
     if scope['type'] != 'http':
       return await self.app(scope, receive, send)
     request_id = 'req-' + uuid.uuid4().hex
+    # The endpoints read it as request.state.request_id (`request_id_of`).
+    scope = {**scope, 'state': {**scope.get('state', {}), 'request_id': request_id}}
     replied = False
 
     async def send_with_id(message):

@@ -22,6 +22,12 @@ class Metrics:
                                  ['endpoint', 'status'], registry=r)
     self.routes = prom.Counter('entrorouter_routes', 'Routing decisions, by chosen model.',
                                ['model'], registry=r)
+    self.explored = prom.Counter('entrorouter_explored',
+                                 'Routed requests whose model was sampled (--explore > 0).',
+                                 registry=r)
+    self.decisions_written = prom.Counter('entrorouter_decisions_written',
+                                          'Lines written to the decision log (--decisions).',
+                                          registry=r)
     self.upstream_errors = prom.Counter('entrorouter_upstream_errors',
                                         'Failed upstream calls, by model and reason.',
                                         ['model', 'reason'], registry=r)

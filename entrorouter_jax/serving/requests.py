@@ -111,17 +111,29 @@ def route_text(body: dict, route_on: str) -> tuple[str, str]:
                      '[...]}', 'query')
 
 
+def explore_field(body: dict) -> bool:
+  """The body's "explore" (default true): false routes this request by the argmax even
+  when the server explores (--explore > 0). 400 naming the field unless a JSON boolean."""
+  explore = body.get('explore', True)
+  if not isinstance(explore, bool):
+    shown = repr(explore) if len(repr(explore)) <= 40 else repr(explore)[:40] + '...'
+    raise RequestError(400, f'explore is {shown}; expected true or false', 'explore')
+  return explore
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
   """A checked chat request: the model asked for ("router" or a served pool model), the
-  text to route on and whether to stream."""
+  text to route on, whether to stream, and whether it may be explored."""
   model: str
   text: str
   stream: bool
+  explore: bool = True
 
 
 def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
-  """Checks a /v1/chat/completions body against the served models."""
+  """Checks a /v1/chat/completions body against the served models; returns it as a
+  ChatRequest (RequestError naming the field otherwise)."""
   model = body.get('model')
   if not isinstance(model, str) or not model:
     raise RequestError(400, f'model is {model!r}; expected "router" or one of the pool '
@@ -130,6 +142,7 @@ def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
   stream = body.get('stream', False)
   if not isinstance(stream, bool):
     raise RequestError(400, f'stream is {stream!r}; expected true or false', 'stream')
+  explore = explore_field(body)
   if model != ROUTER_MODEL:
     if model not in served:
       raise RequestError(404, f'model {model!r} is not served here; expected "router" or '
@@ -138,4 +151,4 @@ def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
     if 'cost_weight' in body:
       raise RequestError(400, f'cost_weight applies to "model": "router" only; model is '
                          f'{model!r}', 'cost_weight')
-  return ChatRequest(model, text, stream)
+  return ChatRequest(model, text, stream, explore)

@@ -1,5 +1,8 @@
 """The router behind a micro-batcher: a text (and an optional cost weight) -> a `Decision`,
-the chosen model and the ranking a routed request falls back along."""
+the chosen model, the ranking a routed request falls back along, and the propensity of
+the choice. With --explore=EPS > 0 the first model is sampled from the exploring policy
+(1 - EPS) pi + EPS / K' over the served models (as `Router.sample` does), so that the
+decision log holds the probability each logged model had of being chosen."""
 
 from __future__ import annotations
 
@@ -18,13 +21,17 @@ from entrorouter_jax.serving.settings import Settings
 
 @dataclasses.dataclass
 class Decision:
-  """Where one request goes: the chosen model, the served models best first, pi(m|x) and
-  the cost weight (or threshold) it was routed at."""
+  """Where one request goes: the chosen model, the served models best first, pi(m|x), the
+  cost weight (or threshold) it was routed at, and how it was chosen: `explored` when
+  sampled from the exploring policy, whose probability of this model is `propensity`
+  (1.0 for the argmax, which is deterministic)."""
   model: str
-  ranking: list            # pool names, best first
+  ranking: list            # pool names: the chosen one, then the rest best first
   probs: dict              # name -> pi(m|x)
   cost_weight: Optional[float]
   threshold: Optional[float]
+  propensity: float = 1.0
+  explored: bool = False
 
 
 class RoutingService:
@@ -36,6 +43,9 @@ class RoutingService:
     # The models requests may go to (those the pool gives an endpoint): routing
     # picks the best of them.
     self.served = np.array([n in (served or router.model_names) for n in router.model_names])
+    self.explore = router_lib.check_explore(settings.explore, '--explore')
+    # The exploration draws: one Generator, used on the event loop's thread only.
+    self.rng = np.random.default_rng(settings.seed)
     self.batcher = MicroBatcher(self._route_batch, settings.max_batch, settings.max_wait_ms,
                                 on_batch=self._observe_batch)
 
@@ -65,10 +75,16 @@ class RoutingService:
     except router_lib.RouterError as e:
       raise RequestError(400, str(e), 'cost_weight') from None
 
-  async def decide(self, text: str, requested_cost_weight=None,
-                   field: str = 'messages') -> Decision:
+  async def decide(self, text: str, requested_cost_weight=None, field: str = 'messages',
+                   explore: bool = True) -> Decision:
     """Routes one text (checked here, before it joins a batch: a text the router
-    cannot read fails alone, with a 400 naming `field`)."""
+    cannot read fails alone, with a 400 naming `field`); returns the Decision.
+
+    With --explore > 0 and `explore` (the request's own "explore", default true) the
+    first model is drawn from (1 - EPS) pi + EPS / K' over the served models and
+    `propensity` is its probability there; otherwise it is the argmax (or the
+    threshold rule's choice) with propensity 1.0. The rest of the ranking is the
+    other served models by probability either way."""
     lam = self.cost_weight_for(requested_cost_weight)
     if not isinstance(text, str) or not text.strip():
       raise RequestError(400, f'{field} holds no text to route on; expected a non-empty string',
@@ -86,7 +102,12 @@ class RoutingService:
     served = np.where(self.served, probs, -1.0)   # never eligible
     first, _ = router_lib.choose(served[None], self.router.model_costs,
                                  1.0 if threshold is None else threshold)
-    first = int(first[0])
+    first, propensity, explored = int(first[0]), 1.0, False
+    if explore and self.explore > 0:
+      dist = router_lib.explore_distribution(np.asarray(probs)[None], self.served, self.explore)
+      first = int(router_lib.draw(dist, self.rng)[0])
+      propensity, explored = float(dist[0, first]), True
+      self.metrics.explored.inc()
     # Best first; ties to the cheaper model.
     order = sorted(np.flatnonzero(self.served), key=lambda j: (
         -float(probs[j]), float(self.router.model_costs[j])))
@@ -95,4 +116,4 @@ class RoutingService:
     self.metrics.routes.labels(names[first]).inc()
     return Decision(model=names[first], ranking=ranking,
                     probs={n: float(p) for n, p in zip(names, probs)}, cost_weight=lam,
-                    threshold=threshold)
+                    threshold=threshold, propensity=propensity, explored=explored)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
+
+from entrorouter_jax import router as router_lib
 
 ROUTE_ON = ('last_user', 'conversation')
 
@@ -19,8 +22,12 @@ class Settings:
   max_attempts: int = 3             # models tried per routed request
   route_on: str = 'last_user'       # last_user | conversation
   auth_token: Optional[str] = None  # the bearer token requests must carry (None: no auth)
+  explore: float = 0.0              # routed requests sample from (1 - e) pi + e / K'; 0: argmax
+  seed: Optional[int] = None        # of the exploration draws (None: fresh entropy)
+  decisions: Optional[str] = None   # directory of the decision log (None: no log)
 
   def check(self) -> None:
+    """Returns nothing; ValueError naming the flag and what was expected for a bad value."""
     if self.max_batch < 1:
       raise ValueError(f'--max_batch={self.max_batch}; expected >= 1')
     if self.max_wait_ms < 0:
@@ -35,3 +42,16 @@ class Settings:
       raise ValueError(f'--max_attempts={self.max_attempts}; expected >= 1')
     if self.route_on not in ROUTE_ON:
       raise ValueError(f'--route_on={self.route_on!r}; expected one of {ROUTE_ON}')
+    try:
+      router_lib.check_explore(self.explore, '--explore')
+      if self.seed is not None:
+        router_lib.check_seed(self.seed, '--seed')
+    except router_lib.RouterError as e:
+      raise ValueError(str(e)) from None
+    if self.decisions is not None:
+      if not isinstance(self.decisions, (str, os.PathLike)) or not str(self.decisions).strip():
+        raise ValueError(f'--decisions={self.decisions!r}; expected a directory for the '
+                         'decision log')
+      if os.path.exists(self.decisions) and not os.path.isdir(self.decisions):
+        raise ValueError(f'--decisions={self.decisions}: that path is a file; expected a '
+                         'directory for the decision log (created if missing)')
