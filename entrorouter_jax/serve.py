@@ -22,6 +22,10 @@ Endpoints
       at that lambda.
   POST /v1/route  {"query": "..."} (or {"messages": [...]}) -> {"model", "probs",
       "cost_weight", "ranking", "propensity", "explored"}: the decision only.
+  POST /v1/feedback  {"id": "<request id>", "score": 0..1} or a list of up to 1000:
+      scores for ids of the decision log (--decisions; 404 without), written to
+      DIR/feedback-*.jsonl; `python -m entrorouter_jax.feedback` joins them with the
+      decisions into a feedback log to train on.
   GET /healthz    200 once the router is loaded and warmed up; "version" names the
       router (a digest of its workdir's config.json and checkpoint files).
   GET /metrics    Prometheus text: requests, routes per model, upstream errors,

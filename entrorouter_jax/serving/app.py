@@ -6,7 +6,8 @@ decision only).
 What the endpoints share is one frozen `Serving` on `app.state.serving`; while the app
 runs (between the lifespan's start-up and shutdown) it carries the upstream client and,
 with --decisions, the decision log: one line per routed chat completion and per
-/v1/route call (`decision_line`; serving/decisions.py writes them).
+/v1/route call (`decision_line`; serving/decisions.py writes them), an index of its
+ids, and the feedback log of the scores POST /v1/feedback accepts for those ids.
 RequestError is answered by one exception handler; `Metered` counts and times the
 replies, `ErrorBoundary` names each request and answers the unforeseen.
 """
@@ -32,12 +33,13 @@ from starlette.routing import Route
 
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data.pool import Endpoint
-from entrorouter_jax.serving.decisions import DecisionLog
+from entrorouter_jax.serving.decisions import DecisionIndex, DecisionLog
 from entrorouter_jax.serving.errors import (ErrorBoundary, RequestError, http_error_reply,
                                             request_error_reply, request_id_of)
 from entrorouter_jax.serving.metrics import Metered, Metrics
 from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_request,
-                                              explore_field, read_json, route_text)
+                                              explore_field, feedback_items, read_json,
+                                              route_text)
 from entrorouter_jax.serving.routing import Decision, RoutingService
 from entrorouter_jax.serving.settings import Settings
 from entrorouter_jax.serving.upstream import Outcome, forward_with_fallback, new_client
@@ -50,8 +52,8 @@ class Serving:
   """What the endpoints share: the settings, the pool's endpoints, the models served, the
   metrics, the micro-batched router, the router's version (a digest of its workdir), the
   pool's prices ({name: an object with price_in and price_out, dollars per 1M tokens}),
-  and, while the app runs, the upstream client and the decision log (None otherwise, and
-  the log None without --decisions)."""
+  and, while the app runs, the upstream client and, with --decisions, the decision log,
+  the index of its ids and the feedback log (None otherwise)."""
   settings: Settings
   endpoints: dict
   served: list
@@ -61,13 +63,16 @@ class Serving:
   prices: dict = dataclasses.field(default_factory=dict)
   decisions: Optional[DecisionLog] = None
   client: Optional[httpx.AsyncClient] = None
+  index: Optional[DecisionIndex] = None
+  feedback: Optional[DecisionLog] = None
 
 
 @contextlib.asynccontextmanager
 async def lifespan(base: Serving, warm_up: bool, app: Starlette):
-  """Starts the batcher, the client and the decision log (--decisions), warms the router
-  up, then serves; `healthz` says ready while `app.state.serving` holds the client. At
-  shutdown the decision log is closed (drained, fsynced) once the batcher has stopped."""
+  """Starts the batcher, the client and, with --decisions, the decision log, its index
+  (the ids of DIR's earlier decision files read once) and the feedback log; warms the
+  router up, then serves; `healthz` says ready while `app.state.serving` holds the client.
+  At shutdown both logs are closed (drained, fsynced) once the batcher has stopped."""
   service, settings = base.service, base.settings
   await service.batcher.start()
   client = new_client(settings)
@@ -76,10 +81,13 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
     calls = await service.batcher.run_alone(service.router.warm_up, settings.max_batch)
     log.info('router warmed up (%d shapes, batches up to %d) in %.1f s', calls,
              settings.max_batch, time.perf_counter() - started)
-  decisions = None
+  decisions = index = feedback_log = None
   if settings.decisions is not None:
+    index = DecisionIndex(settings.decisions)
     decisions = DecisionLog(settings.decisions, on_written=base.metrics.decisions_written.inc)
-  app.state.serving = dataclasses.replace(base, client=client, decisions=decisions)
+    feedback_log = DecisionLog(settings.decisions, prefix='feedback')
+  app.state.serving = dataclasses.replace(base, client=client, decisions=decisions,
+                                          index=index, feedback=feedback_log)
   try:
     yield
   finally:
@@ -88,8 +96,9 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
       await client.aclose()
       await service.batcher.stop()
     finally:
-      if decisions is not None:
-        decisions.close()
+      for opened in (decisions, feedback_log):
+        if opened is not None:
+          opened.close()
 
 
 async def healthz(request):
@@ -149,6 +158,8 @@ def write_decision(serving: Serving, line: dict) -> None:
       log.warning('decision log: request %s: the upstream usage %r is not strict JSON; '
                   'logged without it', line.get('id'), line.get('usage'))
       serving.decisions.record({**line, 'usage': None, 'cost': None})
+    if serving.index is not None and isinstance(line.get('id'), str):
+      serving.index.add(line['id'], line.get('answered_by'))
   except RuntimeError:
     log.warning('decision log: request %s ended after the log closed; its line is lost',
                 line.get('id'))
@@ -224,6 +235,41 @@ async def chat(request):
   return reply
 
 
+async def feedback(request):
+  """POST /v1/feedback: {"id", "score"} (or a list of up to 1000) for ids of the decision
+  log, written to the feedback log with the time received; a later score for an id
+  replaces the earlier. 200 {"accepted": n} when every item is good; otherwise a 4xx
+  naming the field and nothing is written (404 for an unknown id, or without
+  --decisions)."""
+  serving: Serving = request.app.state.serving
+  settings = serving.settings
+  authorize(request, settings.auth_token)
+  if serving.feedback is None or serving.index is None:
+    raise RequestError(404, 'this server keeps no decision log, so it has no request ids to '
+                       'score; expected a server started with --decisions=DIR', None,
+                       'invalid_request_error', 'no_decision_log')
+  items = feedback_items(await read_json(request, settings.max_body_bytes, lists=True))
+  for prefix, request_id, _ in items:
+    if request_id not in serving.index:
+      shown = request_id if len(request_id) <= 60 else request_id[:60] + '...'
+      raise RequestError(404, f'{prefix}id {shown!r} is not in the decision log; expected the '
+                         'id of a routed request this server (or an earlier one on the same '
+                         '--decisions directory) logged', f'{prefix}id', 'invalid_request_error',
+                         'unknown_request_id')
+  received = time.time()
+  try:
+    for _, request_id, score in items:
+      serving.feedback.record({'id': request_id, 'score': score, 'time': received})
+  except RuntimeError:
+    raise RequestError(503, 'the server is shutting down; expected the feedback again once '
+                       'it is back', None, 'server_error', 'shutting_down') from None
+  for _, request_id, score in items:
+    model = serving.index.answered_by(request_id) or 'none'
+    serving.metrics.feedback.labels(model).inc()
+    serving.metrics.feedback_score.labels(model).inc(score)
+  return JSONResponse({'accepted': len(items)})
+
+
 def served_models(router: router_lib.Router, endpoints: dict[str, Endpoint]) -> list[str]:
   """The router's models the pool gives a base_url (ValueError if none); the rest is logged."""
   served = [n for n in router.model_names if n in endpoints and endpoints[n].base_url]
@@ -274,6 +320,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       Route('/metrics', metrics_text, methods=['GET']),
       Route('/v1/route', route, methods=['POST']),
       Route('/v1/chat/completions', chat, methods=['POST']),
+      Route('/v1/feedback', feedback, methods=['POST']),
   ]
   paths = {r.path for r in routes}
   metered = {r.path: r.methods for r in routes if r.path != '/healthz'}

@@ -16,6 +16,11 @@ The server writes one line per routed chat completion ("model": "router") and pe
 /v1/route call, with the keys of `serving.app` (id, time, endpoint, text, model,
 answered_by, propensity, explored, cost_weight, version, usage, cost, latency_ms,
 status, fallbacks).
+
+With --decisions the server also takes scores (POST /v1/feedback) for the ids of its
+log: a second `DecisionLog` (prefix 'feedback') writes them as {"id", "score", "time"}
+lines to DIR/feedback-<stamp>-<n>.jsonl, and a `DecisionIndex` knows which ids the log
+holds (this process's and, read once at start-up, those of DIR's earlier files).
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ import logging
 import os
 import pathlib
 import queue
+import re
 import threading
 from typing import Callable, Optional
+
+from entrorouter_jax import strict_json
 
 log = logging.getLogger('entrorouter_jax.serve')
 
@@ -39,11 +47,17 @@ class DecisionLog:
   """JSON lines appended by a writer thread to rotating files under `directory`."""
 
   def __init__(self, directory, max_bytes: int = MAX_BYTES,
-               on_written: Optional[Callable[[int], None]] = None):
+               on_written: Optional[Callable[[int], None]] = None,
+               prefix: str = 'decisions'):
     """Creates `directory` (and its parents) and starts the writer thread; `on_written(n)`
-    is called from that thread after n more lines were written."""
+    is called from that thread after n more lines were written. The files are named
+    <prefix>-<stamp>-<n>.jsonl."""
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
       raise ValueError(f'max_bytes is {max_bytes!r}; expected a whole number of bytes >= 1')
+    if not isinstance(prefix, str) or not re.fullmatch(r'[A-Za-z0-9_]+', prefix):
+      raise ValueError(f'prefix is {prefix!r}; expected a file name prefix of letters, digits '
+                       'and underscores, such as "decisions"')
+    self.prefix = prefix
     self.directory = pathlib.Path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     self.max_bytes, self.on_written = max_bytes, on_written
@@ -53,7 +67,7 @@ class DecisionLog:
     self._closed = False
     self._file = None
     self._size = 0
-    self._thread = threading.Thread(target=self._write_loop, name='decision-log', daemon=True)
+    self._thread = threading.Thread(target=self._write_loop, name=f'{prefix}-log', daemon=True)
     self._thread.start()
 
   @property
@@ -131,7 +145,7 @@ class DecisionLog:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S')
     n = len(self.files) + 1
     while True:   # never append to another log's file (a restart within the second)
-      path = self.directory / f'decisions-{stamp}-{n}.jsonl'
+      path = self.directory / f'{self.prefix}-{stamp}-{n}.jsonl'
       try:
         self._file = open(path, 'xb')
         break
@@ -154,3 +168,57 @@ class DecisionLog:
       file.close()
     except OSError:
       log.exception('decision log: closing %s failed', self.files[-1])
+
+
+class DecisionIndex:
+  """The ids of the decision log, each with the model that answered it (None for a
+  /v1/route call or a failed request): those `add`ed by this process and those of the
+  decisions-*.jsonl files already in `directory` when it was made (read once; a line that
+  is not a JSON object with a string "id" is skipped with a warning naming file and line).
+  The event loop's thread alone adds and looks up."""
+
+  def __init__(self, directory, prefix: str = 'decisions'):
+    self._answered_by: dict[str, Optional[str]] = {}
+    directory = pathlib.Path(directory)
+    paths = sorted(directory.glob(f'{prefix}-*.jsonl')) if directory.is_dir() else []
+    for path in paths:
+      self._read(path)
+    if paths:
+      log.info('decision log: %d request ids known from %d earlier files in %s',
+               len(self._answered_by), len(paths), directory)
+
+  def _read(self, path: pathlib.Path) -> None:
+    """Adds the ids of one earlier file; returns nothing (bad lines are logged, skipped)."""
+    try:
+      with path.open('rb') as f:
+        for lineno, raw in enumerate(f, 1):
+          if not raw.strip():
+            continue
+          try:
+            line = strict_json.loads(raw)
+          except strict_json.JsonError as e:
+            log.warning('decision log: %s:%d: %s; expected one JSON object per line; skipped',
+                        path, lineno, e.message)
+            continue
+          if not isinstance(line, dict) or not isinstance(line.get('id'), str):
+            log.warning('decision log: %s:%d: no string "id"; expected a decision line with '
+                        'the request id; skipped', path, lineno)
+            continue
+          answered = line.get('answered_by')
+          self._answered_by[line['id']] = answered if isinstance(answered, str) else None
+    except OSError as e:
+      log.warning('decision log: cannot read %s (%s); its ids are not known', path, e.strerror)
+
+  def add(self, request_id: str, answered_by: Optional[str]) -> None:
+    """Records that the log holds `request_id`, answered by `answered_by`; returns nothing."""
+    self._answered_by[request_id] = answered_by
+
+  def __contains__(self, request_id) -> bool:
+    return request_id in self._answered_by
+
+  def __len__(self) -> int:
+    return len(self._answered_by)
+
+  def answered_by(self, request_id: str) -> Optional[str]:
+    """The model that answered `request_id` (None: none did, or the id is unknown)."""
+    return self._answered_by.get(request_id)

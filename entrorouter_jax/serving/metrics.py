@@ -28,6 +28,14 @@ class Metrics:
     self.decisions_written = prom.Counter('entrorouter_decisions_written',
                                           'Lines written to the decision log (--decisions).',
                                           registry=r)
+    self.feedback = prom.Counter('entrorouter_feedback',
+                                 'Scores received (POST /v1/feedback), by the model that answered '
+                                 'the scored request ("none": no model did).', ['model'],
+                                 registry=r)
+    self.feedback_score = prom.Counter('entrorouter_feedback_score',
+                                       'Sum of the scores received, by the model that answered: '
+                                       'mean score = this / entrorouter_feedback_total.',
+                                       ['model'], registry=r)
     self.upstream_errors = prom.Counter('entrorouter_upstream_errors',
                                         'Failed upstream calls, by model and reason.',
                                         ['model', 'reason'], registry=r)

@@ -26,8 +26,9 @@ def authorize(request, token: Optional[str]) -> None:
                        'invalid_api_key')
 
 
-async def read_json(request, max_bytes: int) -> dict:
-  """The body as a strict-JSON object; 413 past `max_bytes` (read no further), 400 otherwise."""
+async def read_json(request, max_bytes: int, lists: bool = False):
+  """The body as a strict-JSON object (or, with `lists`, an object or a list); 413 past
+  `max_bytes` (read no further), 400 otherwise."""
   length = request.headers.get('content-length')
   if length is not None and length.isdigit() and int(length) > max_bytes:
     raise RequestError(413, f'request body of {length} bytes is over the limit of '
@@ -44,9 +45,10 @@ async def read_json(request, max_bytes: int) -> dict:
   except strict_json.JsonError as e:
     raise RequestError(400, f'the request body is not strict JSON: {e.message}; expected a '
                        'JSON object (RFC 8259, UTF-8)', e.field) from None
-  if not isinstance(data, dict):
-    raise RequestError(400, f'the request body is a JSON {type(data).__name__}; expected an '
-                       'object')
+  if not isinstance(data, dict) and not (lists and isinstance(data, list)):
+    kind = {list: 'array', str: 'string', bool: 'boolean'}.get(type(data), type(data).__name__)
+    raise RequestError(400, f'the request body is a JSON {kind}; expected an object'
+                       + (' or a list of objects' if lists else ''))
   return data
 
 
@@ -152,3 +154,38 @@ def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
       raise RequestError(400, f'cost_weight applies to "model": "router" only; model is '
                          f'{model!r}', 'cost_weight')
   return ChatRequest(model, text, stream, explore)
+
+
+MAX_FEEDBACK_ITEMS = 1000
+
+
+def feedback_items(body) -> list[tuple[str, str, float]]:
+  """The (where, id, score) of each item of a /v1/feedback body: {"id", "score"} or a list
+  of 1 to MAX_FEEDBACK_ITEMS such objects (`where`: '' or '[i].'; other keys are ignored).
+  RequestError 400 naming the field for anything else; returns only when all are good."""
+  single = isinstance(body, dict)
+  items = [body] if single else body
+  if not single and not 1 <= len(items) <= MAX_FEEDBACK_ITEMS:
+    raise RequestError(400, f'the body is a list of {len(items)} items; expected 1 to '
+                       f'{MAX_FEEDBACK_ITEMS} {{"id", "score"}} objects')
+  out = []
+  for i, item in enumerate(items):
+    where = '' if single else f'[{i}]'
+    if not isinstance(item, dict):
+      raise RequestError(400, f'{where} is a JSON {type(item).__name__}; expected an object '
+                         '{"id": "<request id>", "score": <number in [0, 1]>}', where)
+    prefix = f'{where}.' if where else ''
+    request_id = item.get('id')
+    if not isinstance(request_id, str) or not request_id:
+      shown = 'missing' if 'id' not in item else f'{request_id!r}'[:60]
+      raise RequestError(400, f'{prefix}id is {shown}; expected the request id (a routed '
+                         'completion\'s "id", or the x-entrorouter-request-id header) as a '
+                         'string', f'{prefix}id')
+    score = item.get('score')
+    if (isinstance(score, bool) or not isinstance(score, (int, float))
+        or not 0 <= score <= 1):
+      shown = 'missing' if 'score' not in item else f'{score!r}'[:60]
+      raise RequestError(400, f'{prefix}score is {shown}; expected a number in [0, 1]',
+                         f'{prefix}score')
+    out.append((prefix, request_id, float(score)))
+  return out
