@@ -29,7 +29,16 @@ Endpoints
   GET /healthz    200 once the router is loaded and warmed up; "version" names the
       router (a digest of its workdir's config.json and checkpoint files).
   GET /metrics    Prometheus text: requests, routes per model, upstream errors,
-      fallbacks, latency histograms, micro-batch sizes.
+      fallbacks, latency histograms, micro-batch sizes, the live router's version
+      (entrorouter_router_info{version}) and reloads (entrorouter_reloads_total{result}).
+  POST /admin/reload  {"workdir": "PATH"}: hot reload. The router at PATH is loaded
+      (the server keeps serving meanwhile), checked against the pool, warmed up and
+      swapped in; requests in flight finish on the old one. 200 {"version", "models",
+      "seconds"} once it serves; 400 (a bad workdir, a router the pool serves none of)
+      or 500 (its warm-up failed) leave the old router serving. One reload at a time.
+      /admin/* needs the bearer token; without --auth_token_env it is refused (403)
+      unless --host is loopback. SIGHUP reloads from --workdir as given (a symlink
+      repointed to a new run is followed); the result is logged.
 
 Concurrent requests are micro-batched into one forward of the router
 (--max_batch, --max_wait_ms). When an upstream fails (connection error,
@@ -68,11 +77,9 @@ imports nothing of the trainer nor of the table readers.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
-import pathlib
 import sys
 from typing import Optional
 
@@ -81,7 +88,8 @@ from absl import app as absl_app, flags
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data.dataset import DataError
 from entrorouter_jax.data.pool import Endpoint, prices as pool_prices, read_endpoints
-from entrorouter_jax.serving.settings import ROUTE_ON, Settings
+from entrorouter_jax.serving.settings import ROUTE_ON, Settings, is_loopback
+from entrorouter_jax.serving.version import router_version  # noqa: F401 -- re-exported
 
 log = logging.getLogger('entrorouter_jax.serve')
 FLAGS = flags.FLAGS
@@ -96,23 +104,9 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
   return app.create_app(router, endpoints, settings, warm_up, version, prices)
 
 
-def router_version(workdir) -> str:
-  """A short digest naming the router a workdir holds: the first 12 hex digits of sha256
-  over its config.json and the relative path, size and mtime of every file under its
-  checkpoints/ (a retrained or resumed run gets a new one). FileNotFoundError if
-  config.json is missing."""
-  workdir = pathlib.Path(workdir)
-  digest = hashlib.sha256((workdir / 'config.json').read_bytes())
-  checkpoints = workdir / 'checkpoints'
-  files = sorted(p for p in checkpoints.rglob('*') if p.is_file()) if checkpoints.is_dir() else []
-  for path in files:
-    stat = path.stat()
-    digest.update(f'\0{path.relative_to(workdir).as_posix()}\0{stat.st_size}\0'
-                  f'{stat.st_mtime_ns}'.encode('utf-8', 'surrogateescape'))
-  return digest.hexdigest()[:12]
-
-
 def settings_from_flags() -> Settings:
+  """Returns the Settings of the flags; ValueError naming --auth_token_env when the
+  variable it names is unset or empty."""
   token = None
   if FLAGS.auth_token_env:
     token = os.environ.get(FLAGS.auth_token_env)
@@ -123,7 +117,8 @@ def settings_from_flags() -> Settings:
                   upstream_timeout=FLAGS.upstream_timeout, max_body_bytes=FLAGS.max_body_bytes,
                   fallback=FLAGS.fallback, max_attempts=FLAGS.max_attempts,
                   route_on=FLAGS.route_on, auth_token=token, explore=FLAGS.explore,
-                  seed=FLAGS.seed, decisions=FLAGS.decisions)
+                  seed=FLAGS.seed, decisions=FLAGS.decisions, host=FLAGS.host,
+                  workdir=FLAGS.workdir)
 
 
 def main(argv):
@@ -151,9 +146,9 @@ def main(argv):
   except (router_lib.RouterError, DataError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  if FLAGS.host not in ('127.0.0.1', 'localhost', '::1') and settings.auth_token is None:
+  if not is_loopback(FLAGS.host) and settings.auth_token is None:
     log.warning('serving on %s without --auth_token_env: anyone who reaches this port can '
-                'spend your upstream keys', FLAGS.host)
+                'spend your upstream keys (/admin/* is refused: 403)', FLAGS.host)
   lam = router.default_cost_weight if router.moves_with_cost_weight else None
   log.info('routing %s (version %s) over %s at cost weight %s%s', FLAGS.workdir, version,
            router.model_names, lam, ' (calibrated)' if router.calibration else '')

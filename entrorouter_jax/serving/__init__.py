@@ -6,5 +6,7 @@
   metrics.py   the Prometheus metrics and the middleware that counts and times replies
   routing.py   the router behind a micro-batcher: a text -> a Decision (model and ranking)
   upstream.py  forwarding to the pool's endpoints: fallback along the ranking, streaming
+  version.py   the router's version: a digest of its workdir
+  reload.py    hot reload of the router (POST /admin/reload, SIGHUP)
   app.py       the Starlette application: its lifespan, endpoints and route table
 """

@@ -8,6 +8,9 @@ runs (between the lifespan's start-up and shutdown) it carries the upstream clie
 with --decisions, the decision log: one line per routed chat completion and per
 /v1/route call (`decision_line`; serving/decisions.py writes them), an index of its
 ids, and the feedback log of the scores POST /v1/feedback accepts for those ids.
+POST /admin/reload (and SIGHUP, with Settings.workdir) swaps in a Serving with another
+router (serving/reload.py); an endpoint reads `app.state.serving` once, so a request in
+flight finishes on the router it started with.
 RequestError is answered by one exception handler; `Metered` counts and times the
 replies, `ErrorBoundary` names each request and answers the unforeseen.
 """
@@ -40,8 +43,9 @@ from entrorouter_jax.serving.metrics import Metered, Metrics
 from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_request,
                                               explore_field, feedback_items, read_json,
                                               route_text)
+from entrorouter_jax.serving.reload import Reloader
 from entrorouter_jax.serving.routing import Decision, RoutingService
-from entrorouter_jax.serving.settings import Settings
+from entrorouter_jax.serving.settings import Settings, is_loopback
 from entrorouter_jax.serving.upstream import Outcome, forward_with_fallback, new_client
 
 log = logging.getLogger('entrorouter_jax.serve')
@@ -72,7 +76,9 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
   """Starts the batcher, the client and, with --decisions, the decision log, its index
   (the ids of DIR's earlier decision files read once) and the feedback log; warms the
   router up, then serves; `healthz` says ready while `app.state.serving` holds the client.
-  At shutdown both logs are closed (drained, fsynced) once the batcher has stopped."""
+  With Settings.workdir, SIGHUP reloads the router from it (where the platform has
+  SIGHUP). At shutdown the live router's batcher stops (a reload may have replaced
+  `base`'s), then both logs are closed (drained, fsynced)."""
   service, settings = base.service, base.settings
   await service.batcher.start()
   client = new_client(settings)
@@ -88,13 +94,22 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
     feedback_log = DecisionLog(settings.decisions, prefix='feedback')
   app.state.serving = dataclasses.replace(base, client=client, decisions=decisions,
                                           index=index, feedback=feedback_log)
+  reloader: Reloader = app.state.reloader
+  if settings.workdir is not None and reloader.install_sighup():
+    log.info('SIGHUP reloads the router from %s', settings.workdir)
   try:
     yield
   finally:
-    app.state.serving = base
+    try:
+      await reloader.uninstall_sighup()
+    finally:
+      async with reloader.lock:   # a reload under way ends first
+        live = app.state.serving
+        app.state.serving = dataclasses.replace(live, client=None, decisions=None, index=None,
+                                                feedback=None)
     try:
       await client.aclose()
-      await service.batcher.stop()
+      await live.service.batcher.stop()
     finally:
       for opened in (decisions, feedback_log):
         if opened is not None:
@@ -107,6 +122,35 @@ async def healthz(request):
   if serving.client is None:
     return JSONResponse({'status': 'starting', 'version': serving.version}, status_code=503)
   return JSONResponse({'status': 'ok', 'models': serving.served, 'version': serving.version})
+
+
+def admin_authorize(request, settings: Settings) -> None:
+  """Returns when the request may use /admin/*: 403 on a server without a bearer token
+  that binds beyond loopback (Settings.host), else 401 unless it carries the token."""
+  if settings.auth_token is None and not is_loopback(settings.host):
+    raise RequestError(403, f'/admin/* is off on a server bound to {settings.host} without a '
+                       'bearer token; expected a server started with --auth_token_env, or '
+                       'bound to loopback (127.0.0.1, ::1, localhost)', None,
+                       'permission_error', 'admin_forbidden')
+  authorize(request, settings.auth_token)
+
+
+async def admin_reload(request):
+  """POST /admin/reload {"workdir": PATH}: the router at PATH replaces the live one; 200
+  {"version", "models", "seconds"} once it serves; 400 (a bad workdir or body, a router
+  the pool serves none of) or 500 (its warm-up failed) with the old router serving on."""
+  settings = request.app.state.serving.settings
+  admin_authorize(request, settings)
+  body = await read_json(request, settings.max_body_bytes)
+  workdir = body.get('workdir')
+  if not isinstance(workdir, str) or not workdir.strip():
+    shown = 'missing' if 'workdir' not in body else f'{workdir!r}'[:60]
+    raise RequestError(400, f'workdir is {shown}; expected the path of a finished training '
+                       'run\'s workdir as a non-empty string', 'workdir')
+  if request.app.state.serving.client is None:
+    raise RequestError(503, 'the server is not running (starting or shutting down); expected '
+                       'the reload once /healthz says ok', None, 'server_error', 'not_running')
+  return JSONResponse(await request.app.state.reloader.reload(workdir))
 
 
 async def metrics_text(request):
@@ -180,12 +224,14 @@ async def logged_at_end(stream, write):
 
 async def route(request):
   """POST /v1/route: the decision only, with the propensity of the chosen model."""
-  serving: Serving = request.app.state.serving
-  authorize(request, serving.settings.auth_token)
-  body = await read_json(request, serving.settings.max_body_bytes)
-  text, field = route_text(body, serving.settings.route_on)
+  settings: Settings = request.app.state.serving.settings   # the same across reloads
+  authorize(request, settings.auth_token)
+  body = await read_json(request, settings.max_body_bytes)
+  text, field = route_text(body, settings.route_on)
   explore = explore_field(body)
-  decision = await serving.service.decide(text, body.get('cost_weight'), field, explore)
+  serving: Serving = request.app.state.serving   # this request's router, to its end
+  with serving.service.held():
+    decision = await serving.service.decide(text, body.get('cost_weight'), field, explore)
   decided_at = time.time()
   out = {'model': decision.model, 'probs': decision.probs, 'cost_weight': decision.cost_weight,
          'ranking': decision.ranking, 'propensity': decision.propensity,
@@ -201,16 +247,18 @@ async def chat(request):
   """POST /v1/chat/completions: routed (or a pool model by name), then forwarded. A routed
   completion's JSON "id" is the request id (x-entrorouter-request-id), and so is its
   decision log line's (a stream's chunks keep the upstream's ids)."""
-  serving: Serving = request.app.state.serving
-  settings = serving.settings
+  settings: Settings = request.app.state.serving.settings   # the same across reloads
   authorize(request, settings.auth_token)
   body = await read_json(request, settings.max_body_bytes)
-  asked = chat_request(body, serving.served, settings.route_on)
+  serving: Serving = request.app.state.serving   # this request's router, to its end
+  with serving.service.held():
+    asked = chat_request(body, serving.served, settings.route_on)
+    if asked.model == ROUTER_MODEL:
+      decision = await serving.service.decide(asked.text, body.get('cost_weight'),
+                                              explore=asked.explore)
   if asked.model != ROUTER_MODEL:
     return await forward_with_fallback(serving.client, serving.endpoints, serving.metrics, body,
                                        [asked.model], None, asked.stream)
-  decision = await serving.service.decide(asked.text, body.get('cost_weight'),
-                                          explore=asked.explore)
   decided_at = time.time()
   candidates = decision.ranking[:1 if settings.fallback == 'none' else settings.max_attempts]
   request_id = request_id_of(request)
@@ -312,6 +360,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
     check_decisions_dir(settings.decisions)
   served = served_models(router, endpoints)
   metrics = Metrics(served, settings.max_batch)
+  metrics.set_version(version)
   base = Serving(settings, endpoints, served, metrics,
                  RoutingService(router, settings, metrics, served), version=version,
                  prices=dict(prices or {}))
@@ -321,6 +370,7 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
       Route('/v1/route', route, methods=['POST']),
       Route('/v1/chat/completions', chat, methods=['POST']),
       Route('/v1/feedback', feedback, methods=['POST']),
+      Route('/admin/reload', admin_reload, methods=['POST']),
   ]
   paths = {r.path for r in routes}
   metered = {r.path: r.methods for r in routes if r.path != '/healthz'}
@@ -332,4 +382,5 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
                       metrics.count_unforeseen, paths)),
                   Middleware(Metered, metrics=metrics, metered=metered)])
   app.state.serving = base
+  app.state.reloader = Reloader(app, served_models, warm_up)
   return app

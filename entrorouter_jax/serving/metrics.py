@@ -59,10 +59,24 @@ class Metrics:
     self.forward_seconds = prom.Histogram('entrorouter_forward_seconds',
                                           'Time of one batched router forward.',
                                           buckets=LATENCY_BUCKETS, registry=r)
+    self.router_info = prom.Gauge('entrorouter_router_info',
+                                  'The live router: 1 for its version (a digest of its workdir).',
+                                  ['version'], registry=r)
+    self.reloads = prom.Counter('entrorouter_reloads',
+                                'Router reloads (POST /admin/reload, SIGHUP), by result.',
+                                ['result'], registry=r)
+    for result in ('ok', 'failed'):
+      self.reloads.labels(result)
     for name in model_names:
       self.routes.labels(name)
 
+  def set_version(self, version: str) -> None:
+    """Names `version` the live router's in entrorouter_router_info (the only series)."""
+    self.router_info.clear()
+    self.router_info.labels(version).set(1)
+
   def text(self) -> bytes:
+    """Returns the Prometheus text of every metric."""
     return prom.generate_latest(self.registry)
 
   def count_unforeseen(self, paths, path: str) -> None:

@@ -6,6 +6,8 @@ decision log holds the probability each logged model had of being chosen."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 from typing import Optional
@@ -48,6 +50,30 @@ class RoutingService:
     self.rng = np.random.default_rng(settings.seed)
     self.batcher = MicroBatcher(self._route_batch, settings.max_batch, settings.max_wait_ms,
                                 on_batch=self._observe_batch)
+    # The requests between reading the Serving that holds this service and their decision
+    # (`held`): a reload retires the service it replaced once they are done (`retire`).
+    self._users, self._drained, self.stopped = 0, None, False
+
+  @contextlib.contextmanager
+  def held(self):
+    """Yields nothing; while open, `retire` waits before it stops the batcher (enter it
+    on the event loop with no await since the Serving was read)."""
+    self._users += 1
+    try:
+      yield
+    finally:
+      self._users -= 1
+      if self._users == 0 and self._drained is not None:
+        self._drained.set()
+
+  async def retire(self) -> None:
+    """Stops the batcher once every request that holds this service (`held`) has its
+    decision: none is left waiting in the queue of a stopped batcher. Returns nothing."""
+    while self._users:
+      self._drained = asyncio.Event()
+      await self._drained.wait()
+    self.stopped = True
+    await self.batcher.stop()
 
   def _observe_batch(self, size: int, seconds: float) -> None:
     self.metrics.batch_size.observe(size)
@@ -93,6 +119,9 @@ class RoutingService:
     if bad is not None:
       raise RequestError(400, f'{field} holds an invalid Unicode character (a lone surrogate at '
                          f'position {bad[1]}); expected valid UTF-8 text', field)
+    if self.stopped:   # only a request that did not hold the service (`held`) gets here
+      raise RequestError(503, 'the router this request was read with was reloaded; expected '
+                         'the request again', None, 'server_error', 'router_reloaded')
     started = time.perf_counter()
     probs = await self.batcher.submit((text, lam))
     self.metrics.routing_latency.observe(time.perf_counter() - started)

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from typing import Optional
 
 from entrorouter_jax import router as router_lib
 
 ROUTE_ON = ('last_user', 'conversation')
+
+
+def is_loopback(host: str) -> bool:
+  """Returns whether `host` (an interface to bind) is loopback only: localhost, 127.0.0.0/8
+  or ::1 (brackets allowed); False for any other name or address (0.0.0.0, ::, ...)."""
+  host = str(host).strip().strip('[]')
+  if host.lower() == 'localhost':
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
 
 
 @dataclasses.dataclass
@@ -25,6 +38,8 @@ class Settings:
   explore: float = 0.0              # routed requests sample from (1 - e) pi + e / K'; 0: argmax
   seed: Optional[int] = None        # of the exploration draws (None: fresh entropy)
   decisions: Optional[str] = None   # directory of the decision log (None: no log)
+  host: str = '127.0.0.1'           # the interface bound: beyond loopback, /admin/* needs a token
+  workdir: Optional[str] = None     # the router's workdir as given: SIGHUP reloads from it
 
   def check(self) -> None:
     """Returns nothing; ValueError naming the flag and what was expected for a bad value."""
@@ -48,6 +63,11 @@ class Settings:
         router_lib.check_seed(self.seed, '--seed')
     except router_lib.RouterError as e:
       raise ValueError(str(e)) from None
+    if not isinstance(self.host, str) or not self.host.strip():
+      raise ValueError(f'--host={self.host!r}; expected an interface to bind, e.g. 127.0.0.1')
+    if self.workdir is not None and (not isinstance(self.workdir, (str, os.PathLike))
+                                     or not str(self.workdir).strip()):
+      raise ValueError(f'--workdir={self.workdir!r}; expected the workdir of a training run')
     if self.decisions is not None:
       if not isinstance(self.decisions, (str, os.PathLike)) or not str(self.decisions).strip():
         raise ValueError(f'--decisions={self.decisions!r}; expected a directory for the '
