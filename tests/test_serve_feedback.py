@@ -2,7 +2,9 @@
 feedback log, the metrics) on the app in process, and `python -m entrorouter_jax.feedback`,
 which joins decisions and scores into a feedback log the trainer's reader reads."""
 
+import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -145,7 +147,7 @@ def test_ids_survive_a_restart_and_the_later_score_wins(router, upstreams, tmp_p
     again = await http.post(FEEDBACK, headers=AUTH, json={'id': ids[0], 'score': 0.9})
     return old, again
 
-  with caplog.at_level('WARNING', logger='entrorouter_jax.serve'):
+  with caplog.at_level('WARNING', logger='entrorouter_jax.serve'), serve_log_to(caplog):
     old, again = in_process(make_app(router, upstreams, tmp_path), second)
   assert old.status_code == again.status_code == 200, old.text
   assert any(re.search(r'decisions-.*\.jsonl:\d+: .*skipped', r.getMessage())
@@ -225,3 +227,15 @@ def test_feedback_cli_errors_name_the_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
   assert run.returncode == 2
   assert run.stderr.startswith('error: ') and 'scores.jsonl:2: score is True' in run.stderr
+
+
+@contextlib.contextmanager
+def serve_log_to(caplog):
+  """caplog's handler on the server's logger itself: `logs.show_progress_logs` (run by an
+  earlier CLI test in the same process) stops the package's loggers propagating to root."""
+  logger = logging.getLogger('entrorouter_jax.serve')
+  logger.addHandler(caplog.handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(caplog.handler)

@@ -3,7 +3,9 @@ tiny router of conftest's `serve_workdir` (R0), a copy of it whose checkpoint ha
 mtime and so another version (R1), and the local fake upstreams."""
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -213,7 +215,19 @@ def test_sighup_reloads_from_a_repointed_symlink(router, upstreams, tmp_path, se
     answer = await app.state.reloader.reload_from_settings()   # what SIGHUP runs
     return answer, (await http.get('/healthz')).json()
 
-  with caplog.at_level('INFO', logger='entrorouter_jax.serve'):
+  with caplog.at_level('INFO', logger='entrorouter_jax.serve'), serve_log_to(caplog):
     answer, health = in_process(app, calls)
   assert answer['version'] == v1 and health['version'] == v1
   assert any(v1 in r.getMessage() and 'reloaded' in r.getMessage() for r in caplog.records)
+
+
+@contextlib.contextmanager
+def serve_log_to(caplog):
+  """caplog's handler on the server's logger itself: `logs.show_progress_logs` (run by an
+  earlier CLI test in the same process) stops the package's loggers propagating to root."""
+  logger = logging.getLogger('entrorouter_jax.serve')
+  logger.addHandler(caplog.handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(caplog.handler)
