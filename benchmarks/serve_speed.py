@@ -1,6 +1,6 @@
 """The server's speed: requests/s and routing overhead at concurrency 1, 16 and 64.
 
-  python benchmarks/serve_speed.py [--workdir=DIR] [--requests=300]
+  python benchmarks/serve_speed.py [--workdir=DIR] [--requests=300] [--serve_flag=FLAG ...]
 
 Starts `python -m entrorouter_jax.serve` on the router (without --workdir: the
 default recipe briefly trained, as in routing_speed.py) with every pool model
@@ -68,7 +68,8 @@ def _batches(text: str) -> tuple[float, float]:
   return count, total
 
 
-def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]:
+def serve_figures(workdir: str | None = None, requests: int = 300,
+                  serve_flags: tuple = ()) -> list[dict]:
   import httpx
   from benchmarks import fake_upstream, routing_speed
   from entrorouter_jax import router as router_lib
@@ -87,7 +88,8 @@ def serve_figures(workdir: str | None = None, requests: int = 300) -> list[dict]
   port = fake_upstream.free_port()
   log = open(os.path.join(tmp.name, 'serve.log'), 'w')
   proc = subprocess.Popen([sys.executable, '-m', 'entrorouter_jax.serve', f'--workdir={workdir}',
-                           f'--pool={pool}', f'--port={port}', '--max_batch=64'],
+                           f'--pool={pool}', f'--port={port}', '--max_batch=64',
+                           *[f.replace('{tmp}', tmp.name) for f in serve_flags]],
                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   base = f'http://127.0.0.1:{port}'
   if not fake_upstream.wait_until_healthy(base, proc, 600):
@@ -190,6 +192,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir', default=None, help='a trained router (default: train one)')
   parser.add_argument('--requests', type=int, default=300, help='requests per concurrency')
+  parser.add_argument('--serve_flag', action='append', default=[],
+                      help='a flag for the server, repeatable ({tmp}: a temporary folder), e.g. '
+                      '--serve_flag=--explore=0.05 --serve_flag=--decisions={tmp}/decisions')
   parser.add_argument('--overhead', action='store_true',
                       help='time the server\'s own work per request, in one process')
   parser.add_argument('--package_root', default=None,
@@ -205,8 +210,8 @@ def main():
     for fig in overhead_figures(workdir, max(args.requests, 2000)):
       print(json.dumps(fig), flush=True)
     return
-  for fig in serve_figures(args.workdir, args.requests):
-    print(json.dumps(fig), flush=True)
+  for fig in serve_figures(args.workdir, args.requests, tuple(args.serve_flag)):
+    print(json.dumps({**fig, 'serve_flags': args.serve_flag}), flush=True)
 
 
 if __name__ == '__main__':
