@@ -632,10 +632,7 @@ class EntroRouterLearner(Greedy):
     q = np.asarray(q, np.float64)
 
     def mean_entropy(log_t):
-      z = q / math.exp(log_t) + g
-      z = z - z.max(axis=1, keepdims=True)
-      p = np.exp(z)
-      p /= p.sum(axis=1, keepdims=True)
+      p = _softmax(q / math.exp(log_t) + g)
       return float(np.mean(-np.sum(p * np.log(np.maximum(p, 1e-300)), axis=1)))
 
     if self.h0 is None:

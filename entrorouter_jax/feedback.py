@@ -75,38 +75,39 @@ def _number(value) -> bool:
           and math.isfinite(value))
 
 
-def _lines(path: pathlib.Path, tolerant: bool):
-  """(line number, value) of each non-blank line of `path`; a line that is not strict JSON
-  gives (line number, None) when `tolerant`, FeedbackError naming path:line otherwise."""
+def _lines(path: pathlib.Path, on_invalid=None):
+  """(line number, value) of each non-blank line of `path` (`strict_json.iter_jsonl`); a line
+  that is not strict JSON is skipped after `on_invalid(line number)`, or without it is a
+  FeedbackError naming path:line."""
+  report = None if on_invalid is None else (lambda lineno, _: on_invalid(lineno))
   try:
-    with path.open('rb') as f:
-      for lineno, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        try:
-          yield lineno, strict_json.loads(raw)
-        except strict_json.JsonError as e:
-          if not tolerant:
-            raise FeedbackError(f'{path}:{lineno}: {e.message}; expected one JSON object per '
-                                'line') from None
-          yield lineno, None
+    yield from strict_json.iter_jsonl(path, report)
+  except strict_json.JsonError as e:   # its message names path:line
+    raise FeedbackError(f'{e.message}; expected one JSON object per line') from None
   except OSError as e:
     raise FeedbackError(f'{path}: cannot read it ({e.strerror}); expected a readable JSON-lines '
                         'file') from None
 
 
-def read_decisions(directory: pathlib.Path, dropped: collections.Counter) -> list[dict]:
+def read_decisions(directory: pathlib.Path, dropped: collections.Counter,
+                   logged: set) -> list[dict]:
   """The rows (score None) of DIR's decisions-*.jsonl, in file and line order; the other
-  lines are counted in `dropped` by reason. FeedbackError for a line missing a field a row
-  needs (naming file:line and field)."""
+  lines are counted in `dropped` by reason, and every decision's id, kept or dropped, is
+  added to `logged`. FeedbackError for a line missing a field a row needs (naming file:line
+  and field)."""
   rows, seen = [], set()
   for path in sorted(directory.glob('decisions-*.jsonl')):
-    for lineno, line in _lines(path, tolerant=True):
+
+    def malformed(lineno, path=path):
+      dropped['malformed'] += 1
+      print(f'warning: {path}:{lineno}: not a decision line (a JSON object with a string '
+            '"id"); skipped', file=sys.stderr)
+
+    for lineno, line in _lines(path, on_invalid=malformed):
       if not isinstance(line, dict) or not isinstance(line.get('id'), str):
-        dropped['malformed'] += 1
-        print(f'warning: {path}:{lineno}: not a decision line (a JSON object with a string '
-              '"id"); skipped', file=sys.stderr)
+        malformed(lineno)
         continue
+      logged.add(line['id'])
       where = f'{path}:{lineno}'
       if line['id'] in seen:
         dropped['repeated_id'] += 1
@@ -147,11 +148,10 @@ def read_scores(path: pathlib.Path, server: bool) -> list[tuple[str, float, Opti
   skips lines that are not JSON (a torn line, warned); FeedbackError naming file:line and
   field for a line without a string id, a score in [0, 1] or (if given) a numeric time."""
   out = []
-  for lineno, line in _lines(path, tolerant=server):
+  torn = (lambda lineno: print(f'warning: {path}:{lineno}: not JSON; skipped', file=sys.stderr)
+          ) if server else None
+  for lineno, line in _lines(path, on_invalid=torn):
     where = f'{path}:{lineno}'
-    if line is None:
-      print(f'warning: {where}: not JSON; skipped', file=sys.stderr)
-      continue
     if not isinstance(line, dict):
       raise FeedbackError(f'{where}: a JSON {type(line).__name__}; expected an object '
                           '{"id", "score"[, "time"]}')
@@ -175,13 +175,9 @@ def join(directory, scores: Optional[str] = None) -> Joined:
     raise FeedbackError(f'--decisions={directory}: not a directory; expected a server\'s '
                         '--decisions directory')
   dropped = collections.Counter()
-  rows = read_decisions(directory, dropped)
+  logged = set()   # kept or dropped alike: a score of a dropped line is not unknown
+  rows = read_decisions(directory, dropped, logged)
   by_id = {r['id']: r for r in rows}
-  logged = set(by_id)   # kept or dropped alike: a score of a dropped line is not unknown
-  for path in sorted(directory.glob('decisions-*.jsonl')):
-    for _, line in _lines(path, tolerant=True):
-      if isinstance(line, dict) and isinstance(line.get('id'), str):
-        logged.add(line['id'])
   given = []   # (order key, id, score): the greatest key per id wins
   for path in sorted(directory.glob('feedback-*.jsonl')):
     given += [((t if t is not None else -math.inf, len(given) + i), i_d, s)

@@ -68,10 +68,8 @@ def check_init_workdir(workdir) -> pathlib.Path:
   if not path.is_dir():
     raise LearnError(f'--workdir={workdir}: not a directory; expected the workdir of the '
                      'trained router that logged the decisions')
-  missing = workdir_lib.missing_run_files(path)
-  stage0 = None if missing else workdir_lib.read_stage0(path)
-  if missing or stage0 is None or not stage0.has_training_table:
-    name = missing[0].name if missing else workdir_lib.STAGE0
+  stage0, name = workdir_lib.finished_run_stage0(path)
+  if stage0 is None:
     raise LearnError(f'--workdir={workdir}: {name} is missing or incomplete there; expected '
                      'the workdir of a finished training run (the router that logged the '
                      'decisions)')

@@ -141,10 +141,8 @@ def read_init_router(config) -> Optional[InitRouter]:
     raise TrainingError("rl.estimator='offpolicy' (configs/feedback.py) needs "
                         'rl.init_checkpoint=DIR, the router that logged the data')
   workdir = paths.as_path(where)
-  missing = workdir_lib.missing_run_files(workdir)
-  s0 = None if missing else workdir_lib.read_stage0(workdir)
-  if missing or s0 is None or not s0.has_training_table:
-    name = missing[0].name if missing else workdir_lib.STAGE0
+  s0, name = workdir_lib.finished_run_stage0(workdir)
+  if s0 is None:
     raise TrainingError(f'rl.init_checkpoint={str(where)!r}: {name} is missing or incomplete '
                         'there; expected the workdir of a finished training run (the router '
                         'that logged the data)')

@@ -148,11 +148,14 @@ def check_utf8_file(path: Union[str, pathlib.Path]) -> None:
                     'not UTF-8; expected a UTF-8 text file') from None
 
 
-def iter_jsonl(path) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path, on_invalid=None) -> Iterator[tuple[int, Any]]:
   """(line number, value) for each non-blank line of a JSON-lines file, strictly parsed.
 
   `path`: a str or any path object with .open('rb') (pathlib, or an epath that
-  may be remote, as `calibrate --queries=gs://...` gives).
+  may be remote, as `calibrate --queries=gs://...` gives). A line that is not
+  strict JSON raises JsonError naming path:line, or, with `on_invalid`, is
+  skipped after `on_invalid(line number, the line's JsonError)` (a log a crash
+  may have left a torn line in).
   """
   path = path if hasattr(path, 'open') else pathlib.Path(path)
   with path.open('rb') as f:
@@ -160,9 +163,13 @@ def iter_jsonl(path) -> Iterator[tuple[int, Any]]:
       if not raw.strip():
         continue
       try:
-        yield lineno, loads(raw)
+        value = loads(raw)
       except JsonError as e:
-        raise JsonError(f'{path}:{lineno}: {e.message}', e.field) from None
+        if on_invalid is None:
+          raise JsonError(f'{path}:{lineno}: {e.message}', e.field) from None
+        on_invalid(lineno, e)
+        continue
+      yield lineno, value
 
 
 def read_jsonl(path) -> list[tuple[int, Any]]:

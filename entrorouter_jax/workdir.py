@@ -150,6 +150,19 @@ def missing_run_files(workdir) -> list:
   return [workdir / name for name in (CONFIG, ROUTER_INFO) if not (workdir / name).is_file()]
 
 
+def finished_run_stage0(workdir) -> tuple[Optional[Stage0], Optional[str]]:
+  """(its Stage0, None) where `workdir` holds a finished run whose stage0.pkl has the
+  training table (what a run that starts from it needs); else (None, the name of the first
+  file missing or incomplete there)."""
+  missing = missing_run_files(workdir)
+  if missing:
+    return None, missing[0].name
+  stage0 = read_stage0(workdir)
+  if stage0 is None or not stage0.has_training_table:
+    return None, STAGE0
+  return stage0, None
+
+
 # ====================================================== the SFT candidates ===
 def write_sft_choice(workdir, chosen: str, candidates: dict) -> None:
   """DIR/sft_choice.json: the chosen candidate's name, its weight and every

@@ -3,6 +3,7 @@ subprocess (conftest.py's `serve_workdir` and `served` fixtures run these once a
 
 import contextlib
 import json
+import logging
 import os
 import pathlib
 import re
@@ -93,3 +94,15 @@ def route_of(base, query, **extra):
   r = httpx.post(f'{base}/v1/route', json={'query': query, **extra}, headers=auth())
   assert r.status_code == 200, r.text
   return r.json()
+
+
+@contextlib.contextmanager
+def serve_log_to(caplog):
+  """caplog's handler on the server's logger itself: `logs.show_progress_logs` (run by an
+  earlier CLI test in the same process) stops the package's loggers propagating to root."""
+  logger = logging.getLogger('entrorouter_jax.serve')
+  logger.addHandler(caplog.handler)
+  try:
+    yield
+  finally:
+    logger.removeHandler(caplog.handler)

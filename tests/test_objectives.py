@@ -95,7 +95,8 @@ def np_rl_reinforce(logits, batch, lam, actions, tau_a, beta, alpha, normalize):
 
 
 def numerical_grad(f, x, eps=1e-5):
-  x = x.astype(np.float64)
+  """Central differences of the scalar f at x (float64), entry by entry."""
+  x = np.asarray(x, np.float64)
   g = np.zeros_like(x)
   for idx in np.ndindex(x.shape):
     d = np.zeros_like(x)

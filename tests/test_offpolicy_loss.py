@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from entrorouter_jax import objectives, offpolicy, schedules
+from test_objectives import numerical_grad
 
 B, K = 7, 4
 SEEDS = (0, 1, 2)
@@ -21,16 +22,6 @@ def np_log_softmax(z):
 
 def np_sigmoid(z):
   return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
-
-
-def numerical_grad(f, x, eps=1e-5):
-  x = np.asarray(x, np.float64)
-  g = np.zeros_like(x)
-  for idx in np.ndindex(x.shape):
-    d = np.zeros_like(x)
-    d[idx] = eps
-    g[idx] = (f(x + d) - f(x - d)) / (2 * eps)
-  return g
 
 
 def make_feedback(seed, unobserved_row=True):

@@ -2,9 +2,7 @@
 feedback log, the metrics) on the app in process, and `python -m entrorouter_jax.feedback`,
 which joins decisions and scores into a feedback log the trainer's reader reads."""
 
-import contextlib
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -15,7 +13,7 @@ from benchmarks.fake_upstream import Upstreams
 from conftest import REPO_ROOT
 from entrorouter_jax import feedback as feedback_cli, router as router_lib, serve
 from entrorouter_jax.data import pool as pool_lib, readers
-from serving import QUERIES, TOKEN, slug
+from serving import QUERIES, TOKEN, serve_log_to, slug
 from test_serve_learning import CHAT, in_process
 
 FEEDBACK = '/v1/feedback'
@@ -227,15 +225,3 @@ def test_feedback_cli_errors_name_the_line(tmp_path):
                        capture_output=True, text=True, timeout=60)
   assert run.returncode == 2
   assert run.stderr.startswith('error: ') and 'scores.jsonl:2: score is True' in run.stderr
-
-
-@contextlib.contextmanager
-def serve_log_to(caplog):
-  """caplog's handler on the server's logger itself: `logs.show_progress_logs` (run by an
-  earlier CLI test in the same process) stops the package's loggers propagating to root."""
-  logger = logging.getLogger('entrorouter_jax.serve')
-  logger.addHandler(caplog.handler)
-  try:
-    yield
-  finally:
-    logger.removeHandler(caplog.handler)

@@ -3,9 +3,7 @@ tiny router of conftest's `serve_workdir` (R0), a copy of it whose checkpoint ha
 mtime and so another version (R1), and the local fake upstreams."""
 
 import asyncio
-import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -16,7 +14,7 @@ from benchmarks.fake_upstream import Upstreams
 from entrorouter_jax import router as router_lib, serve
 from entrorouter_jax.data import readers
 from entrorouter_jax.serving import version as version_lib
-from serving import QUERIES, TOKEN, slug
+from serving import QUERIES, TOKEN, serve_log_to, slug
 from test_serve_learning import CHAT, ROUTE, in_process
 
 RELOAD = '/admin/reload'
@@ -219,15 +217,3 @@ def test_sighup_reloads_from_a_repointed_symlink(router, upstreams, tmp_path, se
     answer, health = in_process(app, calls)
   assert answer['version'] == v1 and health['version'] == v1
   assert any(v1 in r.getMessage() and 'reloaded' in r.getMessage() for r in caplog.records)
-
-
-@contextlib.contextmanager
-def serve_log_to(caplog):
-  """caplog's handler on the server's logger itself: `logs.show_progress_logs` (run by an
-  earlier CLI test in the same process) stops the package's loggers propagating to root."""
-  logger = logging.getLogger('entrorouter_jax.serve')
-  logger.addHandler(caplog.handler)
-  try:
-    yield
-  finally:
-    logger.removeHandler(caplog.handler)

@@ -189,23 +189,18 @@ class DecisionIndex:
 
   def _read(self, path: pathlib.Path) -> None:
     """Adds the ids of one earlier file; returns nothing (bad lines are logged, skipped)."""
+    def torn(lineno, e):
+      log.warning('decision log: %s:%d: %s; expected one JSON object per line; skipped',
+                  path, lineno, e.message)
+
     try:
-      with path.open('rb') as f:
-        for lineno, raw in enumerate(f, 1):
-          if not raw.strip():
-            continue
-          try:
-            line = strict_json.loads(raw)
-          except strict_json.JsonError as e:
-            log.warning('decision log: %s:%d: %s; expected one JSON object per line; skipped',
-                        path, lineno, e.message)
-            continue
-          if not isinstance(line, dict) or not isinstance(line.get('id'), str):
-            log.warning('decision log: %s:%d: no string "id"; expected a decision line with '
-                        'the request id; skipped', path, lineno)
-            continue
-          answered = line.get('answered_by')
-          self._answered_by[line['id']] = answered if isinstance(answered, str) else None
+      for lineno, line in strict_json.iter_jsonl(path, on_invalid=torn):
+        if not isinstance(line, dict) or not isinstance(line.get('id'), str):
+          log.warning('decision log: %s:%d: no string "id"; expected a decision line with '
+                      'the request id; skipped', path, lineno)
+          continue
+        answered = line.get('answered_by')
+        self._answered_by[line['id']] = answered if isinstance(answered, str) else None
     except OSError as e:
       log.warning('decision log: cannot read %s (%s); its ids are not known', path, e.strerror)
 
