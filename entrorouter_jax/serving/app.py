@@ -189,12 +189,16 @@ def decision_line(serving: Serving, request_id: Optional[str], endpoint: str, te
           'fallbacks': list(outcome.fallbacks)}
 
 
-def write_decision(serving: Serving, line: dict) -> None:
-  """Queues `line` on the decision log (if on). A line the log cannot hold (an upstream
-  usage that is not strict JSON) goes without its usage; after the log closed (a stream
-  outliving the server's shutdown) it is dropped with a warning."""
+def write_decision(serving: Serving, request_id: Optional[str], endpoint: str, text: str,
+                   decision: Decision, decided_at: float,
+                   outcome: Optional[Outcome] = None) -> None:
+  """Queues the request's `decision_line` on the decision log; without --decisions nothing
+  is built. A line the log cannot hold (an upstream usage that is not strict JSON) goes
+  without its usage; after the log closed (a stream outliving the server's shutdown) it is
+  dropped with a warning."""
   if serving.decisions is None:
     return
+  line = decision_line(serving, request_id, endpoint, text, decision, decided_at, outcome)
   try:
     try:
       serving.decisions.record(line)
@@ -238,8 +242,7 @@ async def route(request):
          'explored': decision.explored}
   if decision.threshold is not None:
     out['threshold'] = decision.threshold
-  write_decision(serving, decision_line(serving, request_id_of(request), 'route', text,
-                                        decision, decided_at))
+  write_decision(serving, request_id_of(request), 'route', text, decision, decided_at)
   return JSONResponse(out)
 
 
@@ -265,8 +268,7 @@ async def chat(request):
   outcome = Outcome()
 
   def write():
-    write_decision(serving, decision_line(serving, request_id, 'chat', asked.text, decision,
-                                          decided_at, outcome))
+    write_decision(serving, request_id, 'chat', asked.text, decision, decided_at, outcome)
 
   try:
     reply = await forward_with_fallback(serving.client, serving.endpoints, serving.metrics,
@@ -276,10 +278,10 @@ async def chat(request):
     outcome.status = e.status if isinstance(e, RequestError) else 500
     write()
     raise
-  if isinstance(reply, StreamingResponse):
-    reply.body_iterator = logged_at_end(reply.body_iterator, write)
-  else:
+  if not isinstance(reply, StreamingResponse):
     write()
+  elif serving.decisions is not None:   # a stream's line is written when it ends
+    reply.body_iterator = logged_at_end(reply.body_iterator, write)
   return reply
 
 
