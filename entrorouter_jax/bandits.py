@@ -19,8 +19,8 @@ utility over the four shared data sets (3 seeds, the default features), of a gri
 in {0.02, 0.05, 0.1}, LINUCB_ALPHA in {0.05, 0.1, 0.25, 0.5, 1}, THOMPSON_V in {0.05, 0.1,
 0.25, 0.5}; so the baselines are at their best on the shared sets, which can only flatter
 them there. (Li et al. 2010's alpha = 1 and v = 0.5, the sub-Gaussian scale of an outcome
-in [0, 1], explored far too much on 640-dimensional features: mean stream utility 0.505
-and 0.488 against 0.523 and 0.524 at 0.05.)
+in [0, 1], explored far too much on 640-dimensional features; the grid was run by a script
+not yet in the repository.)
   greedy          the recipe-family success predictor (`baselines.fit_success_model`, MLP,
                   masked BCE on the observed cells) refitted on all logs each round; routes
                   by argmax s(x, m) - lambda c_hat(m), no exploration (propensity 1).
@@ -378,7 +378,7 @@ class EntroRouterLearner(Greedy):
   refitted on all logs each round); q(x, m) = s(x, m) - lambda c_hat(m) is held fixed inside
   the policy's objective, as METHOD.md's surrogate has it. METHOD.md's (choice) of 1 / p
   cell weights (`ipw`, min(1 / p, rl.w_max)) is off: on the four shared sets it made the head
-  noisier (routerbench, 3 seeds: stream utility 0.696 against 0.761 unweighted).
+  noisier and the stream utility lower (set `ipw = True` to compare).
   Policy: pi = softmax(q / T + g(x)), g a linear correction head (Flax NNX, zero at the
   start, so pi starts as the utility head's softmax at T = ENTRO_TEMPERATURE, or config
   rl.explore_temperature).
