@@ -17,11 +17,15 @@ class Upstreams:
 
   `mode[slug]`: 'ok' (default), 'down' (503), 'slow' (answers after 10 s),
   'reject' (400, the request's fault). `seen` records (slug, body, authorization)
-  unless `record` is False. `url(slug)` is a model's base_url.
+  unless `record` is False. `url(slug)` is a model's base_url. A request offering
+  tools whose last message is not a tool result is answered with a call of its first
+  tool, id "call-<slug>-<n>" (as a stream too); the tool's result then gets the
+  answer "answer from <model> after <tool_call_id>".
   """
 
   def __init__(self, record: bool = True):
     self.mode, self.seen, self.lock, self.record = {}, [], threading.Lock(), record
+    self.calls = 0   # tool calls issued
     outer = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,6 +55,35 @@ class Upstreams:
           self.wfile.write(data)
           return
         text = f'answer from {body["model"]}'
+        messages = body.get('messages') or [{}]
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        call = None
+        if last.get('role') == 'tool':
+          text += f' after {last.get("tool_call_id")}'
+        elif isinstance(body.get('tools'), list) and body['tools']:
+          tool = body['tools'][0] if isinstance(body['tools'][0], dict) else {}
+          function = tool.get('function')
+          name = function.get('name', 'tool') if isinstance(function, dict) else 'tool'
+          with outer.lock:
+            outer.calls += 1
+            call = {'id': f'call-{slug}-{outer.calls}', 'type': 'function',
+                    'function': {'name': str(name), 'arguments': '{}'}}
+        if body.get('stream') and call is not None:
+          self.send_response(200)
+          self.send_header('content-type', 'text/event-stream')
+          self.send_header('connection', 'close')
+          self.end_headers()
+          first = {**call, 'index': 0, 'function': {**call['function'], 'arguments': ''}}
+          for delta, finish in (({'role': 'assistant', 'tool_calls': [first]}, None),
+                                ({'tool_calls': [{'index': 0, 'function': {'arguments': '{}'}}]},
+                                 'tool_calls')):
+            chunk = {'id': 'c1', 'object': 'chat.completion.chunk', 'created': 1,
+                     'model': body['model'], 'choices': [
+                         {'index': 0, 'delta': delta, 'finish_reason': finish}]}
+            self.wfile.write(f'data: {json.dumps(chunk)}\n\n'.encode())
+          self.wfile.write(b'data: [DONE]\n\n')
+          self.close_connection = True
+          return
         if body.get('stream'):
           self.send_response(200)
           self.send_header('content-type', 'text/event-stream')
@@ -64,10 +97,12 @@ class Upstreams:
           self.wfile.write(b'data: [DONE]\n\n')
           self.close_connection = True
           return
+        message = ({'role': 'assistant', 'content': None, 'tool_calls': [call]} if call
+                   else {'role': 'assistant', 'content': text})
         data = json.dumps({
             'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
-            'choices': [{'index': 0, 'finish_reason': 'stop',
-                         'message': {'role': 'assistant', 'content': text}}],
+            'choices': [{'index': 0, 'finish_reason': 'tool_calls' if call else 'stop',
+                         'message': message}],
             'usage': {'prompt_tokens': 3, 'completion_tokens': 3, 'total_tokens': 6}}).encode()
         self.send_response(200)
         self.send_header('content-type', 'application/json')

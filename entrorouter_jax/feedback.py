@@ -16,7 +16,10 @@ router's version). Decision lines that cannot be such a row are dropped and coun
 /v1/route calls and lines without a cost (the server never saw, or could not price, the
 answer), chat lines whose status is not 200, fallbacks (answered by another model than the
 chosen one, whose propensity that is), repeated ids and lines that are not JSON objects
-(a line torn by a crash). One summary line on stdout says what was written and dropped.
+(a line torn by a crash). A tool-call follow-up (a line with "follows": the id of the
+routed request whose model made the call) is no decision of the router's: its line is
+dropped, and a score given for it scores the request it follows (the conversation's
+answer is that model's). One summary line on stdout says what was written and dropped.
 
 Imports nothing of the trainer: it reads JSON lines and writes a table.
 """
@@ -40,8 +43,9 @@ from entrorouter_jax import strict_json
 FLAGS = flags.FLAGS
 COLUMNS = ('id', 'query', 'model', 'score', 'cost', 'propensity', 'cost_weight', 'time',
            'policy')
-DROPS = ('route', 'status', 'fallback', 'no_cost', 'repeated_id', 'malformed')
-DROP_WORDS = {'route': '/v1/route calls', 'status': 'failed (status != 200)',
+DROPS = ('route', 'follow_up', 'status', 'fallback', 'no_cost', 'repeated_id', 'malformed')
+DROP_WORDS = {'route': '/v1/route calls', 'follow_up': 'tool-call follow-ups',
+              'status': 'failed (status != 200)',
               'fallback': 'fallbacks', 'no_cost': 'without cost',
               'repeated_id': 'repeated ids', 'malformed': 'malformed lines'}
 
@@ -90,11 +94,11 @@ def _lines(path: pathlib.Path, on_invalid=None):
 
 
 def read_decisions(directory: pathlib.Path, dropped: collections.Counter,
-                   logged: set) -> list[dict]:
+                   logged: set, follows: Optional[dict] = None) -> list[dict]:
   """The rows (score None) of DIR's decisions-*.jsonl, in file and line order; the other
-  lines are counted in `dropped` by reason, and every decision's id, kept or dropped, is
-  added to `logged`. FeedbackError for a line missing a field a row needs (naming file:line
-  and field)."""
+  lines are counted in `dropped` by reason, every decision's id, kept or dropped, is
+  added to `logged`, and each follow-up's id maps to the id it follows in `follows`.
+  FeedbackError for a line missing a field a row needs (naming file:line and field)."""
   rows, seen = [], set()
   for path in sorted(directory.glob('decisions-*.jsonl')):
 
@@ -115,6 +119,10 @@ def read_decisions(directory: pathlib.Path, dropped: collections.Counter,
       seen.add(line['id'])
       if line.get('endpoint') != 'chat':
         dropped['route'] += 1
+      elif isinstance(line.get('follows'), str):
+        dropped['follow_up'] += 1
+        if follows is not None:
+          follows[line['id']] = line['follows']
       elif line.get('status') != 200:
         dropped['status'] += 1
       elif line.get('answered_by') != line.get('model'):
@@ -176,7 +184,8 @@ def join(directory, scores: Optional[str] = None) -> Joined:
                         '--decisions directory')
   dropped = collections.Counter()
   logged = set()   # kept or dropped alike: a score of a dropped line is not unknown
-  rows = read_decisions(directory, dropped, logged)
+  follows = {}   # a follow-up's id -> the id of the decision it follows
+  rows = read_decisions(directory, dropped, logged, follows)
   by_id = {r['id']: r for r in rows}
   given = []   # (order key, id, score): the greatest key per id wins
   for path in sorted(directory.glob('feedback-*.jsonl')):
@@ -191,6 +200,10 @@ def join(directory, scores: Optional[str] = None) -> Joined:
               for i, (i_d, s, t) in enumerate(read_scores(path, server=False))]
   unknown, latest = 0, {}
   for key, request_id, score in given:
+    if request_id not in logged:
+      unknown += 1
+      continue
+    request_id = follows.get(request_id, request_id)
     if request_id not in logged:
       unknown += 1
     elif request_id not in latest or key >= latest[request_id][0]:

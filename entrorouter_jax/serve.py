@@ -118,7 +118,8 @@ def settings_from_flags() -> Settings:
                   fallback=FLAGS.fallback, max_attempts=FLAGS.max_attempts,
                   route_on=FLAGS.route_on, auth_token=token, explore=FLAGS.explore,
                   seed=FLAGS.seed, decisions=FLAGS.decisions, host=FLAGS.host,
-                  workdir=FLAGS.workdir)
+                  workdir=FLAGS.workdir, tool_calls_max=FLAGS.tool_calls_max,
+                  tool_calls_ttl=FLAGS.tool_calls_ttl)
 
 
 def main(argv):
@@ -183,6 +184,10 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seed', Settings.seed, 'Seed of the exploration draws (default: fresh).')
   flags.DEFINE_string('decisions', Settings.decisions, 'Directory of the decision log: a JSON '
                       'line per routed request, prompts included (default: off).')
+  flags.DEFINE_integer('tool_calls_max', Settings.tool_calls_max, 'Tool-call ids remembered, '
+                       'so that a follow-up answering a call goes to the model that made it.')
+  flags.DEFINE_float('tool_calls_ttl', Settings.tool_calls_ttl, 'Seconds a tool-call id is '
+                     'remembered.')
   flags.DEFINE_string('log_level', 'info', 'uvicorn log level.')
   flags.DEFINE_bool('access_log', False, 'uvicorn access log (paths and statuses only).')
   absl_app.run(main)

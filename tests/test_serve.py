@@ -219,6 +219,7 @@ def test_auth_is_required_and_keys_are_never_echoed(served):
 
 
 def test_metrics_text(served):
+  route_of(served[0], QUERIES[0])   # at least one routed request, whatever ran before
   text = httpx.get(f'{served[0]}/metrics', headers=auth()).text
   for name in ('entrorouter_requests_total', 'entrorouter_routes_total',
                'entrorouter_upstream_errors_total', 'entrorouter_request_latency_seconds_bucket',

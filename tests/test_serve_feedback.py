@@ -190,8 +190,8 @@ def test_feedback_cli_writes_the_expected_rows(tmp_path, suffix):
                        capture_output=True, text=True, timeout=60)
   assert run.returncode == 0, run.stderr
   assert run.stdout.strip() == (
-      f'{out}: 3 rows written (2 judged, 1 unjudged); dropped: /v1/route calls 1, failed '
-      '(status != 200) 1, fallbacks 1, without cost 0, repeated ids 0, malformed lines 0; '
+      f'{out}: 3 rows written (2 judged, 1 unjudged); dropped: /v1/route calls 1, tool-call '
+      'follow-ups 0, failed (status != 200) 1, fallbacks 1, without cost 0, repeated ids 0, malformed lines 0; '
       'scores of unknown ids: 1')
   if suffix == '.jsonl':
     rows = [json.loads(x) for x in out.read_text().splitlines()]

@@ -23,7 +23,8 @@ from serving import QUERIES, slug
 
 CHAT, ROUTE = '/v1/chat/completions', '/v1/route'
 LINE_KEYS = {'id', 'time', 'endpoint', 'text', 'model', 'answered_by', 'propensity', 'explored',
-             'cost_weight', 'version', 'usage', 'cost', 'latency_ms', 'status', 'fallbacks'}
+             'cost_weight', 'version', 'usage', 'cost', 'latency_ms', 'status', 'fallbacks',
+             'follows'}
 
 
 @pytest.fixture(scope='module')

@@ -27,9 +27,11 @@ Pool = Union[None, PathLike, Sequence[ModelInfo]]
 
 POOL_FIELDS = ('name', 'price_in', 'price_out', 'context_limit')
 # Where `serve` sends a model's requests: an OpenAI-compatible endpoint
-# (base_url, ending in /v1), the model name sent there (default: the pool name)
-# and the environment variable holding its key (none: no Authorization header).
-ENDPOINT_FIELDS = ('base_url', 'upstream_model', 'api_key_env')
+# (base_url, ending in /v1), the model name sent there (default: the pool name),
+# the environment variable holding its key (none: no Authorization header) and
+# whether it takes tool calls (tools: true; requests with "tools" go only to such
+# models where the pool marks any).
+ENDPOINT_FIELDS = ('base_url', 'upstream_model', 'api_key_env', 'tools')
 ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 
@@ -40,6 +42,7 @@ class Endpoint:
   base_url: Optional[str] = None
   upstream_model: Optional[str] = None
   api_key_env: Optional[str] = None
+  tools: bool = False
 
 
 def read_pool(path: PathLike) -> list[ModelInfo]:
@@ -60,7 +63,8 @@ def read_endpoints(path: PathLike) -> dict[str, Endpoint]:
 
   base_url must be an http(s) URL (an OpenAI-compatible endpoint, usually
   ending in /v1); upstream_model a non-empty string; api_key_env the name of
-  an environment variable. The prices are checked as by `read_pool`.
+  an environment variable; tools a boolean (default false). The prices are checked as by
+  `read_pool`.
   """
   path = pathlib.Path(path)
   out = {}
@@ -79,8 +83,17 @@ def read_endpoints(path: PathLike) -> dict[str, Endpoint]:
     if env is not None and (not isinstance(env, str) or not ENV_NAME.match(env)):
       raise DataError(f'{path}: {label}: field api_key_env is {env!r}; expected the name of '
                       'an environment variable (letters, digits, _)')
-    out[name] = Endpoint(name, url.rstrip('/') if url else None, upstream, env)
+    tools = body.get('tools', False)
+    if not isinstance(tools, bool):
+      raise DataError(f'{path}: {label}: field tools is {tools!r}; expected true (the model '
+                      'takes tool calls) or false')
+    out[name] = Endpoint(name, url.rstrip('/') if url else None, upstream, env, tools)
   return out
+
+
+def tool_models(endpoints: dict[str, Endpoint]) -> list[str]:
+  """The names of `endpoints` (read_endpoints' result) marked tools: true."""
+  return [name for name, e in endpoints.items() if e.tools]
 
 
 def _pool_entries(path: pathlib.Path) -> list[tuple[str, dict]]:

@@ -11,6 +11,9 @@ ids, and the feedback log of the scores POST /v1/feedback accepts for those ids.
 POST /admin/reload (and SIGHUP, with Settings.workdir) swaps in a Serving with another
 router (serving/reload.py); an endpoint reads `app.state.serving` once, so a request in
 flight finishes on the router it started with.
+Tool calls the server relays are remembered (`ToolCalls`, kept across reloads): a routed
+follow-up answering one goes to the model that made it, and a request that offers tools
+is routed among the pool's tool-capable models where it marks any.
 RequestError is answered by one exception handler; `Metered` counts and times the
 replies, `ErrorBoundary` names each request and answers the unforeseen.
 """
@@ -35,17 +38,18 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from entrorouter_jax import router as router_lib
-from entrorouter_jax.data.pool import Endpoint
+from entrorouter_jax.data.pool import Endpoint, tool_models
 from entrorouter_jax.serving.decisions import DecisionIndex, DecisionLog
 from entrorouter_jax.serving.errors import (ErrorBoundary, RequestError, http_error_reply,
                                             request_error_reply, request_id_of)
 from entrorouter_jax.serving.metrics import Metered, Metrics
 from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_request,
-                                              explore_field, feedback_items, read_json,
-                                              route_text)
+                                              explore_field, feedback_items, offers_tools,
+                                              read_json, route_text)
 from entrorouter_jax.serving.reload import Reloader
 from entrorouter_jax.serving.routing import Decision, RoutingService
 from entrorouter_jax.serving.settings import Settings, is_loopback
+from entrorouter_jax.serving.tools import Issuer, ToolCalls
 from entrorouter_jax.serving.upstream import Outcome, forward_with_fallback, new_client
 
 log = logging.getLogger('entrorouter_jax.serve')
@@ -57,7 +61,8 @@ class Serving:
   metrics, the micro-batched router, the router's version (a digest of its workdir), the
   pool's prices ({name: an object with price_in and price_out, dollars per 1M tokens}),
   and, while the app runs, the upstream client and, with --decisions, the decision log,
-  the index of its ids and the feedback log (None otherwise)."""
+  the index of its ids and the feedback log (None otherwise). `tool_calls` remembers the
+  issuer of each tool call relayed (the same across reloads)."""
   settings: Settings
   endpoints: dict
   served: list
@@ -69,6 +74,7 @@ class Serving:
   client: Optional[httpx.AsyncClient] = None
   index: Optional[DecisionIndex] = None
   feedback: Optional[DecisionLog] = None
+  tool_calls: ToolCalls = dataclasses.field(default_factory=ToolCalls)
 
 
 @contextlib.asynccontextmanager
@@ -186,7 +192,7 @@ def decision_line(serving: Serving, request_id: Optional[str], endpoint: str, te
           'cost_weight': decision.cost_weight, 'version': serving.version,
           'usage': outcome.usage, 'cost': dollar_cost(outcome.usage, price),
           'latency_ms': outcome.latency_ms, 'status': outcome.status,
-          'fallbacks': list(outcome.fallbacks)}
+          'fallbacks': list(outcome.fallbacks), 'follows': decision.follows}
 
 
 def write_decision(serving: Serving, request_id: Optional[str], endpoint: str, text: str,
@@ -213,8 +219,8 @@ def write_decision(serving: Serving, request_id: Optional[str], endpoint: str, t
                 line.get('id'))
 
 
-async def logged_at_end(stream, write):
-  """`stream` (a streamed reply's body) passed through; `write()` once it ends, however."""
+async def at_end(stream, done):
+  """`stream` (a streamed reply's body) passed through; `done()` once it ends, however."""
   try:
     async for chunk in stream:
       yield chunk
@@ -223,7 +229,15 @@ async def logged_at_end(stream, write):
       if hasattr(stream, 'aclose'):
         await stream.aclose()   # the relay's own end first: its latency, the upstream closed
     finally:
-      write()
+      done()
+
+
+def remember_tool_calls(serving: Serving, outcome: Outcome, request_id: Optional[str]) -> None:
+  """Notes who issued the tool calls of a reply (`outcome`): the model that answered and
+  `request_id`, the request that chose it (a routed request's decision, or a request that
+  named the model; a follow-up passes on the id it follows)."""
+  if outcome.tool_calls and outcome.answered_by:
+    serving.tool_calls.remember(outcome.tool_calls, Issuer(outcome.answered_by, request_id))
 
 
 async def route(request):
@@ -235,7 +249,8 @@ async def route(request):
   explore = explore_field(body)
   serving: Serving = request.app.state.serving   # this request's router, to its end
   with serving.service.held():
-    decision = await serving.service.decide(text, body.get('cost_weight'), field, explore)
+    decision = await serving.service.decide(text, body.get('cost_weight'), field, explore,
+                                            offers_tools(body))
   decided_at = time.time()
   out = {'model': decision.model, 'probs': decision.probs, 'cost_weight': decision.cost_weight,
          'ranking': decision.ranking, 'propensity': decision.propensity,
@@ -249,7 +264,9 @@ async def route(request):
 async def chat(request):
   """POST /v1/chat/completions: routed (or a pool model by name), then forwarded. A routed
   completion's JSON "id" is the request id (x-entrorouter-request-id), and so is its
-  decision log line's (a stream's chunks keep the upstream's ids)."""
+  decision log line's (a stream's chunks keep the upstream's ids). A routed follow-up
+  whose closing "tool" messages answer calls this server relayed goes to the model that
+  made them (its decision `follows` the request that chose that model)."""
   settings: Settings = request.app.state.serving.settings   # the same across reloads
   authorize(request, settings.auth_token)
   body = await read_json(request, settings.max_body_bytes)
@@ -257,18 +274,26 @@ async def chat(request):
   with serving.service.held():
     asked = chat_request(body, serving.served, settings.route_on)
     if asked.model == ROUTER_MODEL:
+      follow = serving.tool_calls.issuer(asked.tool_results) if asked.tool_results else None
       decision = await serving.service.decide(asked.text, body.get('cost_weight'),
-                                              explore=asked.explore)
+                                              explore=asked.explore, tools=asked.tools,
+                                              follow=follow)
+  outcome, request_id = Outcome(), request_id_of(request)
   if asked.model != ROUTER_MODEL:
-    return await forward_with_fallback(serving.client, serving.endpoints, serving.metrics, body,
-                                       [asked.model], None, asked.stream)
+    reply = await forward_with_fallback(serving.client, serving.endpoints, serving.metrics, body,
+                                        [asked.model], None, asked.stream, outcome=outcome)
+    if not isinstance(reply, StreamingResponse):
+      remember_tool_calls(serving, outcome, request_id)
+    elif asked.tools:
+      reply.body_iterator = at_end(reply.body_iterator,
+                                   lambda: remember_tool_calls(serving, outcome, request_id))
+    return reply
   decided_at = time.time()
   candidates = decision.ranking[:1 if settings.fallback == 'none' else settings.max_attempts]
-  request_id = request_id_of(request)
-  outcome = Outcome()
 
-  def write():
+  def done():
     write_decision(serving, request_id, 'chat', asked.text, decision, decided_at, outcome)
+    remember_tool_calls(serving, outcome, decision.follows or request_id)
 
   try:
     reply = await forward_with_fallback(serving.client, serving.endpoints, serving.metrics,
@@ -276,12 +301,12 @@ async def chat(request):
                                         outcome)
   except Exception as e:
     outcome.status = e.status if isinstance(e, RequestError) else 500
-    write()
+    done()
     raise
   if not isinstance(reply, StreamingResponse):
-    write()
-  elif serving.decisions is not None:   # a stream's line is written when it ends
-    reply.body_iterator = logged_at_end(reply.body_iterator, write)
+    done()
+  elif serving.decisions is not None or asked.tools:   # a stream's line is written at its end
+    reply.body_iterator = at_end(reply.body_iterator, done)
   return reply
 
 
@@ -364,8 +389,9 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
   metrics = Metrics(served, settings.max_batch)
   metrics.set_version(version)
   base = Serving(settings, endpoints, served, metrics,
-                 RoutingService(router, settings, metrics, served), version=version,
-                 prices=dict(prices or {}))
+                 RoutingService(router, settings, metrics, served, tool_models(endpoints)),
+                 version=version, prices=dict(prices or {}),
+                 tool_calls=ToolCalls(settings.tool_calls_max, settings.tool_calls_ttl))
   routes = [
       Route('/healthz', healthz, methods=['GET']),
       Route('/metrics', metrics_text, methods=['GET']),

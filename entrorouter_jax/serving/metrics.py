@@ -25,6 +25,9 @@ class Metrics:
     self.explored = prom.Counter('entrorouter_explored',
                                  'Routed requests whose model was sampled (--explore > 0).',
                                  registry=r)
+    self.sticky = prom.Counter('entrorouter_sticky',
+                               'Routed follow-ups sent to the model whose tool call they answer.',
+                               registry=r)
     self.decisions_written = prom.Counter('entrorouter_decisions_written',
                                           'Lines written to the decision log (--decisions).',
                                           registry=r)

@@ -22,6 +22,7 @@ import time
 from typing import Callable, Optional
 
 from entrorouter_jax import router as router_lib
+from entrorouter_jax.data.pool import tool_models
 from entrorouter_jax.serving.errors import RequestError
 from entrorouter_jax.serving.routing import RoutingService
 from entrorouter_jax.serving.version import router_version
@@ -99,7 +100,8 @@ class Reloader:
       raise RequestError(400, f'workdir {str(workdir)!r}: {e}', 'workdir',
                          'invalid_request_error', 'reload_failed') from None
     settings = current.settings
-    service = RoutingService(router, settings, current.metrics, served)
+    service = RoutingService(router, settings, current.metrics, served,
+                             tool_models(current.endpoints))
     await service.batcher.start()
     try:
       if self.warm_up:

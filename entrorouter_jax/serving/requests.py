@@ -9,6 +9,7 @@ from typing import Optional
 
 from entrorouter_jax import strict_json
 from entrorouter_jax.serving.errors import RequestError
+from entrorouter_jax.serving.tools import tool_result_ids
 
 ROUTER_MODEL = 'router'
 
@@ -123,14 +124,22 @@ def explore_field(body: dict) -> bool:
   return explore
 
 
+def offers_tools(body: dict) -> bool:
+  """Whether a chat or route body offers tools (a non-empty "tools" list)."""
+  return isinstance(body.get('tools'), list) and bool(body['tools'])
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
   """A checked chat request: the model asked for ("router" or a served pool model), the
-  text to route on, whether to stream, and whether it may be explored."""
+  text to route on, whether to stream, whether it may be explored, whether it offers
+  tools, and the tool-call ids its closing "tool" messages answer."""
   model: str
   text: str
   stream: bool
   explore: bool = True
+  tools: bool = False
+  tool_results: tuple = ()
 
 
 def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
@@ -153,7 +162,8 @@ def chat_request(body: dict, served: list, route_on: str) -> ChatRequest:
     if 'cost_weight' in body:
       raise RequestError(400, f'cost_weight applies to "model": "router" only; model is '
                          f'{model!r}', 'cost_weight')
-  return ChatRequest(model, text, stream, explore)
+  return ChatRequest(model, text, stream, explore, offers_tools(body),
+                     tuple(tool_result_ids(body['messages'])))
 
 
 MAX_FEEDBACK_ITEMS = 1000

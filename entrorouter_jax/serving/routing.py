@@ -2,7 +2,9 @@
 the chosen model, the ranking a routed request falls back along, and the propensity of
 the choice. With --explore=EPS > 0 the first model is sampled from the exploring policy
 (1 - EPS) pi + EPS / K' over the served models (as `Router.sample` does), so that the
-decision log holds the probability each logged model had of being chosen."""
+decision log holds the probability each logged model had of being chosen. A request that
+offers tools is routed among the served models the pool marks tool-capable, where any is
+(the exploring policy's K' and the propensity are theirs)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from entrorouter_jax.batching import MicroBatcher
 from entrorouter_jax.serving.errors import RequestError
 from entrorouter_jax.serving.metrics import Metrics
 from entrorouter_jax.serving.settings import Settings
+from entrorouter_jax.serving.tools import Issuer
 
 
 @dataclasses.dataclass
@@ -26,7 +29,9 @@ class Decision:
   """Where one request goes: the chosen model, the served models best first, pi(m|x), the
   cost weight (or threshold) it was routed at, and how it was chosen: `explored` when
   sampled from the exploring policy, whose probability of this model is `propensity`
-  (1.0 for the argmax, which is deterministic)."""
+  (1.0 for the argmax, which is deterministic). A follow-up answering a tool call goes to
+  the model that made the call: `follows` is then the id of the request whose decision
+  chose that model (and `propensity` 1.0: the router did not choose)."""
   model: str
   ranking: list            # pool names: the chosen one, then the rest best first
   probs: dict              # name -> pi(m|x)
@@ -34,17 +39,21 @@ class Decision:
   threshold: Optional[float]
   propensity: float = 1.0
   explored: bool = False
+  follows: Optional[str] = None
 
 
 class RoutingService:
   """The router behind a micro-batcher: text -> Decision."""
 
   def __init__(self, router: router_lib.Router, settings: Settings, metrics: Metrics,
-               served: Optional[list] = None):
+               served: Optional[list] = None, tool_models: Optional[list] = None):
     self.router, self.settings, self.metrics = router, settings, metrics
     # The models requests may go to (those the pool gives an endpoint): routing
-    # picks the best of them.
+    # picks the best of them; a request with tools the best tool-capable one, where
+    # the pool marks any of them.
     self.served = np.array([n in (served or router.model_names) for n in router.model_names])
+    tool_capable = self.served & np.array([n in (tool_models or ()) for n in router.model_names])
+    self.with_tools = tool_capable if tool_capable.any() else self.served
     self.explore = router_lib.check_explore(settings.explore, '--explore')
     # The exploration draws: one Generator, used on the event loop's thread only.
     self.rng = np.random.default_rng(settings.seed)
@@ -102,7 +111,8 @@ class RoutingService:
       raise RequestError(400, str(e), 'cost_weight') from None
 
   async def decide(self, text: str, requested_cost_weight=None, field: str = 'messages',
-                   explore: bool = True) -> Decision:
+                   explore: bool = True, tools: bool = False,
+                   follow: Optional[Issuer] = None) -> Decision:
     """Routes one text (checked here, before it joins a batch: a text the router
     cannot read fails alone, with a 400 naming `field`); returns the Decision.
 
@@ -110,7 +120,10 @@ class RoutingService:
     first model is drawn from (1 - EPS) pi + EPS / K' over the served models and
     `propensity` is its probability there; otherwise it is the argmax (or the
     threshold rule's choice) with propensity 1.0. The rest of the ranking is the
-    other served models by probability either way."""
+    other served models by probability either way. With `tools` (the request offers
+    tools) "served" means the tool-capable served models, where the pool marks any.
+    With `follow` (the issuer of the tool calls a follow-up answers), where its model is
+    served, that model comes first (propensity 1.0, not explored, `follows` its request)."""
     lam = self.cost_weight_for(requested_cost_weight)
     if not isinstance(text, str) or not text.strip():
       raise RequestError(400, f'{field} holds no text to route on; expected a non-empty string',
@@ -128,21 +141,28 @@ class RoutingService:
     names = self.router.model_names
     # Routers that lambda moves take their top model; the others the threshold rule.
     threshold = None if self.router.moves_with_cost_weight else self.router.default_threshold
-    served = np.where(self.served, probs, -1.0)   # never eligible
+    eligible = self.with_tools if tools else self.served
+    served = np.where(eligible, probs, -1.0)   # never eligible
     first, _ = router_lib.choose(served[None], self.router.model_costs,
                                  1.0 if threshold is None else threshold)
     first, propensity, explored = int(first[0]), 1.0, False
-    if explore and self.explore > 0:
-      dist = router_lib.explore_distribution(np.asarray(probs)[None], self.served, self.explore)
+    follows = None
+    if follow is not None and follow.model in names and self.served[names.index(follow.model)]:
+      first, follows = names.index(follow.model), follow.request_id
+      self.metrics.sticky.inc()
+    elif explore and self.explore > 0:
+      dist = router_lib.explore_distribution(np.asarray(probs)[None], eligible, self.explore)
       first = int(router_lib.draw(dist, self.rng)[0])
       propensity, explored = float(dist[0, first]), True
       self.metrics.explored.inc()
     # Best first; ties to the cheaper model.
-    order = sorted(np.flatnonzero(self.served), key=lambda j: (
+    order = sorted(np.flatnonzero(eligible), key=lambda j: (
         -float(probs[j]), float(self.router.model_costs[j])))
-    order.remove(first)
+    if first in order:
+      order.remove(first)
     ranking = [names[first]] + [names[j] for j in order]
     self.metrics.routes.labels(names[first]).inc()
     return Decision(model=names[first], ranking=ranking,
                     probs={n: float(p) for n, p in zip(names, probs)}, cost_weight=lam,
-                    threshold=threshold, propensity=propensity, explored=explored)
+                    threshold=threshold, propensity=propensity, explored=explored,
+                    follows=follows)

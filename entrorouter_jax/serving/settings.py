@@ -40,6 +40,8 @@ class Settings:
   decisions: Optional[str] = None   # directory of the decision log (None: no log)
   host: str = '127.0.0.1'           # the interface bound: beyond loopback, /admin/* needs a token
   workdir: Optional[str] = None     # the router's workdir as given: SIGHUP reloads from it
+  tool_calls_max: int = 100_000     # tool-call ids remembered (a follow-up goes to their model)
+  tool_calls_ttl: float = 3600.0    # seconds each is remembered
 
   def check(self) -> None:
     """Returns nothing; ValueError naming the flag and what was expected for a bad value."""
@@ -55,6 +57,10 @@ class Settings:
       raise ValueError(f'--fallback={self.fallback!r}; expected ranking or none')
     if self.max_attempts < 1:
       raise ValueError(f'--max_attempts={self.max_attempts}; expected >= 1')
+    if self.tool_calls_max < 1:
+      raise ValueError(f'--tool_calls_max={self.tool_calls_max}; expected >= 1')
+    if not self.tool_calls_ttl > 0:
+      raise ValueError(f'--tool_calls_ttl={self.tool_calls_ttl}; expected seconds > 0')
     if self.route_on not in ROUTE_ON:
       raise ValueError(f'--route_on={self.route_on!r}; expected one of {ROUTE_ON}')
     try:

@@ -22,6 +22,7 @@ from entrorouter_jax.serving.errors import RequestError
 from entrorouter_jax.serving.metrics import Metrics
 from entrorouter_jax.serving.routing import Decision
 from entrorouter_jax.serving.settings import Settings
+from entrorouter_jax.serving.tools import chunk_call_ids, reply_call_ids
 
 log = logging.getLogger('entrorouter_jax.serve')
 
@@ -38,13 +39,15 @@ class Outcome:
   """What became of one forwarded request: the model whose reply went back (None if every
   model failed), the HTTP status sent to the client, the upstream's "usage" object (None
   if it sent none; a stream's only where a chunk carried it), the answering upstream's
-  time from the request to its reply's last byte (ms; a stream's at its end), and the
-  models tried before it. Filled in as the request goes; a stream's when it ends."""
+  time from the request to its reply's last byte (ms; a stream's at its end), the models
+  tried before it, and the ids of the tool calls the reply asks for. Filled in as the
+  request goes; a stream's when it ends."""
   answered_by: Optional[str] = None
   status: Optional[int] = None
   usage: Optional[dict] = None
   latency_ms: Optional[float] = None
   fallbacks: list = dataclasses.field(default_factory=list)
+  tool_calls: list = dataclasses.field(default_factory=list)
 
 
 def new_client(settings: Settings) -> httpx.AsyncClient:
@@ -89,7 +92,8 @@ def about(name: str, decision: Optional[Decision], failures: list) -> dict:
 async def relay_stream(upstream: httpx.Response, name: str, metrics: Metrics,
                        outcome: Optional[Outcome] = None, started: Optional[float] = None):
   """The upstream's server-sent events, each chunk's "model" set to the pool name; a
-  chunk's "usage" object and, at the end, the time since `started` go into `outcome`."""
+  chunk's "usage" object, the tool-call ids the chunks start and, at the end, the time
+  since `started` go into `outcome`."""
   try:
     async for line in upstream.aiter_lines():
       if line.startswith('data:') and line[5:].strip() not in ('', '[DONE]'):
@@ -98,9 +102,10 @@ async def relay_stream(upstream: httpx.Response, name: str, metrics: Metrics,
           if isinstance(chunk, dict) and 'model' in chunk:
             chunk['model'] = name
             line = 'data: ' + json.dumps(chunk)
-          if outcome is not None and isinstance(chunk, dict) and isinstance(
-              chunk.get('usage'), dict):
-            outcome.usage = chunk['usage']
+          if outcome is not None and isinstance(chunk, dict):
+            if isinstance(chunk.get('usage'), dict):
+              outcome.usage = chunk['usage']
+            outcome.tool_calls += chunk_call_ids(chunk)
         except json.JSONDecodeError:
           pass
       yield line + '\n'
@@ -160,6 +165,7 @@ async def call_upstream(client: httpx.AsyncClient, endpoint: Endpoint, name: str
   data['entrorouter'] = about(name, decision, failures)
   outcome.answered_by, outcome.status = name, 200
   outcome.usage = data['usage'] if isinstance(data.get('usage'), dict) else None
+  outcome.tool_calls = reply_call_ids(data)
   outcome.latency_ms = (time.perf_counter() - started) * 1000
   return JSONResponse(data, headers=headers)
 
