@@ -358,8 +358,21 @@ def feedback_tables(router, queries: list, workdir) -> tuple[np.ndarray, np.ndar
   return np.asarray(success, np.float64), np.asarray(c_bar, np.float64), tables, feats
 
 
+def policy_on_log(router, queries: list, lam: np.ndarray, workdir):
+  """(pi float64[N, K], success, c_bar) of `router` (trained in `workdir`) on logged queries,
+  row i's pi at cost weight lam[i] (feedback_tables gives success and c_bar)."""
+  success, c_bar, tables, feats = feedback_tables(router, queries, workdir)
+  pi = np.zeros(success.shape)
+  for value in np.unique(lam):
+    at = np.flatnonzero(lam == value)
+    part = None if tables is None else (tables[0][at], tables[1][at])
+    pi[at] = router.probs([queries[i] for i in at], float(value), part,
+                          None if feats is None else feats[at])
+  return pi / pi.sum(axis=1, keepdims=True), success, c_bar
+
+
 def offpolicy_results(router, data: RoutingDataset, workdir, *, bootstrap: int = 1000,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, baseline=None) -> dict:
   """offpolicy.json's content: the router's policy evaluated on judged feedback rows.
 
   Each row's cost weight lambda is the log's `cost_weight` where it has one, else the
@@ -368,7 +381,10 @@ def offpolicy_results(router, data: RoutingDataset, workdir, *, bootstrap: int =
   utility with a 95% bootstrap interval (offpolicy.estimate), 'dr' also its accuracy (r =
   score, q_hat = s) and cost (r = cost, q_hat = c_bar c_ref); 'logging' the realised means
   of the logged rows; 'improves' whether DR's lower end beats the logging utility;
-  'cost_weight' the lambda of every row (None where rows differ).
+  'cost_weight' the lambda of every row (None where rows differ). With `baseline`
+  ((router, workdir) of the router the stage started from, e.g. the one that logged the
+  rows), 'vs_init' holds the paired DR gain of this router over it (offpolicy.dr_gain, the
+  same rows and q_hat): {'gain', 'lower' (one-sided 95% bound), 'improves': lower > 0}.
   """
   from entrorouter_jax import offpolicy, router as router_lib
   from entrorouter_jax.data.dataset import DataError
@@ -392,14 +408,7 @@ def offpolicy_results(router, data: RoutingDataset, workdir, *, bootstrap: int =
   if own is not None:
     own = np.asarray(own, np.float64)
     lam = np.where(np.isfinite(own), own, lam)
-  success, c_bar, tables, feats = feedback_tables(router, queries, workdir)
-  pi = np.zeros(success.shape)
-  for value in np.unique(lam):
-    at = np.flatnonzero(lam == value)
-    part = None if tables is None else (tables[0][at], tables[1][at])
-    pi[at] = router.probs([queries[i] for i in at], float(value), part,
-                          None if feats is None else feats[at])
-  pi /= pi.sum(axis=1, keepdims=True)
+  pi, success, c_bar = policy_on_log(router, queries, lam, workdir)
 
   reward = score - lam * cost / router.c_ref
   q_hat = success - lam[:, None] * c_bar
@@ -409,12 +418,23 @@ def offpolicy_results(router, data: RoutingDataset, workdir, *, bootstrap: int =
   dr = {'utility': est['dr']['value'], 'ci95': est['dr']['ci95'],
         'accuracy': offpolicy.dr(pi, logged, propensity, score, success),
         'cost': offpolicy.dr(pi, logged, propensity, cost, c_bar * router.c_ref)}
-  return {'ips': {'utility': est['ips']['value'], 'ci95': est['ips']['ci95']},
-          'snips': {'utility': est['snips']['value'], 'ci95': est['snips']['ci95']},
-          'dr': dr, 'logging': logging,
-          'improves': bool(dr['ci95'][0] > logging['utility']),
-          'rows': int(len(rows)),
-          'cost_weight': float(lam[0]) if np.all(lam == lam[0]) else None}
+  out = {'ips': {'utility': est['ips']['value'], 'ci95': est['ips']['ci95']},
+         'snips': {'utility': est['snips']['value'], 'ci95': est['snips']['ci95']},
+         'dr': dr, 'logging': logging,
+         'improves': bool(dr['ci95'][0] > logging['utility']),
+         'rows': int(len(rows)),
+         'cost_weight': float(lam[0]) if np.all(lam == lam[0]) else None}
+  if baseline is not None:
+    router0, workdir0 = baseline
+    if router0.model_names != router.model_names:
+      raise router_lib.RouterError(f'the baseline router has models {router0.model_names}; '
+                                   f'expected this router\'s {router.model_names}')
+    pi0 = policy_on_log(router0, queries, lam, workdir0)[0]
+    gain = offpolicy.dr_gain(pi, pi0, logged, propensity, reward, q_hat, bootstrap=bootstrap,
+                             seed=seed)
+    out['vs_init'] = {'gain': gain['value'], 'lower': gain['lower'],
+                      'improves': bool(gain['lower'] > 0)}
+  return out
 
 
 def evaluate_feedback(workdir, files) -> tuple[dict, RoutingDataset]:
@@ -450,6 +470,10 @@ def feedback_summary(results: dict, notes=()) -> str:
            f"(SNIPS): utility {interval(results['snips'])}",
            f"  improves on the logging policy: {'yes' if results['improves'] else 'no'} "
            f"(DR's lower 95% end {dr['ci95'][0]:.4f} vs {log['utility']:.4f})"]
+  if 'vs_init' in results:
+    v = results['vs_init']
+    lines.append(f"  improves on the router it started from: {'yes' if v['improves'] else 'no'} "
+                 f"(paired DR gain {v['gain']:+.4f}, one-sided 95% lower bound {v['lower']:+.4f})")
   return '\n'.join(lines)
 
 

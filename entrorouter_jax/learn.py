@@ -14,8 +14,12 @@ directory (decisions-*.jsonl and the feedback-*.jsonl scores of POST /v1/feedbac
   3. R1/eval/offpolicy.json: the staged router's off-policy estimates on the judged rows of
      the log's test split, which it was not trained on (written by training,
      `evaluate.offpolicy_results`): IPS, SNIPS, DR with 95% intervals, the logging policy's
-     realised means there and "improves" (DR's lower end beats the logging utility);
-  4. where it improves, or with --force, the staged router's files move into R1, a router
+     realised means there, "improves" (DR's lower end beats the logging utility) and
+     "vs_init" (the paired DR gain over R0's own policy on those rows, with its one-sided
+     95% lower bound);
+  4. where it improves on both (`wins`: DR's lower end beats the logging utility, and the
+     gain over R0's lower bound is > 0), or with --force, the staged router's files move
+     into R1, a router
      workdir like any other (route, serve, evaluate load it); otherwise the staging folder is
      removed and R1 keeps only feedback.csv and eval/offpolicy.json.
 
@@ -147,13 +151,20 @@ def learn(workdir, decisions, out, config, *, scores: Optional[str] = None,
                      'cannot be judged on rows it was not trained on; expected more scored '
                      'decisions')
   results = json.loads(held_out.read_text())
-  written = bool(results['improves']) or force
+  written = wins(results) or force
   if written:
     promote(staging, out)
   else:
     shutil.rmtree(staging)
   evaluate.write_results(out, results, OFFPOLICY)
   return Learned(results=results, written=written, joined=joined, out=out)
+
+
+def wins(results: dict) -> bool:
+  """Whether the new router may replace R0: DR's lower end beats the logging policy's
+  realised utility, and the paired gain over R0's policy (offpolicy.json's "vs_init")
+  has a lower bound > 0."""
+  return bool(results['improves']) and bool(results.get('vs_init', {}).get('improves'))
 
 
 def verdict(learned: Learned) -> str:
@@ -164,13 +175,17 @@ def verdict(learned: Learned) -> str:
   lines = [f"new router (DR) on {r['rows']} judged rows: utility {dr['utility']:.4f} "
            f"[{dr['ci95'][0]:.4f}, {dr['ci95'][1]:.4f}] vs the logging policy's realised "
            f"{logging['utility']:.4f}"]
+  if 'vs_init' in r:
+    v = r['vs_init']
+    lines.append(f"paired DR gain over R0's policy: {v['gain']:+.4f} (one-sided 95% lower "
+                 f"bound {v['lower']:+.4f})")
   if learned.written:
-    why = ('DR lower end beats the logging policy' if r['improves']
-           else 'forced: DR lower end does not beat R0')
+    why = ('DR lower end beats the logging policy and the gain over R0 is positive'
+           if wins(r) else 'forced: the new router does not show a win over R0')
     lines.append(f'{learned.out} written ({why})')
   else:
-    lines.append(f'{learned.out} not written (DR lower end does not beat R0; --force to write '
-                 'it anyway)')
+    lines.append(f'{learned.out} not written (the new router does not show a win over R0: '
+                 'both lower bounds must clear it; --force to write it anyway)')
   lines.append(f'estimate: {learned.out / "eval" / OFFPOLICY}')
   return '\n'.join(lines)
 

@@ -422,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
 
   On feedback logs the test split's results.json counts the cells no one logged
   as failures; results['offpolicy'] (eval/offpolicy.json) holds the router's
-  off-policy estimates on the test split's logged rows (`evaluate.offpolicy_results`).
+  off-policy estimates on the test split's logged rows (`evaluate.offpolicy_results`),
+  with its paired DR gain over the rl.init_checkpoint router ('vs_init').
   """
   workdir = paths.as_path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -465,8 +466,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
                                     c_ref=problem.c_ref, cost_weight=cost_weight,
                                     dataset=problem.builder.name)
   if problem.is_feedback and problem.test.num_queries and jax.process_index() == 0:
+    # Against the router the stage started from (the logging one), paired on the same rows.
+    baseline = None if init is None else (router_lib.load_router(init.workdir, mesh), init.workdir)
     results['offpolicy'] = evaluate.offpolicy_results(router_lib.load_router(workdir, mesh),
-                                                      problem.test, workdir)
+                                                      problem.test, workdir, baseline=baseline)
     evaluate.write_results(workdir, results['offpolicy'], 'offpolicy.json')
   results['train_seconds'] = round(time.time() - started, 1)
   if jax.process_index() == 0:

@@ -88,7 +88,9 @@ def test_forced_run_writes_the_log_the_estimate_and_a_loadable_router(
   judged_test = int(np.sum(np.any(test.outcome_mask, axis=1)))
   assert 0 < results['rows'] == judged_test < n - 5
   assert isinstance(results['improves'], bool)
-  assert 'utility' in results['logging']
+  assert set(results['vs_init']) == {'gain', 'lower', 'improves'}   # against R0's own policy
+  assert results['vs_init']['lower'] <= results['vs_init']['gain']
+  assert 'utility' in results['logging'] and "paired DR gain over R0's policy" in got.stdout
   assert f'{out} written' in got.stdout and 'logging policy\'s realised' in got.stdout
   assert not (out / '.staging').exists()
   assert (out / 'checkpoints' / 'rl').is_dir()
@@ -118,9 +120,18 @@ def test_without_a_win_r1_keeps_only_the_log_and_the_estimate(
   results = json.loads((out / 'eval' / 'offpolicy.json').read_text())
   assert results['improves'] is False and CONTRACT <= set(results)
   text = learn.verdict(learned)
-  assert 'not written (DR lower end does not beat R0; --force to write it anyway)' in text
+  assert 'not written (the new router does not show a win over R0' in text
   assert f"{results['dr']['utility']:.4f}" in text
   assert f"{results['logging']['utility']:.4f}" in text
+
+
+@pytest.mark.parametrize('improves, vs_init, wins', [
+    (True, True, True), (True, False, False), (False, True, False), (True, None, False)])
+def test_r1_needs_both_lower_bounds(improves, vs_init, wins):
+  results = {'improves': improves}
+  if vs_init is not None:
+    results['vs_init'] = {'gain': 0.1, 'lower': 0.01 if vs_init else -0.01, 'improves': vs_init}
+  assert learn.wins(results) is wins
 
 
 def test_bad_input_exits_2_naming_it(serve_workdir, logdir, tmp_path):

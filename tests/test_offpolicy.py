@@ -365,3 +365,39 @@ def test_dr_gain_is_the_paired_difference_of_dr_with_a_bootstrap_lower_bound():
   assert same == {'value': 0.0, 'lower': 0.0}
   with pytest.raises(ValueError, match='level'):
     offpolicy.dr_gain(pi_new, pi_old, logged, propensity, reward, q_hat, level=1.0)
+
+
+def test_the_gain_over_a_baseline_router_is_the_paired_dr_difference(router, serve_workdir):
+  """offpolicy_results(baseline=): 'vs_init' is DR(pi) - DR(pi0) on the same rows and q_hat;
+  against itself the gain is 0 and not an improvement."""
+  from entrorouter_jax import evaluate, offpolicy
+  logged, propensity, score, cost = own_policy_log(router, np.random.default_rng(4))
+  data = feedback_dataset(router.model_names, QUERIES, logged, propensity, score, cost)
+  same = evaluate.offpolicy_results(router, data, serve_workdir, bootstrap=200,
+                                    baseline=(router, serve_workdir))
+  assert same['vs_init'] == {'gain': 0.0, 'lower': 0.0, 'improves': False}
+  class Flattened:
+    """Another policy: the router's probabilities, square-rooted and renormalised."""
+
+    def __getattr__(self, name):
+      return getattr(router, name)
+
+    def probs(self, *args, **kwargs):
+      p = np.sqrt(np.asarray(router.probs(*args, **kwargs), np.float64))
+      return p / p.sum(axis=1, keepdims=True)
+
+  other = Flattened()
+  got = evaluate.offpolicy_results(router, data, serve_workdir, bootstrap=200,
+                                   baseline=(other, serve_workdir))
+  lam = np.full(len(QUERIES), router.default_cost_weight)
+  pi, success, c_bar = evaluate.policy_on_log(router, QUERIES, lam, serve_workdir)
+  pi0 = evaluate.policy_on_log(other, QUERIES, lam, serve_workdir)[0]
+  reward = score - lam * cost / router.c_ref
+  q_hat = success - lam[:, None] * c_bar
+  want = (offpolicy.dr(pi, logged, propensity, reward, q_hat)
+          - offpolicy.dr(pi0, logged, propensity, reward, q_hat))
+  assert want != 0.0
+  assert got['vs_init']['gain'] == pytest.approx(want, abs=1e-9)
+  assert got['vs_init']['lower'] < got['vs_init']['gain']
+  assert got['vs_init']['improves'] == (got['vs_init']['lower'] > 0)
+  assert 'improves on the router it started from' in evaluate.feedback_summary(got)
