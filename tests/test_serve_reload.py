@@ -217,3 +217,36 @@ def test_sighup_reloads_from_a_repointed_symlink(router, upstreams, tmp_path, se
     answer, health = in_process(app, calls)
   assert answer['version'] == v1 and health['version'] == v1
   assert any(v1 in r.getMessage() and 'reloaded' in r.getMessage() for r in caplog.records)
+
+
+def test_a_warm_up_failure_answers_500_and_the_old_router_serves_on(
+    router, upstreams, tmp_path, serve_workdir, second_workdir, monkeypatch):
+  from entrorouter_jax.serving import reload as reload_lib
+  v0 = serve.router_version(serve_workdir)
+  app = make_app(router, upstreams, tmp_path, serve_workdir)
+  app.state.reloader.warm_up = True   # the app itself skipped its warm-up: the reload does not
+  real_load = router_lib.load_router
+
+  def broken(path, *args, **kwargs):
+    loaded = real_load(path, *args, **kwargs)
+
+    def warm_up(*_):
+      raise RuntimeError('out of device memory')
+    object.__setattr__(loaded, 'warm_up', warm_up)
+    return loaded
+
+  monkeypatch.setattr(reload_lib.router_lib, 'load_router', broken)
+
+  async def calls(http):
+    failed = await http.post(RELOAD, headers=AUTH, json={'workdir': str(second_workdir)})
+    routed = await chat(http, QUERIES[1])
+    return failed, routed, (await http.get('/healthz')).json(), (
+        await http.get('/metrics', headers=AUTH)).text
+
+  failed, routed, health, metrics = in_process(app, calls)
+  assert failed.status_code == 500, failed.text
+  error = failed.json()['error']
+  assert error['code'] == 'reload_failed' and 'did not warm up' in error['message']
+  assert 'out of device memory' in error['message']
+  assert routed.status_code == 200 and health['version'] == v0
+  assert metric(metrics, 'entrorouter_reloads_total', '{result="failed"}') == 1
