@@ -80,6 +80,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -158,6 +159,9 @@ def main(argv):
              settings.explore, settings.explore, settings.seed)
   if settings.decisions is not None:
     log.info('decision log: %s (the routed prompts are written there)', settings.decisions)
+  # uvicorn shuts down gracefully on SIGTERM (requests in flight answered, the decision log
+  # drained and fsynced), then raises the signal again for the handler it found: exit 0.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
   uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
               access_log=FLAGS.access_log)
 
