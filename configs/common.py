@@ -34,6 +34,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   data.pool = ''                     # model-pool file (YAML/JSON) with prices per 1M tokens
   data.read_options = ml_collections.ConfigDict()  # extra reader keywords (see readers.py)
   data.models = ''                   # comma-separated subset of the pool ('' = all)
+  # Few labels: train on a seeded sample of this many training queries (0 = all of them;
+  # the suite's --train_sizes learning curve sets both keys per run).
+  data.train_queries = 0
+  data.train_sample_seed = 0
   data.synthetic = ml_collections.ConfigDict(dict(
       seed=0, num_train=20_000, num_validation=2_000, num_test=2_000))
   data.max_len = 64                  # tokens per query after truncation/padding

@@ -146,6 +146,11 @@ def read_init_router(config) -> Optional[InitRouter]:
     raise TrainingError(f'rl.init_checkpoint={str(where)!r}: {name} is missing or incomplete '
                         'there; expected the workdir of a finished training run (the router '
                         'that logged the data)')
+  if (workdir / workdir_lib.ADDED_MODELS).is_file():
+    raise TrainingError(f'rl.init_checkpoint={str(where)!r}: that router has models added or '
+                        f'removed after training ({workdir_lib.ADDED_MODELS}), which a stage '
+                        'cannot start from; expected a trained router (retrain with those '
+                        'models in data.models)')
   return InitRouter(workdir=workdir, config=workdir_lib.read_config(workdir),
                     info=workdir_lib.read_router_info(workdir), stage0=s0)
 
@@ -213,6 +218,8 @@ def stage0_key(config, data_name: str, train: RoutingDataset, test: RoutingDatas
   key = {'anchor': config.anchor.to_dict(), 'models': train.model_names,
          'data': data_name, 'sizes': [train.num_queries, test.num_queries],
          'space': features.space_key(config)}
+  if config.data.get('train_queries', 0):   # a sample: which one
+    key['train_sample'] = [config.data.train_queries, config.data.get('train_sample_seed', 0)]
   if init is not None:
     key['init'] = [str(init.workdir), init.stage0.key]
   return json.dumps(key, sort_keys=True, default=str)

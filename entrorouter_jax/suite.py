@@ -2,7 +2,7 @@
 
   python -m entrorouter_jax.suite --workdir=DIR [--seeds=3]
       [--datasets=NAME=FORMAT:PATH,NAME=FORMAT:PATH] [--pools=NAME=POOL.yaml]
-      [--ablations] [--bootstrap=1000] [--readme=README.md] [--config.KEY=VALUE ...]
+      [--train_sizes=20,100,500,all] [--ablations] [--bootstrap=1000] [--readme=README.md] [--config.KEY=VALUE ...]
 
 For every data set it trains the router with the one default recipe
 (configs/common.py; no setting differs between data sets), once per seed, and
@@ -33,6 +33,14 @@ query id (80% train / 10% validation / 10% test). Formats without costs
 Writes DIR/suite.json (the figures), DIR/suite.md (the tables), DIR/suite_info.json
 (timings, sizes, the recipe) and, with --ablations, DIR/ablations.json: the recipe with
 one part changed at a time, beside the Trust-Region-Collapse diagnostics.
+
+--train_sizes=20,100,500,all adds the learning curve: every method trained on a seeded
+sample of N training queries (data.train_queries = N, data.train_sample_seed = the seed:
+the same sample for every method, a fresh one per seed), scored on the whole test split
+with the main table's test resamples; "all" is the main table itself. It writes
+DIR/learning_curve.json ({data set: {N: {method: {"aiq_mean", "aiq_ci95", "role"}}}}), a
+table per data set in suite.md, DIR/learning_curve.png, and per N the training size and
+router - best baseline (paired) in suite_info.json's "learning_curve".
 Runs resume: a seed already scored with the same config is read back from
 its seed folder (suite_scores.pkl), and one whose training finished is only
 re-scored.
@@ -230,8 +238,10 @@ def run_dataset(config, ds: Dataset, workdir: pathlib.Path, seeds: int, counts_s
   started = time.time()
   base = apply_overrides(config, {f'data.{k}': v for k, v in ds.data.items()})
   per_seed, diags = [], []
+  sample = bool(base.data.get('train_queries', 0))   # a learning-curve point
   for seed in range(seeds):
-    cfg = apply_overrides(base, {'seed': seed})
+    cfg = apply_overrides(base, {'seed': seed, **({'data.train_sample_seed': seed} if sample
+                                                  else {})})
     seed_dir = workdir / f'seed{seed}'
     key = _scored_key(cfg, with_baselines)   # before training, which may fill in defaults
     scored = _scored_seed(key, seed_dir)
@@ -283,14 +293,92 @@ def _store_scored_seed(key: str, seed_dir: pathlib.Path, scored) -> None:
   paths.write_atomic(seed_dir / SCORED, pickle.dumps({'key': key, 'scored': scored}))
 
 
+def parse_train_sizes(text: str) -> list:
+  """'20,100,all' -> [20, 100, 'all'] (sizes ascending, 'all' last); ValueError naming
+  --train_sizes for anything but distinct integers >= 2 and 'all'."""
+  sizes = []
+  for item in (t.strip() for t in str(text).split(',') if t.strip()):
+    if item.lower() == 'all':
+      sizes.append('all')
+      continue
+    try:
+      value = int(item)
+    except ValueError:
+      value = None
+    if value is None or value < 2:
+      raise ValueError(f'--train_sizes={text}: {item!r} is not a size; expected training '
+                       'query counts >= 2 and "all", comma-separated (e.g. 20,100,500,all)')
+    sizes.append(value)
+  if not sizes or len(set(sizes)) != len(sizes):
+    raise ValueError(f'--train_sizes={text}: expected distinct sizes, e.g. 20,100,500,all')
+  return sorted(sizes, key=lambda v: (v == 'all', 0 if v == 'all' else v))
+
+
+def learning_curve(config, ds: Dataset, workdir: pathlib.Path, sizes: list, seeds: int,
+                   counts_seed: int, bootstrap: int, full: dict, full_info: dict):
+  """One data set's learning curve: ({N: {method: {aiq_mean, aiq_ci95, role}}}, {N:
+  {train, router_minus_best, seconds}}). `full` / `full_info` are the main table's entry
+  and info (the "all" point, and any N at least the training split's size)."""
+  curve, info = {}, {}
+  for size in sizes:
+    key = str(size)
+    if size == 'all' or size >= full_info['train']:
+      entry, n, seconds = full, full_info['train'], full_info['seconds']
+    else:
+      methods, run_info, _ = run_dataset(
+          apply_overrides(config, {'data.train_queries': size}), ds,
+          workdir / 'curve' / f'n{size}' / ds.name, seeds, counts_seed, bootstrap)
+      entry, n, seconds = summarize(methods), run_info['train'], run_info['seconds']
+    curve[key] = {m: {'aiq_mean': e['aiq_mean'], 'aiq_ci95': e['aiq_ci95'], 'role': e['role']}
+                  for m, e in entry.items() if m != 'router_minus_best'}
+    info[key] = {'train': n, 'router_minus_best': entry.get('router_minus_best'),
+                 'seconds': seconds}
+    d = entry.get('router_minus_best')
+    print(f"suite: {ds.name}, {key} training queries ({n}): router AIQ "
+          f"{entry['router']['aiq_mean']:.4f}" + (
+              f"; router - best ({d['best']}) {d['mean']:+.4f} {fmt_ci(d['ci95'])}" if d else ''),
+          flush=True)
+  return curve, info
+
+
+def plot_learning_curve(curves: dict, curve_infos: dict, path: pathlib.Path) -> None:
+  """learning_curve.png: per data set, mean AIQ with its 95% interval against the
+  training size (log scale; "all" at the split's size) for the curve's methods."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  from entrorouter_jax.suite_tables import CURVE_METHODS
+  fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.6), squeeze=False)
+  for ax, (name, curve) in zip(axes[0], curves.items()):
+    xs = [curve_infos[name][k]['train'] for k in curve]
+    for method in CURVE_METHODS:
+      if not all(method in curve[k] for k in curve):
+        continue
+      mean = np.array([curve[k][method]['aiq_mean'] for k in curve])
+      lo = np.array([curve[k][method]['aiq_ci95'][0] for k in curve])
+      hi = np.array([curve[k][method]['aiq_ci95'][1] for k in curve])
+      ax.errorbar(xs, mean, yerr=[mean - lo, hi - mean], marker='o', ms=3, capsize=2,
+                  lw=2 if method == 'router' else 1, label=method)
+    ax.set_xscale('log')
+    ax.set_title(name)
+    ax.set_xlabel('training queries')
+    ax.set_ylabel('AIQ (test)')
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int = 1000,
         ablations=False, command: str = 'python -m entrorouter_jax.suite',
-        ablation_seeds: Optional[int] = None) -> dict:
+        ablation_seeds: Optional[int] = None, train_sizes: Optional[list] = None) -> dict:
   """The whole suite; returns suite.json's content (also written, with suite.md).
 
   `ablations`: True for every row of ABLATIONS, or a sequence of their names.
   `ablation_seeds`: seeds per ablation row (default `seeds`); the recipe's own row
-  always reuses the main table's runs.
+  always reuses the main table's runs. `train_sizes` (parse_train_sizes' list): also the
+  learning curve, data set by data set after its main table (`learning_curve`).
   """
   ablation_seeds = seeds if ablation_seeds is None else ablation_seeds
   if ablation_seeds < 1:
@@ -299,12 +387,18 @@ def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int
   workdir.mkdir(parents=True, exist_ok=True)
   started = time.time()
   results, infos = {}, {}
+  curves = {} if train_sizes else None
   for i, ds in enumerate(datasets):
     methods, infos[ds.name], diag = run_dataset(config, ds, workdir / ds.name, seeds, i, bootstrap)
     results[ds.name] = summarize(methods)
     infos[ds.name]['diagnostics'] = diag
     _write(workdir, results, infos, None, command, time.time() - started)
     _print_summary(ds.name, results[ds.name])
+    if train_sizes:
+      curves[ds.name], infos[ds.name]['learning_curve'] = learning_curve(
+          config, ds, workdir, train_sizes, seeds, i, bootstrap, results[ds.name],
+          infos[ds.name])
+      _write(workdir, results, infos, None, command, time.time() - started, curves)
   ablation_rows = None
   if ablations:
     wanted = [a[0] for a in ABLATIONS] if ablations is True else list(ablations)
@@ -330,20 +424,28 @@ def run(config, workdir, datasets: list[Dataset], seeds: int = 3, bootstrap: int
         row['datasets'][ds.name] = entry
       row['diagnostics'] = {k: float(np.mean([d[k] for d in diags])) for k in diags[0]}
       ablation_rows[name] = row
-      _write(workdir, results, infos, ablation_rows, command, time.time() - started)
+      _write(workdir, results, infos, ablation_rows, command, time.time() - started, curves)
   total = time.time() - started
-  _write(workdir, results, infos, ablation_rows, command, total)
+  _write(workdir, results, infos, ablation_rows, command, total, curves)
   print(f'suite: {total / 60:.1f} min; tables in {workdir / "suite.md"}')
   return results
 
 
-def _write(workdir, results, infos, ablations, command, seconds):
+def _write(workdir, results, infos, ablations, command, seconds, curves=None):
   paths.write_atomic(workdir / 'suite.json', json.dumps(results, indent=2) + '\n')
   paths.write_atomic(workdir / 'suite_info.json', json.dumps(
       {'datasets': infos, 'seconds': round(seconds, 1), 'command': command}, indent=2) + '\n')
   if ablations is not None:
     paths.write_atomic(workdir / 'ablations.json', json.dumps(ablations, indent=2) + '\n')
-  paths.write_atomic(workdir / 'suite.md', render(results, infos, ablations, command, seconds))
+  plot = None
+  if curves:
+    paths.write_atomic(workdir / 'learning_curve.json', json.dumps(curves, indent=2) + '\n')
+    curve_infos = {n: infos[n]['learning_curve'] for n in curves}
+    plot = 'learning_curve.png'
+    plot_learning_curve(curves, curve_infos, workdir / plot)
+  paths.write_atomic(workdir / 'suite.md', render(
+      results, infos, ablations, command, seconds, curves,
+      {n: infos[n].get('learning_curve', {}) for n in (curves or {})}, plot))
 
 
 def _print_summary(name, entry):
@@ -368,10 +470,11 @@ def main(argv):
       raise ValueError(f'--seeds={FLAGS.seeds}; expected >= 1')
     if FLAGS.bootstrap < 10:
       raise ValueError(f'--bootstrap={FLAGS.bootstrap}; expected >= 10 replicates')
+    sizes = parse_train_sizes(FLAGS.train_sizes) if FLAGS.train_sizes else None
     datasets = chosen_datasets(FLAGS.datasets, FLAGS.pools)
     command = ' '.join(['python -m entrorouter_jax.suite'] + sys.argv[1:])
     run(FLAGS.config, FLAGS.workdir, datasets, FLAGS.seeds, FLAGS.bootstrap, FLAGS.ablations,
-        command, FLAGS.ablation_seeds)
+        command, FLAGS.ablation_seeds, sizes)
   except cli.user_errors() + (router_lib.RouterError,) as e:
     if os.environ.get('ENTROROUTER_DEBUG'):
       raise
@@ -403,4 +506,6 @@ if __name__ == '__main__':
                        'the recipe row reuses the main runs.')
   flags.DEFINE_string('readme', '', 'Also put the tables into this README between its suite '
                       'markers.')
+  flags.DEFINE_string('train_sizes', '', 'Also the learning curve: training-query counts and '
+                      '"all", comma-separated (e.g. 20,50,100,200,500,all).')
   app.run(main)

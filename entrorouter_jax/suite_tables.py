@@ -65,8 +65,42 @@ def ablation_table(ablations: dict, datasets: list[str]) -> list[str]:
   return lines + ['']
 
 
+CURVE_METHODS = ('router', 'knn', 'linear', 'mlp', 'ensemble')
+
+
+def curve_table(name: str, curve: dict, sizes: dict) -> list[str]:
+  """One data set's learning curve: mean AIQ [95% CI] per training size (rows) for the
+  router and the baselines on its features, and router - best baseline (paired)."""
+  lines = [f'### {name}', '',
+           '| train queries | ' + ' | '.join(CURVE_METHODS) + ' | router - best baseline |',
+           '|---:|' + '---|' * (len(CURVE_METHODS) + 1)]
+  for size, entry in curve.items():
+    cells = [f"{entry[m]['aiq_mean']:.4f} {fmt_ci(entry[m]['aiq_ci95'])}" if m in entry else '-'
+             for m in CURVE_METHODS]
+    d = sizes.get(size, {}).get('router_minus_best')
+    diff = '-' if d is None else f"{d['mean']:+.4f} {fmt_ci(d['ci95'])} vs {d['best']}"
+    shown = size if size != 'all' else f"all ({sizes.get(size, {}).get('train', '?')})"
+    lines.append(f'| {shown} | ' + ' | '.join(cells) + f' | {diff} |')
+  return lines + ['']
+
+
+def render_curve(curves: dict, curve_infos: dict, plot: Optional[str]) -> list[str]:
+  """suite.md's learning-curve section (`suite --train_sizes`)."""
+  lines = ['## Learning curve', '',
+           'Every method trained on a seeded sample of N training queries (the same sample for '
+           'every method; a fresh one per seed), scored on the whole test split; AIQ mean over '
+           'seeds [95% CI over test resamples]; router - best baseline is paired, its best '
+           'baseline the one with the highest mean AIQ at that N.', '']
+  if plot:
+    lines += [f'![learning curve]({plot})', '']
+  for name, curve in curves.items():
+    lines += curve_table(name, curve, curve_infos.get(name, {}))
+  return lines
+
+
 def render(results: dict, infos: dict, ablations: Optional[dict], command: str,
-           total_seconds: float) -> str:
+           total_seconds: float, curves: Optional[dict] = None,
+           curve_infos: Optional[dict] = None, curve_plot: Optional[str] = None) -> str:
   lines = ['# Quality suite', '',
            f'`{command}` ({total_seconds / 60:.1f} min on this machine). AIQ on the test splits '
            '(area under the cost/accuracy hull over the single models\' cost range); 95% '
@@ -84,6 +118,8 @@ def render(results: dict, infos: dict, ablations: Optional[dict], command: str,
               'queries sent to the strongest model, and how many models the kNN anchor '
               'prefers on >= 2% of queries but the policy picks on < 0.2%).', '']
     lines += ablation_table(ablations, list(results))
+  if curves:
+    lines += render_curve(curves, curve_infos or {}, curve_plot)
   return '\n'.join(lines)
 
 

@@ -47,7 +47,7 @@ def test_suite_cli_writes_the_contract_and_resumes(tmp_path):
   long_file = write_long(tmp_path / 'tiny.csv')
   workdir = tmp_path / 'suite'
   cmd = _suite_cmd(workdir, f'tiny=long:{long_file}',
-                   f'--config.data.data_dir={tmp_path / "tfds"}')
+                   f'--config.data.data_dir={tmp_path / "tfds"}', '--train_sizes=all,20')
   first = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'suite: tiny: router AIQ' in first.stdout
@@ -74,16 +74,59 @@ def test_suite_cli_writes_the_contract_and_resumes(tmp_path):
   info = json.loads((workdir / 'suite_info.json').read_text())
   assert info['datasets']['tiny']['train'] == 240 and info['datasets']['tiny']['test'] == 100
 
+  # The learning curve: "all" is the main table; 20 is a run on 20 training queries.
+  curve = json.loads((workdir / 'learning_curve.json').read_text())
+  assert list(curve) == ['tiny'] and list(curve['tiny']) == ['20', 'all']
+  for method in ('router', 'knn', 'mlp', 'ensemble'):
+    for size in ('20', 'all'):
+      e = curve['tiny'][size][method]
+      assert set(e) == {'aiq_mean', 'aiq_ci95', 'role'} and e['aiq_ci95'][0] <= e['aiq_ci95'][1]
+    assert curve['tiny']['all'][method]['aiq_mean'] == entry[method]['aiq_mean']
+  sizes = info['datasets']['tiny']['learning_curve']
+  assert sizes['20']['train'] == 20 and sizes['all']['train'] == 240
+  assert sizes['20']['router_minus_best']['best'] in ('knn', 'linear', 'mlp', 'ensemble', 'random')
+  assert curve['tiny']['20']['router']['aiq_mean'] != entry['router']['aiq_mean']
+  assert '## Learning curve' in md and '| 20 |' in md and '| all (240) |' in md
+  assert (workdir / 'learning_curve.png').stat().st_size > 1000
+  seeds = [json.loads((workdir / 'curve' / 'n20' / 'tiny' / f'seed{s}' / 'config.json')
+                      .read_text())['data'] for s in (0, 1)]
+  assert [(d['train_queries'], d['train_sample_seed']) for d in seeds] == [(20, 0), (20, 1)]
+
   # A rerun reads the scored seeds back (seed1), or re-scores a finished one
   # whose scores are gone (seed0): no step trained, the same figures.
   logs = {s: (workdir / 'tiny' / s / 'metrics.jsonl').read_text() for s in ('seed0', 'seed1')}
   (workdir / 'tiny' / 'seed0' / suite.SCORED).unlink()
   again = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert 'seed 1: scored before' in again.stdout and 'seed 0: scored before' not in again.stdout
+  main_seed = lambda s: f"seed {s}: scored before, read from {workdir / 'tiny' / f'seed{s}'}"
+  assert main_seed(1) in again.stdout and main_seed(0) not in again.stdout
+  assert again.stdout.count('scored before') == 3   # seed1 and both learning-curve seeds
   assert json.loads((workdir / 'suite.json').read_text()) == results
   for seed, log in logs.items():
     assert (workdir / 'tiny' / seed / 'metrics.jsonl').read_text() == log
+  assert json.loads((workdir / 'learning_curve.json').read_text()) == curve
+
+
+def test_train_sizes_and_the_training_sample():
+  from entrorouter_jax.data import sources
+  from entrorouter_jax.data.dataset import DataError
+  assert suite.parse_train_sizes('all, 500,20') == [20, 500, 'all']
+  for bad in ('10,x', '1', '20,20', ''):
+    with pytest.raises(ValueError, match='--train_sizes'):
+      suite.parse_train_sizes(bad)
+  train = synthetic.generate(seed=0, num_train=50, num_validation=0, num_test=0).split('train')
+  a = sources.train_sample(train, 20, seed=3)
+  assert a.num_queries == 20 and len(set(a.ids)) == 20 and set(a.ids) <= set(train.ids)
+  rows = [list(train.ids).index(i) for i in a.ids]
+  assert rows == sorted(rows)   # kept in their order
+  np.testing.assert_array_equal(a.outcomes, train.outcomes[rows])
+  assert list(sources.train_sample(train, 20, seed=3).ids) == list(a.ids)   # seeded
+  assert list(sources.train_sample(train, 20, seed=4).ids) != list(a.ids)
+  assert sources.train_sample(train, 0, seed=3) is train
+  assert sources.train_sample(train, 500, seed=3) is train
+  for bad in (-1, 1, 2.5, True):
+    with pytest.raises(DataError, match='data.train_queries'):
+      sources.train_sample(train, bad, seed=0)
 
 
 def test_suite_bad_input_is_one_clear_line(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from entrorouter_jax.data.dataset import DataError, RoutingDataset
@@ -83,11 +84,30 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
 def load_splits(data_cfg, splits=('train', 'test')
                 ) -> tuple[tfds.core.DatasetBuilder, dict[str, RoutingDataset]]:
   """Prepares the data and reads the named splits, restricted to `data.models` if set
-  (a feedback log's splits keep their `propensities` and `cost_weights`)."""
+  (a feedback log's splits keep their `propensities` and `cost_weights`), the training
+  split to `data.train_queries` of its queries where that is > 0 (`train_sample`)."""
   builder = prepare(data_cfg)
   models = _as_list(data_cfg.models)
   out = {}
   for split in splits:
     data = read_split(builder, split)
-    out[split] = data.select_models(models) if models else data
+    data = data.select_models(models) if models else data
+    if split == 'train':
+      data = train_sample(data, data_cfg.get('train_queries', 0),
+                          data_cfg.get('train_sample_seed', 0))
+    out[split] = data
   return builder, out
+
+
+def train_sample(train: RoutingDataset, size: int, seed: int) -> RoutingDataset:
+  """`size` training queries drawn without replacement by `seed` (kept in their order;
+  every method trained on this config sees the same ones), or `train` itself where `size`
+  is 0 or at least its number of queries. DataError naming data.train_queries for a
+  negative size or fewer than 2 queries (no fold to check a fit on)."""
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+    raise DataError(f'data.train_queries={size!r}; expected 0 (all the training queries) or '
+                    'a number of queries >= 2')
+  if size == 0 or size >= train.num_queries:
+    return train
+  rows = np.sort(np.random.default_rng(seed).choice(train.num_queries, size, replace=False))
+  return train.subset(rows)
