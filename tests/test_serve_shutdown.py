@@ -2,7 +2,8 @@
 (`python -m entrorouter_jax.serve`, as tests/serving.py's `running_server` starts it, with
 --decisions and --explore) on conftest's tiny `serve_workdir`, 64 concurrent clients, and
 SIGTERM once a few hundred requests were answered (benchmarks/serve_reliability.py's
-`sigterm_under_load`, which also prints these counts as a benchmark)."""
+`sigterm_under_load`, which also prints these counts as a benchmark); and a real SIGHUP
+reloading the router a repointed symlink names."""
 
 import asyncio
 
@@ -43,3 +44,33 @@ def test_no_decision_line_is_lost_across_a_sigterm_under_load(serve_workdir, tmp
   assert run.exit_code == 0, (f'the server exited with {run.exit_code} '
                               f'{run.exit_seconds:.1f} s after SIGTERM', server_log)
   assert run.exit_seconds < 30
+
+
+def test_a_real_sighup_reloads_the_router_a_symlink_points_at(serve_workdir, tmp_path):
+  """`serve --workdir=LINK`; LINK repointed at another run, then SIGHUP to the process:
+  /healthz names the new version, and routed requests go on."""
+  import os
+  import signal
+  import time
+
+  import httpx
+
+  from entrorouter_jax.serving import version as version_lib
+  second = serve_reliability.bumped_copy(serve_workdir, tmp_path / 'run1')
+  link = tmp_path / 'current'
+  link.symlink_to(serve_workdir, target_is_directory=True)
+  with serve_reliability.launched(link, tmp_path, FLAGS, token=TOKEN, env=ENV) as server:
+    before = httpx.get(f'{server.base}/healthz').json()['version']
+    link.unlink()
+    link.symlink_to(second, target_is_directory=True)
+    os.kill(server.proc.pid, signal.SIGHUP)
+    deadline, version = time.time() + 60, before
+    while version == before and time.time() < deadline:
+      time.sleep(0.2)
+      version = httpx.get(f'{server.base}/healthz').json()['version']
+    routed = httpx.post(f'{server.base}/v1/route', json={'query': 'What is 17 times 23?'},
+                        headers={'authorization': f'Bearer {TOKEN}'})
+    assert server.proc.poll() is None   # SIGHUP reloads; it does not end the server
+  assert before == version_lib.router_version(serve_workdir)
+  assert version == version_lib.router_version(second), server.log_path.read_text()[-2000:]
+  assert routed.status_code == 200
