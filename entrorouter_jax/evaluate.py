@@ -130,9 +130,10 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
     raise router_lib.RouterError(f'{workdir}: {workdir_lib.STAGE0} is missing; expected the '
                                  'workdir of a finished training run')
   space = stage0.space
-  # Stage 0 keeps both splits' embeddings (the same space, the same order).
+  # Stage 0 keeps both splits' embeddings (the same space, the same order); its training
+  # table may hold more rows (the labelled queries of added models, add_model.py).
   stored = stage0.features
-  train_feats = stage0.train_feats
+  train_feats = stored.get('train', stage0.train_feats)
   if train_feats is None or len(train_feats) != train.num_queries:
     train_feats = space.transform(train.queries.tolist())
   data_feats = stored.get(split)
@@ -140,6 +141,8 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
     data_feats = space.transform(data.queries.tolist())
   if split in stage0.tables:
     p_hat, c_bar = stage0.tables[split]['p_hat'], stage0.tables[split]['c_bar']
+  elif router.columns is not None:   # one column per column of added_models.json
+    p_hat, c_bar = router.knn_table().estimates(data_feats, data.tasks.tolist())
   else:
     p_hat, c_bar = capability.knn_estimates(
         train_feats, train.outcomes, train.outcome_mask, train.costs / router.c_ref,
@@ -160,7 +163,8 @@ def evaluate_workdir(workdir, split: str = 'test') -> dict:
   results['router']['aiq'] = results['aiq']
   results['anchor_space'] = config.anchor.space
   results['baselines'] = baselines.evaluate_baselines(
-      train, data, train_feats, data_feats, p_hat, c_bar, router.c_ref, lam,
+      train, data, train_feats, data_feats, router.visible(p_hat), router.visible(c_bar),
+      router.c_ref, lam,
       router_cost=results['router']['cost'], seed=config.seed,
       extra=other_space_routers(config, router.c_ref, train, data, seed=config.seed))
 
@@ -354,6 +358,7 @@ def feedback_tables(router, queries: list, workdir) -> tuple[np.ndarray, np.ndar
   p_hat, c_bar = knn.knn_table().estimates(feats)
   tables = (p_hat, c_bar) if router.needs_stage0 else None
   feats = feats if router.tokenizer is None else None
+  p_hat, c_bar = router.visible(p_hat), router.visible(c_bar)
   success = router.scores(queries, tables, feats)[0] if is_utility(router.config) else p_hat
   return np.asarray(success, np.float64), np.asarray(c_bar, np.float64), tables, feats
 

@@ -11,7 +11,10 @@ model, final stage, feature size) and the checkpoints; this module needs
 nothing else, and imports nothing of the trainer (workdir.py reads those
 files). `python -m entrorouter_jax.calibrate` may add calibration.json: the
 cost weight (or threshold) that hits a budget on a traffic sample, which
-routing then uses by default.
+routing then uses by default. A workdir `python -m entrorouter_jax.add_model`
+wrote holds added_models.json: models added after the network's outputs, or
+hidden from routing (entrorouter_jax/added_models.py); router.json then names
+the models routed, and Stage 0's tables have a column for every one of them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from entrorouter_jax import capability, paths, sharding, state as state_lib
+from entrorouter_jax import added_models, capability, paths, sharding, state as state_lib
 from entrorouter_jax import workdir as workdir_lib
 from entrorouter_jax import neighbours
 from entrorouter_jax.layers import bucket, width_bucket, width_buckets
@@ -49,6 +52,10 @@ class Router:
   forward: object
   stage0: Optional[workdir_lib.Stage0] = None  # where routing needs Stage 0
   calibration: Optional[dict] = None  # DIR/calibration.json: {'cost_weight'} or {'threshold'}
+  # DIR/added_models.json's columns (None: the network's outputs are the models). Stage 0's
+  # tables (anchor_tables, knn_table, the `tables` routing takes) then have a column per
+  # column there; probs, scores and model_names cover the routed ones (`visible`).
+  columns: Optional[added_models.Columns] = None
   _knn: Optional[capability.KnnTable] = dataclasses.field(default=None, repr=False)
 
   @property
@@ -61,13 +68,19 @@ class Router:
 
   def anchor_tables(self, queries: Sequence[str], feats=None):
     """(p_hat, c_bar) float32[N, K] for new queries: Stage 0's kNN over the
-    training table (zeros where the policy reads neither)."""
+    training table (zeros where the policy reads neither); with added models, one
+    column per column of added_models.json (`visible` keeps the routed ones)."""
     k = len(self.model_names)
     if not self.needs_stage0:
       zeros = np.zeros((len(queries), k), np.float32)
       return zeros, zeros
     feats = self.features(queries) if feats is None else feats
     return self.knn_table().estimates(feats)
+
+  def visible(self, table) -> np.ndarray:
+    """The routed models' columns of a Stage-0 table float[N, C] (anchor_tables' layout):
+    float[N, K] in model_names' order (the table itself without added models)."""
+    return table if self.columns is None else np.asarray(table)[:, self.columns.visible]
 
   def knn_table(self) -> capability.KnnTable:
     """Stage 0's training table, prepared once for routing's kNN estimates."""
@@ -99,6 +112,14 @@ class Router:
       inputs = {'tokens': tokens[:, :width], 'token_mask': mask[:, :width]}
     p_hat, c_bar = tables if tables is not None else self.anchor_tables(
         queries, inputs.get('features'))
+    if self.columns is not None:   # the network reads its own columns; the rest come after
+      k0 = self.columns.network_columns
+      out = batched(self.forward, self.params, self.mesh, self.config.eval_batch_size,
+                    policy_arrays(inputs, np.asarray(p_hat)[:, :k0], np.asarray(c_bar)[:, :k0],
+                                  lam))
+      feats = inputs.get('features') if feats is None else feats
+      feats = self.features(queries) if feats is None else feats
+      return self.columns.route(out['success'], c_bar, lam, feats)
     out = batched(self.forward, self.params, self.mesh, self.config.eval_batch_size,
                   policy_arrays(inputs, p_hat, c_bar, lam))
     out['c_bar'] = np.asarray(c_bar, np.float32)
@@ -405,17 +426,28 @@ def load_router(workdir, mesh=None) -> Router:
     raise RouterError(f'{workdir}: {e}; expected the workdir of a finished training run') from e
   mesh = mesh or sharding.make_mesh(ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1}))
   names = info.model_names
+  added = workdir_lib.read_added_models(workdir)
+  if added is not None and added.model_names != list(names):
+    raise RouterError(f'{workdir}: router.json names the models {list(names)}, but '
+                      f'{workdir_lib.ADDED_MODELS} routes {added.model_names}; expected the '
+                      'same (a workdir python -m entrorouter_jax.add_model wrote)')
+  if added is not None and not is_utility(config):
+    raise RouterError(f'{workdir}: {workdir_lib.ADDED_MODELS} needs a router with '
+                      'model.head=utility')
 
   path, step = final_checkpoint(workdir, config)
   stage = 'rl' if path.name == 'rl' else 'sft'
+  network_models = names if added is None else added.network_models
   graphdef, target = state_lib.abstract_state(config, stage, state_lib.vocab_size(tok),
-                                              len(names), mesh, info.feature_dim)
+                                              len(network_models), mesh, info.feature_dim)
   manager = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(read_only=True))
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  model_graphdef, params = nnx.split(
-      nnx.merge(graphdef, restored['state']['nnx'])[state_lib.MODEL])
+  model = nnx.merge(graphdef, restored['state']['nnx'])[state_lib.MODEL]
+  model_graphdef, params = nnx.split(model)
   stage0 = load_stage0(workdir) if needs_stage0(config) else None
+  columns = None if added is None else added_models.Columns.make(
+      added, float(model.temperature()))
   return Router(config=config, tokenizer=tok, model_names=names, strongest=info.strongest,
                 c_ref=info.c_ref, model_costs=np.asarray(info.model_costs),
                 params=params, mesh=mesh, forward=make_forward(config, model_graphdef, mesh),
-                stage0=stage0, calibration=read_calibration(workdir))
+                stage0=stage0, calibration=read_calibration(workdir), columns=columns)

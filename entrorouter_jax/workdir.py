@@ -11,6 +11,9 @@ A training run leaves in its workdir, besides config.json, tokenizer.model
 
 and `python -m entrorouter_jax.calibrate` may add calibration.json: the cost
 weight (or threshold) that hits a budget, which routing then uses by default.
+`python -m entrorouter_jax.add_model` writes a copy of a workdir with
+added_models.json (`AddedModels`): models added to the trained router or hidden
+from it, without retraining (entrorouter_jax/added_models.py).
 This module knows those files' names and layouts; it imports no model code.
 """
 
@@ -24,13 +27,14 @@ from typing import Any, Optional
 import ml_collections
 import numpy as np
 
-from entrorouter_jax import features, paths
+from entrorouter_jax import paths
 
 CONFIG = 'config.json'
 STAGE0 = 'stage0.pkl'
 ROUTER_INFO = 'router.json'
 SFT_CHOICE = 'sft_choice.json'
 CALIBRATION = 'calibration.json'
+ADDED_MODELS = 'added_models.json'
 CHECKPOINTS = 'checkpoints'
 
 STAGES = ('sft', 'rl')
@@ -109,6 +113,7 @@ def load_stage0(workdir) -> Stage0:
   if not stage0.has_training_table:
     raise RouterError(f'{workdir}/{STAGE0} lacks the training table that routing '
                       'needs; retrain with this version')
+  from entrorouter_jax import features   # scikit-learn: only where a space is used
   features.for_routing(stage0.space)
   return stage0
 
@@ -209,3 +214,52 @@ def read_calibration(workdir) -> Optional[dict]:
                                     and data.get('threshold') is None):
     raise RouterError(f'{path}: expected a JSON object with "cost_weight" or "threshold"')
   return data
+
+
+# ====================================================== added_models.json ===
+@dataclasses.dataclass
+class AddedModels:
+  """DIR/added_models.json: the router's columns beyond its network's (add_model.py).
+
+  The columns are the network's outputs (`network_models`, the checkpoint's K0
+  models in order), then each added model's in the order they were added; Stage
+  0's tables in DIR/stage0.pkl have one column per entry of `columns`. `removed`
+  holds the indices of the columns routing hides; the others, in column order,
+  are the router's models (router.json's model_names). Each entry of `added` is
+  one added model's success model and where its labels came from
+  (added_models.SuccessModel.to_dict), `columns` each column's
+  {'name', 'cost'} (its mean normalised cost, router.json's model_costs).
+  """
+  network_models: list
+  network_strongest: int
+  columns: list
+  removed: list = dataclasses.field(default_factory=list)
+  added: list = dataclasses.field(default_factory=list)
+
+  @property
+  def visible(self) -> list[int]:
+    """The indices of the columns routing chooses among, in column order."""
+    return [i for i in range(len(self.columns)) if i not in set(self.removed)]
+
+  @property
+  def model_names(self) -> list[str]:
+    return [self.columns[i]['name'] for i in self.visible]
+
+
+def write_added_models(workdir, added: AddedModels) -> None:
+  paths.write_atomic(paths.as_path(workdir) / ADDED_MODELS,
+                     json.dumps(dataclasses.asdict(added), indent=1) + '\n')
+
+
+def read_added_models(workdir) -> Optional[AddedModels]:
+  """DIR/added_models.json as `AddedModels` (None where the workdir has none: a trained
+  router as it was trained); RouterError if it is unreadable."""
+  path = paths.as_path(workdir) / ADDED_MODELS
+  if not path.is_file():
+    return None
+  try:
+    data = json.loads(path.read_text())
+    return AddedModels(**data)
+  except (json.JSONDecodeError, TypeError) as e:
+    raise RouterError(f'{path}: not the file python -m entrorouter_jax.add_model writes '
+                      f'({e}); expected its JSON object') from None

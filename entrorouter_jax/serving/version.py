@@ -9,11 +9,14 @@ import pathlib
 
 def router_version(workdir) -> str:
   """A short digest naming the router a workdir holds: the first 12 hex digits of sha256
-  over its config.json and the relative path, size and mtime of every file under its
-  checkpoints/ (a retrained or resumed run gets a new one). FileNotFoundError if
-  config.json is missing."""
+  over its config.json, its added_models.json where it has one (add_model), and the
+  relative path, size and mtime of every file under its checkpoints/ (a retrained or
+  resumed run gets a new one). FileNotFoundError if config.json is missing."""
   workdir = pathlib.Path(workdir)
   digest = hashlib.sha256((workdir / 'config.json').read_bytes())
+  added = workdir / 'added_models.json'
+  if added.is_file():
+    digest.update(b'\0added_models.json\0' + added.read_bytes())
   checkpoints = workdir / 'checkpoints'
   files = sorted(p for p in checkpoints.rglob('*') if p.is_file()) if checkpoints.is_dir() else []
   for path in files:
