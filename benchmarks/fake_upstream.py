@@ -20,11 +20,13 @@ class Upstreams:
   unless `record` is False. `url(slug)` is a model's base_url. A request offering
   tools whose last message is not a tool result is answered with a call of its first
   tool, id "call-<slug>-<n>" (as a stream too); the tool's result then gets the
-  answer "answer from <model> after <tool_call_id>".
+  answer "answer from <model> after <tool_call_id>". A reply's usage is 3 prompt and 3
+  completion tokens, or what `usage(slug, body)` returns as (prompt, completion) tokens.
   """
 
-  def __init__(self, record: bool = True):
+  def __init__(self, record: bool = True, usage=None):
     self.mode, self.seen, self.lock, self.record = {}, [], threading.Lock(), record
+    self.usage = usage or (lambda slug, body: (3, 3))
     self.calls = 0   # tool calls issued
     outer = self
 
@@ -99,11 +101,13 @@ class Upstreams:
           return
         message = ({'role': 'assistant', 'content': None, 'tool_calls': [call]} if call
                    else {'role': 'assistant', 'content': text})
+        prompt, completion = outer.usage(slug, body)
         data = json.dumps({
             'id': 'c1', 'object': 'chat.completion', 'created': 1, 'model': body['model'],
             'choices': [{'index': 0, 'finish_reason': 'tool_calls' if call else 'stop',
                          'message': message}],
-            'usage': {'prompt_tokens': 3, 'completion_tokens': 3, 'total_tokens': 6}}).encode()
+            'usage': {'prompt_tokens': prompt, 'completion_tokens': completion,
+                      'total_tokens': prompt + completion}}).encode()
         self.send_response(200)
         self.send_header('content-type', 'application/json')
         self.send_header('content-length', str(len(data)))

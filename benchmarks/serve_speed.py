@@ -1,6 +1,7 @@
 """The server's speed: requests/s and routing overhead at concurrency 1, 16 and 64.
 
   python benchmarks/serve_speed.py [--workdir=DIR] [--requests=300] [--serve_flag=FLAG ...]
+                                   [--stats_history=N]
 
 Starts `python -m entrorouter_jax.serve` on the router (without --workdir: the
 default recipe briefly trained, as in routing_speed.py) with every pool model
@@ -22,15 +23,23 @@ times the server's own work per chat request instead, in one process: the app
 (`serve.create_app`) behind httpx's ASGI transport, the router's forward
 replaced by a fixed distribution and every upstream by httpx.MockTransport, so
 what is left is parsing, routing bookkeeping, middleware and forwarding; 64
-concurrent clients, one JSON line per round (`us_per_request`). With
+concurrent clients, one JSON line per round (`us_per_request`: wall time;
+`cpu_us_per_request`: this process's CPU time, which other jobs on the machine disturb
+less). With
 --package_root the package is imported from another checkout (a commit to
 compare against).
+
+--stats_history=N runs either with the server's dashboard history at N buckets (0: off;
+default: the server's default, on), to time what recording it costs a request;
+--overhead --compare_stats runs the app with the history on and off in the same process,
+their rounds alternated (the fairest comparison on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -38,6 +47,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
+from typing import Optional
 
 import numpy as np
 
@@ -135,8 +146,12 @@ def serve_figures(workdir: str | None = None, requests: int = 300,
 
 
 def overhead_figures(workdir: str, requests: int = 2000, concurrency: int = 64,
-                     rounds: int = 4) -> list[dict]:
-  """The server's own microseconds per chat request (see the module docstring)."""
+                     rounds: int = 4, settings: Optional[dict] = None,
+                     variants: Optional[list] = None) -> list[dict]:
+  """The server's own microseconds per chat request (see the module docstring);
+  `settings`: more Settings fields for the app (e.g. {'stats_history': 0}). With
+  `variants` (a list of such dicts) one app per variant, each round run on each in turn."""
+  import inspect
   import httpx
   from entrorouter_jax import router as router_lib, serve
   try:
@@ -151,7 +166,9 @@ def overhead_figures(workdir: str, requests: int = 2000, concurrency: int = 64,
   router.probs = lambda texts, *args, **kwargs: np.tile(fixed, (len(texts), 1))
   reply = json.dumps({'id': 'b', 'object': 'chat.completion', 'created': 0, 'model': 'up',
                       'choices': [{'index': 0, 'finish_reason': 'stop',
-                                   'message': {'role': 'assistant', 'content': 'ok'}}]}).encode()
+                                   'message': {'role': 'assistant', 'content': 'ok'}}],
+                      'usage': {'prompt_tokens': 12, 'completion_tokens': 3,
+                                'total_tokens': 15}}).encode()
   real_client = httpx.AsyncClient
 
   class MockedUpstreams(real_client):   # the server's upstream client, answering at once
@@ -161,6 +178,10 @@ def overhead_figures(workdir: str, requests: int = 2000, concurrency: int = 64,
       super().__init__(*args, **kwargs)
 
   endpoints = {n: Endpoint(n, 'http://upstream.invalid/v1') for n in router.model_names}
+  priced = {}   # the pool's prices, where this checkout's create_app takes them
+  if 'prices' in inspect.signature(serve.create_app).parameters:
+    priced['prices'] = {n: types.SimpleNamespace(price_in=1.0 + i, price_out=2.0 + i)
+                        for i, n in enumerate(router.model_names)}
   body = {'model': 'router', 'messages': [{'role': 'system', 'content': 'Be brief.'},
                                           {'role': 'user', 'content': 'What is 17 times 23?'}]}
   out = []
@@ -168,18 +189,27 @@ def overhead_figures(workdir: str, requests: int = 2000, concurrency: int = 64,
   async def measure():
     httpx.AsyncClient = MockedUpstreams
     try:
-      app = serve.create_app(router, endpoints, serve.Settings(max_wait_ms=0.0, max_batch=64),
-                             warm_up=False)
-      async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with real_client(transport=transport, base_url='http://server') as client:
-          for i in range(rounds):
+      async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for extra in variants or [settings or {}]:
+          app = serve.create_app(router, endpoints, serve.Settings(
+              max_wait_ms=0.0, max_batch=64, **extra), warm_up=False, **priced)
+          await stack.enter_async_context(app.router.lifespan_context(app))
+          client = await stack.enter_async_context(real_client(
+              transport=httpx.ASGITransport(app=app), base_url='http://server'))
+          clients.append((extra, client))
+        for i in range(rounds):
+          for extra, client in clients:
+            cpu = time.process_time()
             latencies, wall = await _load(client, '/v1/chat/completions', [body] * requests,
                                           concurrency)
+            cpu = time.process_time() - cpu
             out.append({'figure': 'serve_overhead', 'round': i, 'requests': requests,
                         'concurrency': concurrency,
                         'us_per_request': round(1e6 * wall / requests, 1),
+                        'cpu_us_per_request': round(1e6 * cpu / requests, 1),
                         'requests_per_s': round(requests / wall, 1),
+                        'settings': extra,
                         'package': os.path.dirname(os.path.dirname(serve.__file__))})
     finally:
       httpx.AsyncClient = real_client
@@ -199,7 +229,15 @@ def main():
                       help='time the server\'s own work per request, in one process')
   parser.add_argument('--package_root', default=None,
                       help='import entrorouter_jax from this checkout (with --overhead)')
+  parser.add_argument('--stats_history', type=int, default=None,
+                      help='the dashboard history\'s buckets (0: off; default: the server\'s)')
+  parser.add_argument('--compare_stats', action='store_true',
+                      help='with --overhead: the history on and off, rounds alternated')
+  parser.add_argument('--rounds', type=int, default=4, help='rounds (with --overhead)')
   args = parser.parse_args()
+  settings = {} if args.stats_history is None else {'stats_history': args.stats_history}
+  if args.stats_history is not None:
+    args.serve_flag.append(f'--stats_history={args.stats_history}')
   if args.overhead:
     if args.package_root:
       sys.path.insert(0, os.path.abspath(args.package_root))
@@ -207,7 +245,9 @@ def main():
     if workdir is None:
       from benchmarks import routing_speed
       workdir = routing_speed.train_short_router(tempfile.mkdtemp(prefix='serve_overhead_'))
-    for fig in overhead_figures(workdir, max(args.requests, 2000)):
+    variants = [{}, {'stats_history': 0}] if args.compare_stats else None
+    for fig in overhead_figures(workdir, max(args.requests, 2000), rounds=args.rounds,
+                                settings=settings, variants=variants):
       print(json.dumps(fig), flush=True)
     return
   for fig in serve_figures(args.workdir, args.requests, tuple(args.serve_flag)):

@@ -31,6 +31,16 @@ Endpoints
   GET /metrics    Prometheus text: requests, routes per model, upstream errors,
       fallbacks, latency histograms, micro-batch sizes, the live router's version
       (entrorouter_router_info{version}) and reloads (entrorouter_reloads_total{result}).
+  GET /dashboard  A page drawing /v1/stats, refreshed every 5 s (serving/dashboard.py; its
+      scripts, uPlot included, are the package's own files: nothing loads from elsewhere).
+      With --auth_token_env, open /dashboard?token=TOKEN once: the right token sets an
+      HttpOnly, SameSite=Strict cookie good for the dashboard's GETs and redirects (303)
+      to /dashboard.
+  GET /v1/stats[?buckets=N]  JSON: the live router (version, loaded_at), the calibration in
+      force, totals since the start (routes per model, explored, fallbacks, spend against
+      always the strongest model -- an estimate --, latency p50/p95, feedback per model)
+      and the last --stats_history buckets of --stats_bucket_s seconds of the same as
+      series, with the reloads (serving/stats.py). --stats_history=0: off (404).
   POST /admin/reload  {"workdir": "PATH"}: hot reload. The router at PATH is loaded
       (the server keeps serving meanwhile), checked against the pool, warmed up and
       swapped in; requests in flight finish on the old one. 200 {"version", "models",
@@ -65,7 +75,8 @@ chosen and answering model, propensity, usage, dollar cost, latency, status.
 
 Safe by default: binds 127.0.0.1 unless --host says otherwise; with
 --auth_token_env=NAME every request but /healthz must carry
-"Authorization: Bearer $NAME" (401 otherwise); upstream keys are read from
+"Authorization: Bearer $NAME" (401 otherwise; the dashboard's GETs take the cookie
+/dashboard?token= sets instead); upstream keys are read from
 their environment variables when a request is forwarded and are never logged
 or echoed; request bodies over --max_body_bytes get 413; upstream calls time
 out after --upstream_timeout seconds.
@@ -80,6 +91,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Optional
@@ -94,6 +106,7 @@ from entrorouter_jax.serving.version import router_version  # noqa: F401 -- re-e
 
 log = logging.getLogger('entrorouter_jax.serve')
 FLAGS = flags.FLAGS
+TOKEN_PARAM = re.compile(r'([?&]token=)[^&\s]*')
 
 
 def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
@@ -120,7 +133,19 @@ def settings_from_flags() -> Settings:
                   route_on=FLAGS.route_on, auth_token=token, explore=FLAGS.explore,
                   seed=FLAGS.seed, decisions=FLAGS.decisions, host=FLAGS.host,
                   workdir=FLAGS.workdir, tool_calls_max=FLAGS.tool_calls_max,
-                  tool_calls_ttl=FLAGS.tool_calls_ttl)
+                  tool_calls_ttl=FLAGS.tool_calls_ttl, stats_history=FLAGS.stats_history,
+                  stats_bucket_s=FLAGS.stats_bucket_s)
+
+
+class HideTokens(logging.Filter):
+  """A logging filter for uvicorn's access log: the value of a "token" query parameter
+  (GET /dashboard?token=...) is written as "***"."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if isinstance(record.args, tuple):
+      record.args = tuple(TOKEN_PARAM.sub(r'\1***', a) if isinstance(a, str) else a
+                          for a in record.args)
+    return True
 
 
 def main(argv):
@@ -162,6 +187,11 @@ def main(argv):
   # uvicorn shuts down gracefully on SIGTERM (requests in flight answered, the decision log
   # drained and fsynced), then raises the signal again for the handler it found: exit 0.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  logging.getLogger('uvicorn.access').addFilter(HideTokens())
+  if settings.stats_history:
+    host = f'[{FLAGS.host}]' if ':' in FLAGS.host else FLAGS.host
+    log.info('dashboard: http://%s:%d/dashboard%s', host, FLAGS.port,
+             f'?token=${FLAGS.auth_token_env} (once)' if settings.auth_token else '')
   uvicorn.run(app, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level,
               access_log=FLAGS.access_log)
 
@@ -192,6 +222,10 @@ if __name__ == '__main__':
                        'so that a follow-up answering a call goes to the model that made it.')
   flags.DEFINE_float('tool_calls_ttl', Settings.tool_calls_ttl, 'Seconds a tool-call id is '
                      'remembered.')
+  flags.DEFINE_integer('stats_history', Settings.stats_history, 'Buckets of the dashboard\'s '
+                       'history (GET /v1/stats, /dashboard); 0: off.')
+  flags.DEFINE_float('stats_bucket_s', Settings.stats_bucket_s, 'Seconds per bucket of the '
+                     'dashboard\'s history.')
   flags.DEFINE_string('log_level', 'info', 'uvicorn log level.')
   flags.DEFINE_bool('access_log', False, 'uvicorn access log (paths and statuses only).')
   absl_app.run(main)

@@ -51,12 +51,14 @@ def train_tiny_router(tmp) -> pathlib.Path:
 
 
 @contextlib.contextmanager
-def running_server(workdir, tmp, *extra_flags):
+def running_server(workdir, tmp, *extra_flags, prices=None):
   """`python -m entrorouter_jax.serve` on `workdir` in a subprocess, every pool model's
-  base_url on one local Upstreams: yields (base URL, Upstreams, pool names, log path)."""
+  base_url on one local Upstreams, each priced (price_in, price_out) as `prices` says
+  (default 1.0, 1.0): yields (base URL, Upstreams, pool names, log path)."""
   names = json.loads((workdir / 'router.json').read_text())['model_names']
   upstreams = Upstreams()
-  pool = {n: {'price_in': 1.0, 'price_out': 1.0,
+  prices = prices or {}
+  pool = {n: {'price_in': prices.get(n, (1.0, 1.0))[0], 'price_out': prices.get(n, (1.0, 1.0))[1],
               'base_url': upstreams.url(slug(n)),
               'upstream_model': f'up-{slug(n)}', 'api_key_env': 'UPSTREAM_KEY'} for n in names}
   (tmp / 'pool.json').write_text(json.dumps(pool))

@@ -120,6 +120,13 @@ def test_serve_overhead_figure_at_a_toy_size(serve_workdir):
     assert f['figure'] == 'serve_overhead' and f['requests'] == 40 and f['concurrency'] == 8
     assert f['us_per_request'] > 0 and f['requests_per_s'] == pytest.approx(
         1e6 / f['us_per_request'], rel=0.01)
+    assert f['cpu_us_per_request'] > 0
+  assert httpx.AsyncClient is client_class
+  # --compare_stats: the dashboard's history on and off, rounds alternated.
+  figs = serve_speed.overhead_figures(str(serve_workdir), requests=20, concurrency=4, rounds=2,
+                                      variants=[{}, {'stats_history': 0}])
+  assert [(f['round'], f['settings']) for f in figs] == [
+      (0, {}), (0, {'stats_history': 0}), (1, {}), (1, {'stats_history': 0})]
   assert httpx.AsyncClient is client_class
 
 

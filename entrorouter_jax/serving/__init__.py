@@ -8,5 +8,7 @@
   upstream.py  forwarding to the pool's endpoints: fallback along the ranking, streaming
   version.py   the router's version: a digest of its workdir
   reload.py    hot reload of the router (POST /admin/reload, SIGHUP)
+  stats.py     the dashboard's numbers: totals and a bounded history of time buckets
+  dashboard.py GET /v1/stats and GET /dashboard (static/: the page, its script, uPlot)
   app.py       the Starlette application: its lifespan, endpoints and route table
 """

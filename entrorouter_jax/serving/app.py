@@ -14,6 +14,10 @@ flight finishes on the router it started with.
 Tool calls the server relays are remembered (`ToolCalls`, kept across reloads): a routed
 follow-up answering one goes to the model that made it, and a request that offers tools
 is routed among the pool's tool-capable models where it marks any.
+The dashboard's `Stats` (serving/stats.py; --stats_history=0: None) is kept across reloads
+like the metrics: each routing decision, each routed chat completion's end (who answered,
+after how many failures, its dollars and the same tokens at the strongest model's prices)
+and each score go into it; GET /v1/stats and GET /dashboard (serving/dashboard.py) read it.
 RequestError is answered by one exception handler; `Metered` counts and times the
 replies, `ErrorBoundary` names each request and answers the unforeseen.
 """
@@ -39,6 +43,7 @@ from starlette.routing import Route
 
 from entrorouter_jax import router as router_lib
 from entrorouter_jax.data.pool import Endpoint, tool_models
+from entrorouter_jax.serving import dashboard as dashboard_lib
 from entrorouter_jax.serving.decisions import DecisionIndex, DecisionLog
 from entrorouter_jax.serving.errors import (ErrorBoundary, RequestError, http_error_reply,
                                             request_error_reply, request_id_of)
@@ -49,6 +54,7 @@ from entrorouter_jax.serving.requests import (ROUTER_MODEL, authorize, chat_requ
 from entrorouter_jax.serving.reload import Reloader
 from entrorouter_jax.serving.routing import Decision, RoutingService
 from entrorouter_jax.serving.settings import Settings, is_loopback
+from entrorouter_jax.serving.stats import Stats
 from entrorouter_jax.serving.tools import Issuer, ToolCalls
 from entrorouter_jax.serving.upstream import Outcome, forward_with_fallback, new_client
 
@@ -62,7 +68,8 @@ class Serving:
   pool's prices ({name: an object with price_in and price_out, dollars per 1M tokens}),
   and, while the app runs, the upstream client and, with --decisions, the decision log,
   the index of its ids and the feedback log (None otherwise). `tool_calls` remembers the
-  issuer of each tool call relayed (the same across reloads)."""
+  issuer of each tool call relayed, and `stats` is the dashboard's history (None with
+  --stats_history=0); both are the same across reloads."""
   settings: Settings
   endpoints: dict
   served: list
@@ -75,6 +82,7 @@ class Serving:
   index: Optional[DecisionIndex] = None
   feedback: Optional[DecisionLog] = None
   tool_calls: ToolCalls = dataclasses.field(default_factory=ToolCalls)
+  stats: Optional[Stats] = None
 
 
 @contextlib.asynccontextmanager
@@ -100,6 +108,8 @@ async def lifespan(base: Serving, warm_up: bool, app: Starlette):
     feedback_log = DecisionLog(settings.decisions, prefix='feedback')
   app.state.serving = dataclasses.replace(base, client=client, decisions=decisions,
                                           index=index, feedback=feedback_log)
+  if base.stats is not None:
+    base.stats.router_loaded(base.version)   # serving from now on
   reloader: Reloader = app.state.reloader
   if settings.workdir is not None and reloader.install_sighup():
     log.info('SIGHUP reloads the router from %s', settings.workdir)
@@ -219,6 +229,30 @@ def write_decision(serving: Serving, request_id: Optional[str], endpoint: str, t
                 line.get('id'))
 
 
+def record_decision(serving: Serving, decision: Decision) -> None:
+  """Counts a routing decision in the dashboard's stats (where they are on)."""
+  if serving.stats is not None:
+    serving.stats.decision(decision.model, decision.explored, decision.routing_ms,
+                           decision.switched)
+
+
+def record_completion(serving: Serving, outcome: Outcome) -> None:
+  """Counts a routed chat completion's end in the dashboard's stats (where they are on):
+  who answered, after how many failed upstreams, in what time, its dollars at the pool's
+  prices of the answering model and of the router's strongest model."""
+  if serving.stats is None:
+    return
+  usage, answered = outcome.usage, outcome.answered_by
+  actual = strongest = None
+  if answered is not None and usage is not None:
+    actual = dollar_cost(usage, serving.prices.get(answered))
+    if actual is not None:
+      strongest = dollar_cost(usage, serving.prices.get(
+          dashboard_lib.strongest_model(serving.service.router)))
+  serving.stats.completion(answered is not None, len(outcome.fallbacks), outcome.latency_ms,
+                           actual, strongest)
+
+
 async def at_end(stream, done):
   """`stream` (a streamed reply's body) passed through; `done()` once it ends, however."""
   try:
@@ -252,6 +286,7 @@ async def route(request):
     decision = await serving.service.decide(text, body.get('cost_weight'), field, explore,
                                             offers_tools(body))
   decided_at = time.time()
+  record_decision(serving, decision)
   out = {'model': decision.model, 'probs': decision.probs, 'cost_weight': decision.cost_weight,
          'ranking': decision.ranking, 'propensity': decision.propensity,
          'explored': decision.explored}
@@ -267,6 +302,7 @@ async def chat(request):
   decision log line's (a stream's chunks keep the upstream's ids). A routed follow-up
   whose closing "tool" messages answer calls this server relayed goes to the model that
   made them (its decision `follows` the request that chose that model)."""
+  started = time.perf_counter()
   settings: Settings = request.app.state.serving.settings   # the same across reloads
   authorize(request, settings.auth_token)
   body = await read_json(request, settings.max_body_bytes)
@@ -289,11 +325,13 @@ async def chat(request):
                                    lambda: remember_tool_calls(serving, outcome, request_id))
     return reply
   decided_at = time.time()
+  record_decision(serving, decision)
   candidates = decision.ranking[:1 if settings.fallback == 'none' else settings.max_attempts]
 
   def done():
     write_decision(serving, request_id, 'chat', asked.text, decision, decided_at, outcome)
     remember_tool_calls(serving, outcome, decision.follows or request_id)
+    record_completion(serving, outcome)
 
   try:
     reply = await forward_with_fallback(serving.client, serving.endpoints, serving.metrics,
@@ -303,10 +341,13 @@ async def chat(request):
     outcome.status = e.status if isinstance(e, RequestError) else 500
     done()
     raise
+  finally:
+    if serving.stats is not None:   # to the reply's headers: a stream's first byte
+      serving.stats.answer_time((time.perf_counter() - started) * 1000)
   if not isinstance(reply, StreamingResponse):
     done()
-  elif serving.decisions is not None or asked.tools:   # a stream's line is written at its end
-    reply.body_iterator = at_end(reply.body_iterator, done)
+  elif serving.decisions is not None or asked.tools or serving.stats is not None:
+    reply.body_iterator = at_end(reply.body_iterator, done)   # a stream's end: its line, stats
   return reply
 
 
@@ -342,6 +383,8 @@ async def feedback(request):
     model = serving.index.answered_by(request_id) or 'none'
     serving.metrics.feedback.labels(model).inc()
     serving.metrics.feedback_score.labels(model).inc(score)
+    if serving.stats is not None:
+      serving.stats.feedback(model, score)
   return JSONResponse({'accepted': len(items)})
 
 
@@ -380,7 +423,8 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
                version: str = 'unknown', prices: Optional[dict] = None) -> Starlette:
   """The Starlette application (uvicorn serves it; tests may too). `version` names the
   router in /healthz and the decision log; `prices` ({name: an object with price_in and
-  price_out, e.g. data.pool.prices(POOL)}) price the logged replies (none: cost null)."""
+  price_out, e.g. data.pool.prices(POOL)}) price the logged replies (none: cost null) and
+  the dashboard's spend."""
   settings = settings or Settings()
   settings.check()
   if settings.decisions is not None:
@@ -388,20 +432,29 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
   served = served_models(router, endpoints)
   metrics = Metrics(served, settings.max_batch)
   metrics.set_version(version)
+  stats = None
+  if settings.stats_history:
+    stats = Stats(settings.stats_history, settings.stats_bucket_s)
+    stats.router_loaded(version)
   base = Serving(settings, endpoints, served, metrics,
                  RoutingService(router, settings, metrics, served, tool_models(endpoints)),
                  version=version, prices=dict(prices or {}),
-                 tool_calls=ToolCalls(settings.tool_calls_max, settings.tool_calls_ttl))
+                 tool_calls=ToolCalls(settings.tool_calls_max, settings.tool_calls_ttl),
+                 stats=stats)
   routes = [
       Route('/healthz', healthz, methods=['GET']),
       Route('/metrics', metrics_text, methods=['GET']),
       Route('/v1/route', route, methods=['POST']),
       Route('/v1/chat/completions', chat, methods=['POST']),
       Route('/v1/feedback', feedback, methods=['POST']),
+      Route('/v1/stats', dashboard_lib.stats, methods=['GET']),
+      Route('/dashboard', dashboard_lib.dashboard, methods=['GET']),
       Route('/admin/reload', admin_reload, methods=['POST']),
   ]
   paths = {r.path for r in routes}
   metered = {r.path: r.methods for r in routes if r.path != '/healthz'}
+  routes.append(Route('/dashboard/static/{name}', dashboard_lib.dashboard_file,
+                      methods=['GET']))   # unmetered: the page's own files
   app = Starlette(
       routes=routes, lifespan=functools.partial(lifespan, base, warm_up),
       exception_handlers={HTTPException: http_error_reply(paths),
@@ -411,4 +464,5 @@ def create_app(router: router_lib.Router, endpoints: dict[str, Endpoint],
                   Middleware(Metered, metrics=metrics, metered=metered)])
   app.state.serving = base
   app.state.reloader = Reloader(app, served_models, warm_up)
+  app.state.dashboard_files = dashboard_lib.read_files()
   return app

@@ -7,7 +7,8 @@ loop keeps serving), checks the pool serves some of its models, starts a new
 client, logs, index, metrics and settings stay). A request that read the old Serving
 finishes on the old router: its service is retired (its batcher stopped) once those
 requests have their decisions. One reload runs at a time; a failed one leaves the old
-router serving. Every reload is counted in entrorouter_reloads_total{result}.
+router serving. Every reload is counted in entrorouter_reloads_total{result}; one that
+succeeds is a marker in the dashboard's stats.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class Reloader:
       seconds = time.perf_counter() - started
       metrics.set_version(serving.version)
       metrics.reloads.labels('ok').inc()
+      if serving.stats is not None:   # the dashboard's marker at this reload
+        serving.stats.router_loaded(serving.version, workdir, previous=old.version)
       log.info('reloaded %s: version %s (was %s) over %s in %.1f s', workdir, serving.version,
                old.version, serving.served, seconds)
       await old.service.retire()   # after the swap: its requests finish on the old router

@@ -4,6 +4,7 @@ reads of a chat or route body. Every problem raises `RequestError` naming the fi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 from typing import Optional
 
@@ -12,6 +13,9 @@ from entrorouter_jax.serving.errors import RequestError
 from entrorouter_jax.serving.tools import tool_result_ids
 
 ROUTER_MODEL = 'router'
+# The cookie GET /dashboard?token=T sets: an HMAC of the token, not the token itself, and
+# good only for the dashboard's reads (the page, its files, GET /v1/stats).
+DASHBOARD_COOKIE = 'entrorouter_dashboard'
 
 
 def authorize(request, token: Optional[str]) -> None:
@@ -25,6 +29,32 @@ def authorize(request, token: Optional[str]) -> None:
     raise RequestError(401, 'missing or wrong bearer token; expected the header '
                        '"Authorization: Bearer <token>"', None, 'authentication_error',
                        'invalid_api_key')
+
+
+def dashboard_cookie(token: str) -> str:
+  """Returns the dashboard cookie's value for bearer token `token`: HMAC-SHA256 of a fixed
+  label keyed by the token (hex), so the cookie changes with the token and reveals nothing
+  of it."""
+  return hmac.new(token.encode(), b'entrorouter dashboard cookie', hashlib.sha256).hexdigest()
+
+
+def authorize_read(request, token: Optional[str]) -> None:
+  """401 unless the request carries the bearer token or the dashboard cookie of it (None: no
+  auth). For the dashboard's GETs only: the cookie opens nothing that spends or changes."""
+  if token is None:
+    return
+  cookie = request.cookies.get(DASHBOARD_COOKIE)
+  if cookie is not None and hmac.compare_digest(cookie.encode(),
+                                                dashboard_cookie(token).encode()):
+    return
+  header = request.headers.get('authorization', '')
+  scheme, _, given = header.partition(' ')
+  if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),
+                                                           token.encode()):
+    raise RequestError(401, 'missing or wrong bearer token; expected the header '
+                       '"Authorization: Bearer <token>", or, in a browser, '
+                       '/dashboard?token=<token> opened once (it sets a cookie)', None,
+                       'authentication_error', 'invalid_api_key')
 
 
 async def read_json(request, max_bytes: int, lists: bool = False):

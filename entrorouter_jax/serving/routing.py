@@ -31,7 +31,9 @@ class Decision:
   sampled from the exploring policy, whose probability of this model is `propensity`
   (1.0 for the argmax, which is deterministic). A follow-up answering a tool call goes to
   the model that made the call: `follows` is then the id of the request whose decision
-  chose that model (and `propensity` 1.0: the router did not choose)."""
+  chose that model (and `propensity` 1.0: the router did not choose). `switched`: explored
+  to another model than the one the router would have chosen; `routing_ms`: the time the
+  decision took (queueing for a batch and the forward)."""
   model: str
   ranking: list            # pool names: the chosen one, then the rest best first
   probs: dict              # name -> pi(m|x)
@@ -40,6 +42,8 @@ class Decision:
   propensity: float = 1.0
   explored: bool = False
   follows: Optional[str] = None
+  switched: bool = False
+  routing_ms: Optional[float] = None
 
 
 class RoutingService:
@@ -137,7 +141,8 @@ class RoutingService:
                          'the request again', None, 'server_error', 'router_reloaded')
     started = time.perf_counter()
     probs = await self.batcher.submit((text, lam))
-    self.metrics.routing_latency.observe(time.perf_counter() - started)
+    routing_s = time.perf_counter() - started
+    self.metrics.routing_latency.observe(routing_s)
     names = self.router.model_names
     # Routers that lambda moves take their top model; the others the threshold rule.
     threshold = None if self.router.moves_with_cost_weight else self.router.default_threshold
@@ -146,14 +151,14 @@ class RoutingService:
     first, _ = router_lib.choose(served[None], self.router.model_costs,
                                  1.0 if threshold is None else threshold)
     first, propensity, explored = int(first[0]), 1.0, False
-    follows = None
+    follows, switched = None, False
     if follow is not None and follow.model in names and self.served[names.index(follow.model)]:
       first, follows = names.index(follow.model), follow.request_id
       self.metrics.sticky.inc()
     elif explore and self.explore > 0:
       dist = router_lib.explore_distribution(np.asarray(probs)[None], eligible, self.explore)
-      first = int(router_lib.draw(dist, self.rng)[0])
-      propensity, explored = float(dist[0, first]), True
+      chosen, first = first, int(router_lib.draw(dist, self.rng)[0])
+      propensity, explored, switched = float(dist[0, first]), True, first != chosen
       self.metrics.explored.inc()
     # Best first; ties to the cheaper model.
     order = sorted(np.flatnonzero(eligible), key=lambda j: (
@@ -165,4 +170,4 @@ class RoutingService:
     return Decision(model=names[first], ranking=ranking,
                     probs={n: float(p) for n, p in zip(names, probs)}, cost_weight=lam,
                     threshold=threshold, propensity=propensity, explored=explored,
-                    follows=follows)
+                    follows=follows, switched=switched, routing_ms=routing_s * 1000)

@@ -10,6 +10,7 @@ from typing import Optional
 from entrorouter_jax import router as router_lib
 
 ROUTE_ON = ('last_user', 'conversation')
+MAX_STATS_HISTORY = 10080   # a week of one-minute buckets
 
 
 def is_loopback(host: str) -> bool:
@@ -42,6 +43,8 @@ class Settings:
   workdir: Optional[str] = None     # the router's workdir as given: SIGHUP reloads from it
   tool_calls_max: int = 100_000     # tool-call ids remembered (a follow-up goes to their model)
   tool_calls_ttl: float = 3600.0    # seconds each is remembered
+  stats_history: int = 1440         # buckets of the dashboard's history (0: no /v1/stats)
+  stats_bucket_s: float = 60.0      # seconds per bucket of that history
 
   def check(self) -> None:
     """Returns nothing; ValueError naming the flag and what was expected for a bad value."""
@@ -61,6 +64,14 @@ class Settings:
       raise ValueError(f'--tool_calls_max={self.tool_calls_max}; expected >= 1')
     if not self.tool_calls_ttl > 0:
       raise ValueError(f'--tool_calls_ttl={self.tool_calls_ttl}; expected seconds > 0')
+    if (isinstance(self.stats_history, bool) or not isinstance(self.stats_history, int)
+        or not 0 <= self.stats_history <= MAX_STATS_HISTORY):
+      raise ValueError(f'--stats_history={self.stats_history!r}; expected a whole number of '
+                       f'buckets from 0 (off) to {MAX_STATS_HISTORY}')
+    if (isinstance(self.stats_bucket_s, bool) or not isinstance(self.stats_bucket_s, (int, float))
+        or not 1 <= self.stats_bucket_s <= 86400):
+      raise ValueError(f'--stats_bucket_s={self.stats_bucket_s!r}; expected seconds from 1 to '
+                       '86400')
     if self.route_on not in ROUTE_ON:
       raise ValueError(f'--route_on={self.route_on!r}; expected one of {ROUTE_ON}')
     try:
