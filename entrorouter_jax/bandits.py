@@ -12,6 +12,11 @@ The interface (`Learner`), shared by every method the simulator runs:
                       learner's own seeded generator; propensity[i] = policy[i, choice[i]]
   estimates(feats)    (success float64[N, K], c_pred float64[N, K]): what the learner
                       believes, scored as a `baselines.ScoreRouter` cost/quality curve
+  set_available(mask) which models may be routed to from the next deploy on (bool[K]; all
+                      at the start): the simulator's new-model scenario holds a model back
+                      until it joins. Every model's column exists from the start; `policy`
+                      gives an unavailable model probability 0 (the argmax, the exploration
+                      and entrorouter's softmax run over the available models only)
 
 The learners (`LEARNERS`), each with its one parameter fixed, the same on every data set
 (never tuned per data set). The classic learners' parameters are the best, by mean stream
@@ -165,6 +170,16 @@ class Learner:
     self.config = config
     self.rng = np.random.default_rng([self.seed, 1])
     self.updates = 0
+    self.available = np.ones(self.num_models, bool)
+
+  def set_available(self, available) -> None:
+    """Routes only among the models where `available` (bool[K], at least one True) from the
+    next `policy` / `deploy` on."""
+    available = np.asarray(available)
+    if available.shape != (self.num_models,) or available.dtype != bool or not available.any():
+      raise ValueError(f'{self.name}: set_available({available.tolist()!r}); expected '
+                       f'{self.num_models} booleans, at least one True')
+    self.available = available.copy()
 
   def update(self, logs: Logs) -> None:
     raise NotImplementedError
@@ -174,7 +189,7 @@ class Learner:
 
   def policy(self, feats) -> np.ndarray:
     s, c = self.estimates(feats)
-    return _onehot(baselines.route(s, c, self.cost_weight), self.num_models)
+    return _onehot(_route(s, c, self.cost_weight, self.available), self.num_models)
 
   def deploy(self, feats) -> tuple[np.ndarray, np.ndarray]:
     dist = self.policy(feats)
@@ -186,6 +201,16 @@ def _onehot(choice, k: int) -> np.ndarray:
   out = np.zeros((len(choice), k))
   out[np.arange(len(choice)), choice] = 1.0
   return out
+
+
+def _route(scores, c_pred, cost_weight: float, available) -> np.ndarray:
+  """`baselines.route` (its tie rule) over the `available` models only: int[N] model
+  indices of the full pool."""
+  if available.all():
+    return baselines.route(scores, c_pred, cost_weight)
+  cols = np.flatnonzero(available)
+  return cols[baselines.route(np.asarray(scores)[:, cols], np.asarray(c_pred)[:, cols],
+                              cost_weight)]
 
 
 class Greedy(Learner):
@@ -248,7 +273,7 @@ class EpsilonGreedy(Greedy):
 
   def policy(self, feats) -> np.ndarray:
     greedy = super().policy(feats)
-    return explore_distribution(greedy, np.ones(self.num_models, bool), self.epsilon)
+    return explore_distribution(greedy, self.available, self.epsilon)
 
 
 class _Linear(Learner):
@@ -311,8 +336,8 @@ class LinUCB(_Linear):
 
   def policy(self, feats) -> np.ndarray:
     ucb = self.ucb(feats)
-    return _onehot(baselines.route(ucb, np.broadcast_to(self.costs, ucb.shape),
-                                   self.cost_weight), self.num_models)
+    return _onehot(_route(ucb, np.broadcast_to(self.costs, ucb.shape), self.cost_weight,
+                          self.available), self.num_models)
 
 
 class Thompson(_Linear):
@@ -326,6 +351,8 @@ class Thompson(_Linear):
   def policy(self, feats) -> np.ndarray:
     mean, width = self.mean_and_width(feats)
     utility = mean - self.cost_weight * self.costs[None, :]
+    if not self.available.all():                       # never the best where unavailable
+      utility = np.where(self.available[None, :], utility, -np.inf)
     rng = np.random.default_rng([self.seed, 2, self.updates])
     n, k = mean.shape
     counts = np.zeros((n, k))
@@ -344,6 +371,7 @@ class Thompson(_Linear):
 _RL_DEFAULTS = dict(clip_eps=0.2, w_max=20.0, beta_start=0.1, beta_end=0.01, entropy_min=0.1,
                     entropy_floor=0.1, num_steps=600, entropy_schedule='linear')
 _LOG_FLOOR = 1e-30          # log pi_b of a cell the deployed policy gave (numerically) no mass
+_UNAVAILABLE = -1e9         # added to the logit of a model that cannot be chosen (set_available)
 _LOG_T_RANGE = (math.log(1e-4), math.log(10.0))   # the controller keeps T inside this
 
 
@@ -406,7 +434,13 @@ class EntroRouterLearner(Greedy):
   with fewer than GATE_MIN_HELD held-out rows it always is). `gate` holds the verdict.
   policy(feats): (1 - eps) pi + eps / K (`router.explore_distribution`, as `Router.sample`),
   eps = config rl.explore if set, else ENTRO_EXPLORE.
-  Shapes never change, so the step is compiled once per learner.
+  Models held back (`set_available`): pi, the anchor and the exploration run over the
+  available models (their logits get _UNAVAILABLE); each logged row is judged over the
+  models available when it was logged (the surrogate, both KL terms and the entropy on that
+  row), so a model that joins later is not pulled toward the 0 mass pi_b gave it before it
+  existed; the entropy controller and the gate look at the models available now.
+  Shapes never change, so the step is compiled once per learner (twice where some model
+  is held back).
   """
 
   name = 'entrorouter'
@@ -430,6 +464,7 @@ class EntroRouterLearner(Greedy):
     self.step = 0
     self.built = False
     self.behaviour = np.zeros((0, self.num_models))    # log pi_b per logged row, in order
+    self.row_available = np.zeros((0, self.num_models), bool)   # per row: set_available then
     self.pending = None                                 # the last deployed distribution
     self.seen = 0
     self.batch_rng = np.random.default_rng([self.seed, 3])
@@ -463,7 +498,11 @@ class EntroRouterLearner(Greedy):
       alpha = 0.0 if learn_t else jnp.exp(log_t)
       # The Soft Anchor of the capability estimates: A = softmax(q / T) (METHOD.md's
       # A ~ exp((p_hat - lambda c_bar) / tau_A), with the success head for p_hat).
-      log_anchor = jax.nn.log_softmax(batch['q'] / jnp.exp(log_t), axis=-1)
+      anchor_logits = batch['q'] / jnp.exp(log_t)
+      if 'unavailable' in batch:      # only models that could be chosen when the row was logged
+        logits = logits + batch['unavailable']
+        anchor_logits = anchor_logits + batch['unavailable']
+      log_anchor = jax.nn.log_softmax(anchor_logits, axis=-1)
       return objectives.offpolicy_loss(
           logits, batch['success_logits'], batch, cost_weight,
           log_behaviour=batch['log_behaviour'], beta=beta, alpha=alpha,
@@ -475,9 +514,12 @@ class EntroRouterLearner(Greedy):
       optimizer.update(head, grads)
       return nnx.state((head, optimizer)), metrics
 
-    def forward(state, x, q, log_t):
+    def forward(state, x, q, log_t, unavailable):
       head, _ = nnx.merge(self.graphdef, state)
-      return jax.nn.softmax(head(x, q, log_temperature(head, log_t)), axis=-1)
+      logits = head(x, q, log_temperature(head, log_t))
+      if unavailable is not None:
+        logits = logits + unavailable
+      return jax.nn.softmax(logits, axis=-1)
 
     self._step = jax.jit(step)
     self._forward = jax.jit(forward)
@@ -507,6 +549,8 @@ class EntroRouterLearner(Greedy):
       rows[stream] = np.log(np.maximum(self.pending, _LOG_FLOOR))
       self.pending = None
     self.behaviour = np.concatenate([self.behaviour, rows])
+    self.row_available = np.concatenate(
+        [self.row_available, np.broadcast_to(self.available, (len(new), k))])
     self.seen = logs.num_rows
 
   def cell_weights(self, logs: Logs):
@@ -526,16 +570,29 @@ class EntroRouterLearner(Greedy):
 
   def batch(self, logs: Logs, rows, q, success_logits) -> dict:
     """One step's inputs (numpy, fixed shapes): ENTRO_BATCH of the logged `rows` (drawn with
-    replacement); q and success_logits are float32[N, K] over all rows of `logs`."""
+    replacement); q and success_logits are float32[N, K] over all rows of `logs`. Where a
+    drawn row was logged with some model unavailable, 'unavailable' float32[B, K] holds
+    _UNAVAILABLE on those cells (0 elsewhere)."""
     pick = rows[self.batch_rng.integers(0, len(rows), ENTRO_BATCH)]
     f32 = lambda v: np.asarray(v, np.float32)
-    return {'x': f32(logs.feats[pick]), 'q': q[pick], 'success_logits': success_logits[pick],
-            'outcomes': f32(logs.outcomes[pick]), 'outcome_mask': logs.mask[pick],
-            'cost_hat': f32(np.nan_to_num(logs.cost_hat[pick], nan=0.0)),
-            'c_bar': f32(np.broadcast_to(self.costs, (ENTRO_BATCH, self.num_models))),
-            'logged': logs.logged[pick].astype(np.int32),
-            'propensity': f32(logs.propensity[pick]),
-            'log_behaviour': f32(self.behaviour[pick])}
+    batch = {'x': f32(logs.feats[pick]), 'q': q[pick], 'success_logits': success_logits[pick],
+             'outcomes': f32(logs.outcomes[pick]), 'outcome_mask': logs.mask[pick],
+             'cost_hat': f32(np.nan_to_num(logs.cost_hat[pick], nan=0.0)),
+             'c_bar': f32(np.broadcast_to(self.costs, (ENTRO_BATCH, self.num_models))),
+             'logged': logs.logged[pick].astype(np.int32),
+             'propensity': f32(logs.propensity[pick]),
+             'log_behaviour': f32(self.behaviour[pick])}
+    available = self.row_available[pick]
+    if not available.all():
+      batch['unavailable'] = np.where(available, 0.0, _UNAVAILABLE).astype(np.float32)
+    return batch
+
+  def _unavailable(self) -> np.ndarray | None:
+    """float32[K]: _UNAVAILABLE where a model is unavailable now, 0 elsewhere; None where
+    every model is available."""
+    if self.available.all():
+      return None
+    return np.where(self.available, 0.0, _UNAVAILABLE).astype(np.float32)
 
   def _prepare(self, logs: Logs) -> None:
     """Builds the head on the first logs; records the new rows' log pi_b."""
@@ -592,7 +649,7 @@ class EntroRouterLearner(Greedy):
                 - self.cost_weight * logs.cost_hat[held, logged])
       with_g = self.policy(x)
       without_g = explore_distribution(_softmax(q[held] / self.temperature()),
-                                       np.ones(self.num_models, bool), self.epsilon)
+                                       self.available, self.epsilon)
       gain = offpolicy.dr_gain(with_g, without_g, logged, logs.propensity[held], reward,
                                np.asarray(q[held], np.float64), seed=self.updates)
     kept = gain['lower'] is not None and gain['lower'] > 0
@@ -629,6 +686,8 @@ class EntroRouterLearner(Greedy):
     H*_t (bisection on log T within _LOG_T_RANGE; a bound where H*_t is out of reach). H_0 is
     the entropy of the first deployment's pi on the first logged queries."""
     g = np.asarray(self._correction(self.state, np.asarray(feats, np.float32)), np.float64)
+    if self._unavailable() is not None:
+      g = g + self._unavailable()
     q = np.asarray(q, np.float64)
 
     def mean_entropy(log_t):
@@ -682,13 +741,13 @@ class EntroRouterLearner(Greedy):
     if not self.built:
       raise RuntimeError(f'{self.name}: policy before the first update')
     q, _ = self._utility(feats)
-    pi = self._forward(self.state, np.asarray(feats, np.float32), q, np.float32(self.log_t))
+    pi = self._forward(self.state, np.asarray(feats, np.float32), q, np.float32(self.log_t),
+                       self._unavailable())
     pi = np.asarray(pi, np.float64)
     return pi / pi.sum(axis=1, keepdims=True)
 
   def policy(self, feats) -> np.ndarray:
-    return explore_distribution(self.greedy_policy(feats), np.ones(self.num_models, bool),
-                                self.epsilon)
+    return explore_distribution(self.greedy_policy(feats), self.available, self.epsilon)
 
   def deploy(self, feats):
     dist = self.policy(feats)
