@@ -933,22 +933,17 @@ def render_scenario(sc: dict) -> list[str]:
       lines.append(f"| {m} | {_fmt(v['share_after'], 3)} | {np.mean(v['share_last']):.3f} | "
                    f"{before} | {settle} | {_fmt(v['utility_after'])} |")
     ends = sc['round_ends']
-    lines += ['', f"Share of {sc['model']} by round (mean over seeds; the round ending at "
-              "that stream query; * = after the event):", '',
-              '| method | ' + ' | '.join(f"{e}{'*' if i >= b else ''}"
-                                       for i, e in enumerate(ends)) + ' |',
-              '|---|' + '---:|' * len(ends)]
-    for m, v in methods.items():
-      lines.append(f'| {m} | ' + ' | '.join(
-          f'{x:.3f}' for x in np.mean(v['share_by_round'], axis=0)) + ' |')
-    lines += ['', f"The deployed policy's mean probability of {sc['model']} on the test split, "
-              "by round (mean over seeds):", '',
-              '| method | ' + ' | '.join(f"{e}{'*' if i >= b else ''}"
-                                       for i, e in enumerate(ends)) + ' |',
-              '|---|' + '---:|' * len(ends)]
-    for m, v in methods.items():
-      lines.append(f'| {m} | ' + ' | '.join(
-          f'{x:.3f}' for x in np.mean(v['test_share_by_round'], axis=0)) + ' |')
+    for key, caption in (('share_by_round', f"Share of {sc['model']} by round (mean over seeds; "
+                          "the round ending at that stream query; * = after the event):"),
+                         ('test_share_by_round', f"The deployed policy's mean probability of "
+                          f"{sc['model']} on the test split, by round (mean over seeds):")):
+      lines += ['', caption, '',
+                '| method | ' + ' | '.join(f"{e}{'*' if i >= b else ''}"
+                                         for i, e in enumerate(ends)) + ' |',
+                '|---|' + '---:|' * len(ends)]
+      for m, v in methods.items():
+        lines.append(f'| {m} | ' + ' | '.join(
+            f'{x:.3f}' for x in np.mean(v[key], axis=0)) + ' |')
     for m, v in methods.items():
       if v.get('test_share_unchanged'):
         lines.append(f'| {m}, the same stream at X = 1 | ' + ' | '.join(
